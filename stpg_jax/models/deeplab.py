@@ -1,0 +1,142 @@
+"""DeepLabV3+ with a projection head (DESIGN.md §4), flax.linen, NHWC."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from stpg_jax.models.resnet import STAGE_BLOCKS, ResNet, batch_norm, conv
+
+
+def _axis_weights(in_size: int, out_size: int):
+    """Source indices and weights of align_corners=True linear interpolation along one axis."""
+    if out_size == 1 or in_size == 1:
+        pos = jnp.zeros((out_size,), jnp.float32)
+    else:
+        pos = jnp.arange(out_size, dtype=jnp.float32) * ((in_size - 1) / (out_size - 1))
+    lo = jnp.clip(jnp.floor(pos).astype(jnp.int32), 0, in_size - 1)
+    hi = jnp.minimum(lo + 1, in_size - 1)
+    return lo, hi, pos - lo
+
+
+def resize_bilinear_align_corners(x, size: Sequence[int]):
+    """Bilinear resize of (B, H, W, C) to ``size`` = (H', W') with align_corners=True semantics.
+
+    Separable gathers and lerps (exact, no interpolation matrix), so memory stays O(output).
+    """
+    out_h, out_w = size
+    in_h, in_w = x.shape[1], x.shape[2]
+    if (in_h, in_w) == (out_h, out_w):
+        return x
+    lo, hi, t = _axis_weights(in_h, out_h)
+    t = t.astype(x.dtype)[None, :, None, None]
+    x = x[:, lo] * (1 - t) + x[:, hi] * t
+    lo, hi, t = _axis_weights(in_w, out_w)
+    t = t.astype(x.dtype)[None, None, :, None]
+    return x[:, :, lo] * (1 - t) + x[:, :, hi] * t
+
+
+class ConvBNReLU(nn.Module):
+    features: int
+    kernel: int = 1
+    dilation: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = conv(self.features, self.kernel, 1, self.dilation, dtype=self.dtype, name="conv")(x)
+        return nn.relu(batch_norm(train, self.dtype, "bn")(x))
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: 1×1, three dilated 3×3, image pooling; then a 1×1 projection."""
+
+    features: int = 256
+    rates: Sequence[int] = (6, 12, 18)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        branches = [ConvBNReLU(self.features, 1, dtype=self.dtype, name="branch0")(x, train)]
+        for i, rate in enumerate(self.rates):
+            branches.append(ConvBNReLU(self.features, 3, rate, dtype=self.dtype, name=f"branch{i + 1}")(x, train))
+        pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
+        pooled = ConvBNReLU(self.features, 1, dtype=self.dtype, name="image_pool")(pooled, train)
+        branches.append(jnp.broadcast_to(pooled, branches[0].shape))
+        return ConvBNReLU(self.features, 1, dtype=self.dtype, name="project")(jnp.concatenate(branches, -1), train)
+
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLabV3+ returning ``{'logits': (B,H,W,C) float32, 'features': (B,H/4,W/4,proj_dim) float32}``.
+
+    ``features`` come from the projection head (3×3 conv → BN → ReLU → Dropout 0.1 → 1×1 conv) on the 256-channel
+    decoder output; with ``proj_dim=0`` the head is left out and ``features`` is the decoder output.
+    Parameters are float32; ``dtype`` sets the compute dtype (bfloat16 for mixed precision).
+    """
+
+    num_classes: int
+    depth: int = 50
+    stage_blocks: Optional[Sequence[int]] = None
+    width: int = 64
+    stem: str = "deep"
+    stride_in_1x1: bool = False
+    output_stride: int = 16
+    aspp_channels: int = 256
+    decoder_channels: int = 256
+    low_level_channels: int = 48
+    proj_dim: int = 256
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        in_h, in_w = x.shape[1], x.shape[2]
+        blocks = tuple(self.stage_blocks) if self.stage_blocks else STAGE_BLOCKS[self.depth]
+        x = x.astype(self.dtype)
+        low, high = ResNet(
+            blocks, self.width, self.stem, self.stride_in_1x1, self.output_stride, self.dtype, name="backbone"
+        )(x, train)
+
+        rates = (6, 12, 18) if self.output_stride == 16 else (12, 24, 36)
+        y = ASPP(self.aspp_channels, rates, self.dtype, name="aspp")(high, train)
+        low = ConvBNReLU(self.low_level_channels, 1, dtype=self.dtype, name="low_level")(low, train)
+        y = resize_bilinear_align_corners(y, low.shape[1:3])
+        y = jnp.concatenate([y, low], axis=-1)
+        y = ConvBNReLU(self.decoder_channels, 3, dtype=self.dtype, name="decoder1")(y, train)
+        y = ConvBNReLU(self.decoder_channels, 3, dtype=self.dtype, name="decoder2")(y, train)
+
+        logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="classifier")(y)
+        logits = resize_bilinear_align_corners(logits.astype(jnp.float32), (in_h, in_w))
+
+        if self.proj_dim:
+            f = conv(self.decoder_channels, 3, dtype=self.dtype, name="proj_conv1")(y)
+            f = nn.relu(batch_norm(train, self.dtype, "proj_bn")(f))
+            f = nn.Dropout(0.1, deterministic=not train)(f)
+            f = nn.Conv(self.proj_dim, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="proj_conv2")(f)
+        else:
+            f = y
+        return {"logits": logits, "features": f.astype(jnp.float32)}
+
+
+def model_from_config(model_config, num_classes: int) -> DeepLabV3Plus:
+    """Builds the network described by a config's ``model`` section."""
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if model_config.dtype not in dtypes:
+        raise ValueError(f"config.model.dtype must be one of {sorted(dtypes)}, got {model_config.dtype!r}")
+    if model_config.depth not in STAGE_BLOCKS and not model_config.stage_blocks:
+        raise ValueError(f"config.model.depth must be one of {sorted(STAGE_BLOCKS)}, got {model_config.depth}")
+    return DeepLabV3Plus(
+        num_classes=num_classes,
+        depth=model_config.depth,
+        stage_blocks=tuple(model_config.stage_blocks) or None,
+        width=model_config.width,
+        stem=model_config.stem,
+        stride_in_1x1=model_config.stride_in_1x1,
+        output_stride=model_config.output_stride,
+        aspp_channels=model_config.aspp_channels,
+        decoder_channels=model_config.decoder_channels,
+        low_level_channels=model_config.low_level_channels,
+        proj_dim=model_config.proj_dim,
+        dtype=dtypes[model_config.dtype],
+    )

@@ -1,0 +1,132 @@
+"""ResNet-50/101 backbones in flax.linen (NHWC), dilated for dense prediction.
+
+Parameter names follow torchvision's where a counterpart exists (``conv1``/``bn1`` for the standard stem,
+``layer{1..4}_{i}`` blocks with ``conv{1,2,3}``, ``bn{1,2,3}``, ``downsample_conv``/``downsample_bn``), so that
+`stpg_jax.models.pretrained` maps PyTorch checkpoints onto this tree one key at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+# Layer-4 multi-grid of the dilated ResNets used by DeepLabV3+ (DESIGN.md §4: dilations 2/4/8 at OS16).
+MULTI_GRID = (1, 2, 4)
+
+
+def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
+    # PyTorch defaults: running stats updated with momentum 0.1 (flax momentum 0.9), eps 1e-5.
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, name=name
+    )
+
+
+def conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, dtype: Any = jnp.float32, name=None, use_bias=False):
+    pad = dilation * (kernel - 1) // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        kernel_dilation=(dilation, dilation),
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+        name=name,
+    )
+
+
+class Bottleneck(nn.Module):
+    """1×1 → 3×3 (dilated) → 1×1 bottleneck with expansion 4.
+
+    ``stride_in_1x1`` puts the stride-2 in the first 1×1 conv (original "v1" ResNet, e.g. the Caffe/Keras weights)
+    rather than in the 3×3 conv (torchvision's "v1.5").
+    """
+
+    planes: int
+    stride: int = 1
+    dilation: int = 1
+    downsample: bool = False
+    stride_in_1x1: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
+        y = conv(self.planes, 1, s1, dtype=self.dtype, name="conv1")(x)
+        y = nn.relu(batch_norm(train, self.dtype, "bn1")(y))
+        y = conv(self.planes, 3, s3, self.dilation, dtype=self.dtype, name="conv2")(y)
+        y = nn.relu(batch_norm(train, self.dtype, "bn2")(y))
+        y = conv(self.planes * 4, 1, dtype=self.dtype, name="conv3")(y)
+        y = batch_norm(train, self.dtype, "bn3")(y)
+        if self.downsample:
+            x = conv(self.planes * 4, 1, self.stride, dtype=self.dtype, name="downsample_conv")(x)
+            x = batch_norm(train, self.dtype, "downsample_bn")(x)
+        return nn.relu(y + x)
+
+
+class ResNet(nn.Module):
+    """Dilated ResNet returning ``(layer1, layer4)`` features.
+
+    Attributes:
+      stage_blocks: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
+      width: channels of the first stage's bottleneck (64 in the real networks; tests use 8).
+      stem: 'deep' (three 3×3 convs width→width→2·width, the "v1c" checkpoints) or 'standard' (one 7×7).
+      output_stride: 16 (layer4 dilated) or 8 (layers 3 and 4 dilated).
+    """
+
+    stage_blocks: Sequence[int] = STAGE_BLOCKS[50]
+    width: int = 64
+    stem: str = "deep"
+    stride_in_1x1: bool = False
+    output_stride: int = 16
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        if self.stem == "deep":
+            for i, ch in enumerate((self.width, self.width, 2 * self.width)):
+                x = conv(ch, 3, 2 if i == 0 else 1, dtype=self.dtype, name=f"stem_conv{i + 1}")(x)
+                x = nn.relu(batch_norm(train, self.dtype, f"stem_bn{i + 1}")(x))
+        elif self.stem == "standard":
+            x = conv(self.width, 7, 2, dtype=self.dtype, name="conv1")(x)
+            x = nn.relu(batch_norm(train, self.dtype, "bn1")(x))
+        else:
+            raise ValueError(f"model.stem must be 'deep' or 'standard', got {self.stem!r}")
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+        if self.output_stride == 16:
+            strides, dilations = (1, 2, 2, 1), (1, 1, 1, 2)
+        elif self.output_stride == 8:
+            strides, dilations = (1, 2, 1, 1), (1, 1, 2, 4)
+        else:
+            raise ValueError(f"model.output_stride must be 8 or 16, got {self.output_stride}")
+
+        in_ch = x.shape[-1]
+        low_level = None
+        for stage, blocks in enumerate(self.stage_blocks):
+            planes = self.width * 2**stage
+            for i in range(blocks):
+                if stage == 3:
+                    dilation = dilations[3] * MULTI_GRID[i % len(MULTI_GRID)]
+                else:
+                    dilation = dilations[stage]
+                stride = strides[stage] if i == 0 else 1
+                x = Bottleneck(
+                    planes,
+                    stride=stride,
+                    dilation=dilation,
+                    downsample=(i == 0 and (stride != 1 or in_ch != planes * 4)),
+                    stride_in_1x1=self.stride_in_1x1,
+                    dtype=self.dtype,
+                    name=f"layer{stage + 1}_{i}",
+                )(x, train)
+                in_ch = planes * 4
+            if stage == 0:
+                low_level = x
+        return low_level, x
