@@ -244,7 +244,7 @@ def _raise_if_mismatched(unused, missing, misshaped, what):
     if missing:
         lines.append(f"  {len(missing)} keys missing from the file: {', '.join(missing)}")
     if misshaped:
-        lines.append(f"  {len(misshaped)} keys with the wrong shape: " + "; ".join(misshaped))
+        lines.append(f"  {len(misshaped)} keys with the wrong shape: " + "; ".join(sorted(misshaped)))
     raise WeightsMismatchError("\n".join(lines))
 
 
