@@ -145,6 +145,9 @@ def make_train_loader(bundle, config, seed, process_index=0, process_count=1, wi
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(prefetch, 1) if workers == 0 else 1,
                                             prefetch_buffer_size=max(prefetch, 1)))
   if workers > 0:
+    from absl import flags  # grain's worker processes read absl flags; outside an absl app, use defaults
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(prefetch, 1)))
   steps = bundle.steps_per_epoch(global_batches['labeled'],
                                  global_batches.get('unlabeled0', global_batches['labeled']))
