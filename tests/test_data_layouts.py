@@ -290,3 +290,16 @@ def test_split_list_with_unknown_id(tmp_path):
   with pytest.raises(DataError, match=r"val\.txt names 1 id\(s\) not in the labelled images .*'zz'"):
     _prepare_folder(tmp_path / 'mine', tmp_path / 'tfds')
   _assert_nothing_prepared(tmp_path / 'tfds', tmp_path / 'mine')
+
+
+def test_folder_without_unlabelled_images(tmp_path):
+  make_folder(tmp_path / 'mine')
+  for i in ('u1', 'u2'):
+    os.remove(tmp_path / 'mine' / 'images' / f'{i}.jpg')
+  bundle = build_data(_cfg('folder', tmp_path / 'mine', tmp_path / 'tfds', num_labeled=1))
+  assert len(bundle.labeled) == 1 and sorted(bundle.unlabeled.ids) == sorted({'a', 'b', 'c'} - set(bundle.labeled.ids))
+  full = build_data(_cfg('folder', tmp_path / 'mine', tmp_path / 'tfds'))
+  assert len(full.unlabeled) == 0
+  from stpg_jax.data import make_train_loader
+  with pytest.raises(DataError, match='unlabelled split is empty'):
+    make_train_loader(full, _cfg('folder', '', ''), seed=0)

@@ -112,7 +112,7 @@ def _build_prepared(dataset, config):
 
   protocol = _get(config, 'protocol', 'blender') if dataset == 'voc' else None
   labeled_split, unlabeled_splits = layout.pools(protocol)
-  unlabeled_splits = unlabeled_splits.split('+')
+  unlabeled_splits = [s for s in unlabeled_splits.split('+') if s in ids]
   unlabeled_pool = [i for s in unlabeled_splits for i in ids.get(s, [])]
   labeled, unlabeled, provenance = splits.choose_split(
       ids[labeled_split], unlabeled_pool,
