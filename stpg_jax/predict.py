@@ -1,0 +1,177 @@
+"""Segments images with a trained Gen-Student and writes coloured masks.
+
+    python -m stpg_jax.predict --checkpoint=EXPORT_DIR_OR_WORKDIR --images=DIR_OR_GLOB --out=DIR [--config=...]
+
+``--checkpoint`` is a directory written by `stpg_jax.export.export_model` or a training work directory (its latest
+Gen-Student). Each image goes through the evaluation protocol (sliding window of the config's side, stride 2/3,
+summed window logits, single scale, no flip; windows batched on the device). ``--config`` overrides the protocol
+(``eval.window``, ``eval.stride_rate``, ``eval.windows_per_batch``) and the palette (``data.dataset``).
+
+For each ``<name>.<ext>`` it writes ``<name>.png`` (palette PNG whose pixel values are class ids) and
+``<name>_overlay.jpg`` (the image blended with the class colours).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from typing import List, Optional, Sequence
+
+import jax
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+OVERLAY_ALPHA = 0.5
+
+
+@dataclasses.dataclass
+class Predictor:
+    """A model with its variables and the protocol to run it with."""
+
+    model: object
+    variables: dict
+    num_classes: int
+    dataset_name: str
+    window: int
+    stride_rate: float = 2 / 3
+    windows_per_batch: int = 4
+
+
+def load_predictor(checkpoint: str, config=None, windows_per_batch: Optional[int] = None) -> Predictor:
+    """A `Predictor` from an export directory or a training work directory; ``config`` overrides the protocol."""
+    from stpg_jax import export
+
+    if export.is_export(checkpoint):
+        model, variables, meta = export.load_model(checkpoint)
+        p = Predictor(model, variables, meta["num_classes"], meta["dataset_name"], meta["eval_window"],
+                      meta["eval_stride_rate"])
+    elif os.path.isdir(checkpoint):
+        from stpg_jax.checkpoint import load_gen_student
+        from stpg_jax.models import model_from_config
+
+        train_config, variables, num_classes = load_gen_student(checkpoint)
+        p = Predictor(model_from_config(train_config.model, num_classes), variables, num_classes,
+                      train_config.data.dataset, train_config.eval.window, train_config.eval.stride_rate,
+                      train_config.eval.windows_per_batch)
+    else:
+        raise FileNotFoundError(f"--checkpoint {checkpoint!r} is neither an export directory nor a work directory")
+    if config is not None:
+        p.window, p.stride_rate = int(config.eval.window), float(config.eval.stride_rate)
+        p.windows_per_batch = int(config.eval.windows_per_batch)
+        p.dataset_name = config.data.dataset
+    if windows_per_batch:
+        p.windows_per_batch = int(windows_per_batch)
+    return p
+
+
+def list_images(pattern: str) -> List[str]:
+    """Image files of a directory (sorted, not recursive), of a glob pattern, or a single file."""
+    if os.path.isdir(pattern):
+        paths = [os.path.join(pattern, n) for n in os.listdir(pattern)]
+    elif os.path.isfile(pattern):
+        paths = [pattern]
+    else:
+        paths = glob.glob(pattern, recursive=True)
+    paths = sorted(p for p in paths if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found for {pattern!r}")
+    names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise ValueError(f"several input images share the names {clashes}; their outputs would overwrite each other")
+    return paths
+
+
+def _window_sharding(windows_per_batch: int):
+    """Splits the window batch over the local devices when they divide it (None: run on one device)."""
+    devices = jax.local_devices()
+    if len(devices) < 2 or windows_per_batch % len(devices):
+        return None, None
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    P = jax.sharding.PartitionSpec
+    return jax.sharding.NamedSharding(mesh, P("data")), jax.sharding.NamedSharding(mesh, P())
+
+
+def palette_image(mask: np.ndarray, palette: np.ndarray) -> Image.Image:
+    table = np.zeros((256, 3), np.uint8)
+    table[: len(palette)] = palette[:256]
+    image = Image.fromarray(mask.astype(np.uint8), mode="P")
+    image.putpalette(table.reshape(-1).tolist())
+    return image
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    colours = palette[np.minimum(mask, len(palette) - 1)].astype(np.float32)
+    return (image.astype(np.float32) * (1 - OVERLAY_ALPHA) + colours * OVERLAY_ALPHA).round().astype(np.uint8)
+
+
+def predict(predictor: Predictor, image_paths: Sequence[str], out_dir: str, progress: bool = True) -> List[str]:
+    """Writes a mask and an overlay per image into ``out_dir``; returns the written paths."""
+    from tqdm import tqdm
+
+    from stpg_jax.data.palettes import palette_for
+    from stpg_jax.evaluate import make_window_predictor
+
+    if predictor.num_classes > 256:
+        raise ValueError(f"{predictor.num_classes} classes do not fit an 8-bit palette PNG")
+    palette = np.asarray(palette_for(predictor.dataset_name, predictor.num_classes), np.uint8)
+    if len(palette) < predictor.num_classes:
+        raise ValueError(f"the {predictor.dataset_name!r} palette has {len(palette)} colours for "
+                         f"{predictor.num_classes} classes")
+    batch_sharding, replicated = _window_sharding(predictor.windows_per_batch)
+    variables = predictor.variables
+    if replicated is not None:
+        variables = jax.device_put(variables, replicated)
+    run = make_window_predictor(predictor.model, predictor.window, predictor.windows_per_batch,
+                                predictor.stride_rate, sharding=batch_sharding)
+
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for path in tqdm(image_paths, desc="predict", unit="image", disable=not progress):
+        with Image.open(path) as f:
+            image = np.asarray(ImageOps.exif_transpose(f).convert("RGB"))
+        mask = run(variables, image).argmax(-1).astype(np.uint8)
+        name = os.path.splitext(os.path.basename(path))[0]
+        mask_path = os.path.join(out_dir, f"{name}.png")
+        overlay_path = os.path.join(out_dir, f"{name}_overlay.jpg")
+        palette_image(mask, palette).save(mask_path)
+        Image.fromarray(overlay(image, mask, palette)).save(overlay_path, quality=90)
+        written += [mask_path, overlay_path]
+    return written
+
+
+def main(argv) -> None:
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        raise SystemExit(f"unexpected arguments: {argv[1:]}")
+    config = FLAGS.config if FLAGS["config"].present else None
+    predictor = load_predictor(FLAGS.checkpoint, config, FLAGS.windows_per_batch)
+    paths = list_images(FLAGS.images)
+    print(f"{len(paths)} images, window {predictor.window}, stride rate {predictor.stride_rate:.3f}, "
+          f"{predictor.windows_per_batch} windows per batch on {jax.local_device_count()} device(s); the first "
+          f"batch compiles the network")
+    predict(predictor, paths, FLAGS.out)
+    print(f"masks and overlays written to {FLAGS.out}")
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    flags.DEFINE_string("checkpoint", None, "export directory or training work directory", required=True)
+    flags.DEFINE_string("images", None, "image directory, glob pattern or file", required=True)
+    flags.DEFINE_string("out", None, "output directory", required=True)
+    flags.DEFINE_integer("windows_per_batch", 0, "windows per device batch (0: from the config/export)")
+    config_flags.DEFINE_config_file("config", None, "training config; overrides the evaluation protocol",
+                                    lock_config=True)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)
