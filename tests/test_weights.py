@@ -32,7 +32,9 @@ class TorchBottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.downsample = None
         if stride != 1 or in_ch != planes * 4:
-            self.downsample = nn.Sequential(nn.Conv2d(in_ch, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_ch, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4)
+            )
 
     def forward(self, x):
         y = torch.relu(self.bn1(self.conv1(x)))
@@ -205,8 +207,25 @@ def test_model_with_other_layout_is_refused(tmp_path, state_dict):
     path = _save(tmp_path, state_dict)
     with pytest.raises(WeightsMismatchError, match=r"missing from the file: .*layer1\.2\.conv1\.weight"):
         load_backbone_weights(path, stem="standard", stage_blocks=(3, 1, 1, 1))
-    with pytest.raises(WeightsMismatchError, match=r"unused keys in the file: conv1\.weight\n.*missing from the file: conv1\.0\.weight"):
+    deep_names = r"unused keys in the file: conv1\.weight\n.*missing from the file: conv1\.0\.weight"
+    with pytest.raises(WeightsMismatchError, match=deep_names):
         load_backbone_weights(path, stem="deep", stage_blocks=BLOCKS)
+
+
+def test_load_for_model_config(tmp_path, state_dict):
+    from stpg_jax.config import base_config
+
+    config = base_config().model
+    config.pretrained = _save(tmp_path, state_dict)
+    config.stem, config.stage_blocks = "standard", BLOCKS
+    with pytest.raises(WeightsMismatchError, match=r"wrong shape: bn1\.bias: file \(8,\), model needs \(64,\)"):
+        pretrained.load_backbone_weights_for(config)  # width 64 in the config, 8 in the file
+    config.width = WIDTH
+    params, _ = pretrained.load_backbone_weights_for(config)
+    assert params["layer4_0"]["conv3"]["kernel"].shape == (1, 1, 8 * WIDTH, 32 * WIDTH)
+    config.stage_blocks = ()  # depth 50: (3, 4, 6, 3)
+    with pytest.raises(WeightsMismatchError, match=r"layer3\.5\.conv1\.weight"):
+        pretrained.load_backbone_weights_for(config)
 
 
 def test_wrapped_and_prefixed_state_dict(tmp_path, state_dict):
@@ -284,7 +303,8 @@ def test_merge_backbone_keeps_heads(tmp_path, state_dict):
     np.testing.assert_array_equal(merged["batch_stats"]["backbone"]["bn1"]["var"], batch_stats["bn1"]["var"])
     assert not np.array_equal(variables["params"]["backbone"]["conv1"]["kernel"], params["conv1"]["kernel"])
     for head in ("aspp", "decoder1", "classifier"):
-        for a, b in zip(jax.tree_util.tree_leaves(merged["params"][head]), jax.tree_util.tree_leaves(variables["params"][head])):
+        leaves = jax.tree_util.tree_leaves
+        for a, b in zip(leaves(merged["params"][head]), leaves(variables["params"][head])):
             np.testing.assert_array_equal(a, b)
 
     del params["layer2_0"]["downsample_bn"]

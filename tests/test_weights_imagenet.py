@@ -1,4 +1,4 @@
-"""The shared ImageNet ResNet-50 weights load into the backbone and give the features of an independent NumPy forward."""
+"""The shared ImageNet ResNet-50 weights load into the backbone and match an independent NumPy forward."""
 
 import os
 
@@ -40,7 +40,8 @@ def np_conv(x, w, stride=1, dilation=1):
 
 
 def np_bn(x, s, name):
-    return (x - s[f"{name}.running_mean"]) / np.sqrt(s[f"{name}.running_var"] + 1e-5) * s[f"{name}.weight"] + s[f"{name}.bias"]
+    scale = s[f"{name}.weight"] / np.sqrt(s[f"{name}.running_var"] + 1e-5)
+    return (x - s[f"{name}.running_mean"]) * scale + s[f"{name}.bias"]
 
 
 def np_maxpool(x):

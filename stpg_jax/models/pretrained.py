@@ -271,6 +271,19 @@ def load_backbone_weights(
     return params, batch_stats
 
 
+def load_backbone_weights_for(model_config) -> Tuple[Tree, Tree]:
+    """`load_backbone_weights` of ``model_config.pretrained`` with the stem, blocks and width of that ``model``
+    config section (``stage_blocks`` empty means those of ``depth``)."""
+    from stpg_jax.models.resnet import STAGE_BLOCKS
+
+    if not model_config.pretrained:
+        raise ValueError("config.model.pretrained is empty: no backbone weights to load")
+    stage_blocks = tuple(model_config.stage_blocks) or STAGE_BLOCKS[model_config.depth]
+    return load_backbone_weights(
+        model_config.pretrained, stem=model_config.stem, stage_blocks=stage_blocks, width=model_config.width
+    )
+
+
 def save_converted(path: str, params: Tree, batch_stats: Tree, *, stem: str, stage_blocks, width: int, source=""):
     """Writes the converted ``.npz`` (flax paths + ``'__flax__'`` metadata) that `load_backbone_weights` reads."""
     path = os.fspath(path)
@@ -340,7 +353,9 @@ def merge_backbone(variables: Mapping[str, Any], params: Tree, batch_stats: Tree
             problems.append(f"{collection}/backbone/{'/'.join(k)}: not in the model")
         for k in sorted(set(old) & set(new)):
             if tuple(np.shape(old[k])) != tuple(np.shape(new[k])):
-                problems.append(f"{collection}/backbone/{'/'.join(k)}: model {np.shape(old[k])}, weights {np.shape(new[k])}")
+                problems.append(
+                    f"{collection}/backbone/{'/'.join(k)}: model {np.shape(old[k])}, weights {np.shape(new[k])}"
+                )
         merged = {k: jnp.asarray(new[k], dtype=old[k].dtype) for k in old if k in new}
         out[collection] = {**tree, "backbone": _unflatten(merged)}
     if problems:
