@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from stpg_jax.losses.prototypes import class_sums
+from stpg_jax.losses.prototypes import class_onehot
 from stpg_jax.losses.utils import l2_normalize
 
 
@@ -39,8 +39,10 @@ def dual_contrastive_loss(features, labels, assigned_anchors, bank_features, ban
     safe = jnp.where(valid, labels, 0).astype(jnp.int32)
     nll = -jnp.take_along_axis(logp, safe[:, None], axis=1)[:, 0]  # (N,)
 
-    feat_sums, counts = class_sums(jnp.concatenate([f, nll[:, None]], axis=1), labels, valid, num_classes)
-    f_sums, nll_sums = feat_sums[:, :-1], feat_sums[:, -1]
+    onehot = class_onehot(labels, valid, num_classes)  # (N, C)
+    counts = jnp.sum(onehot, axis=0)
+    nll_sums = jnp.sum(onehot * nll[:, None], axis=0)
+    f_sums = jnp.matmul(onehot.T, f, precision=jax.lax.Precision.HIGHEST)  # (C, D)
     present = counts > 1
     n_c = jnp.maximum(counts, 1.0)
     anchor_term = nll_sums / n_c

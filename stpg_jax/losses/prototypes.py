@@ -11,14 +11,19 @@ def init_prototypes(key, num_classes, dim):
     return l2_normalize(jax.random.normal(key, (num_classes, dim), jnp.float32))
 
 
+def class_onehot(labels, valid, num_classes):
+    """(N, C) float32 one-hot of labels (N,) restricted to valid (N,); out-of-range labels (e.g. 255) are all-zero."""
+    onehot = (labels[:, None] == jnp.arange(num_classes)) & (jnp.asarray(valid)[:, None] > 0)
+    return onehot.astype(jnp.float32)
+
+
 def class_sums(features, labels, valid, num_classes):
     """Σ of the given rows per class and the per-class count: ((C, D) float32, (C,) float32).
 
     features: (N, D) float; labels: (N,) int (out-of-range labels, e.g. 255, count nowhere); valid: (N,) mask.
     A one-hot matmul at full float32 precision (no scatter).
     """
-    onehot = (labels[:, None] == jnp.arange(num_classes)) & (jnp.asarray(valid)[:, None] > 0)
-    onehot = onehot.astype(jnp.float32)
+    onehot = class_onehot(labels, valid, num_classes)
     sums = jnp.matmul(onehot.T, features.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     return sums, jnp.sum(onehot, axis=0)
 
