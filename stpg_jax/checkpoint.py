@@ -1,0 +1,121 @@
+"""Orbax checkpoints in the work directory: the whole train state, the data position and the config.
+
+Layout: ``<workdir>/config.json`` (the run's config, checked on resume) and ``<workdir>/checkpoints/<step>/`` with
+the items ``state`` (every array of TrainState) and ``meta`` (step, data-loader state, dataset info).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+# Fields that may change between a run and its resumption: they do not alter the state or the trajectory.
+RESUME_SAFE_PREFIXES = (
+    "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval.", "data.workers", "data.prefetch",
+    "data.root", "data.sbd_root", "data.data_dir", "data.prepare_if_missing", "model.pretrained",
+)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_or_write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Writes config.json on a fresh work directory; on an existing one, refuses a config that differs in any
+    field that shapes the state or the trajectory, naming those fields."""
+    path = os.path.join(workdir, "config.json")
+    current = json.loads(config.to_json())
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        a, b = _flatten(saved), _flatten(current)
+        diffs = [
+            f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now"
+            for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not k.startswith(RESUME_SAFE_PREFIXES)
+        ]
+        if diffs:
+            raise ValueError(
+                f"the work directory {workdir} holds a run with another config ({path}); differing fields:\n  "
+                + "\n  ".join(diffs)
+                + "\nUse a new --workdir, or the same config to resume."
+            )
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(current, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, max_to_keep: int = 2):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            item_names=("state", "meta"),
+        )
+
+    def latest_step(self):
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        self.manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        )
+
+    def restore(self, abstract_state: Any, step: int | None = None):
+        step = self.latest_step() if step is None else step
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+        )
+        return restored["state"], restored["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def abstract_like(tree: Any, sharding) -> Any:
+    """ShapeDtypeStructs with the given sharding, the restore target of Orbax."""
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: {workdir} is not a stpg_jax work directory")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def load_gen_student(workdir: str):
+    """(config, variables, num_classes) of the Gen-Student in the latest checkpoint of a training work directory."""
+    config = load_config(workdir)
+    ckpt = Checkpointer(workdir)
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {ckpt.directory}")
+    # Restore without a target: plain nested dicts of numpy arrays, then pick the Gen-Student.
+    restored = ckpt.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+    )
+    state, meta = restored["state"], restored["meta"]
+    gen = state["gen_student"]
+    variables = {"params": gen["params"], "batch_stats": gen["batch_stats"]}
+    ckpt.close()
+    return config, variables, int(meta["num_classes"])

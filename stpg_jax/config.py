@@ -1,0 +1,194 @@
+"""The configuration schema shared by every file in ``configs/``, and parsing of the ``:split,key=value`` argument.
+
+Every hyperparameter of DESIGN.md §5 and every switch of §6 is a field here, with the paper's value by default. A
+config file sets what differs for its dataset and calls :func:`finalize` with the argument given after the colon,
+e.g. ``configs/voc_blender.py:1_4`` or ``configs/camvid.py:1_8,mode=supervised,model.dtype=bfloat16``.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Mapping
+
+import ml_collections
+
+SPLITS = ("1_16", "1_8", "1_4", "1_2", "full")
+MODES = ("stpg", "supervised", "mean_teacher")
+SELECTION_VARIANTS = ("consistent", "consistent+low", "consistent+high", "all")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # 'stpg' (the method), 'supervised' (labelled data only, the paper's baseline), 'mean_teacher' (one student).
+    c.mode = "stpg"
+    c.split = "1_4"
+
+    c.data = d = ml_collections.ConfigDict()
+    d.dataset = "synthetic"
+    d.root = ""  # manual directory holding the dataset in its official layout
+    d.sbd_root = ""  # VOC: SegmentationClassAug/ or SBD's dataset/ (cls/*.mat) for the 10582 aug set
+    d.data_dir = ""  # where prepared array_record files go ('' = the data module's default)
+    d.prepare_if_missing = True
+    d.protocol = "blender"  # VOC: 'blender' (labelled drawn from 10582) or 'classic' (from the 1464)
+    d.num_labeled = -1  # set from the split; -1 = every training image labelled
+    d.labeled_list = ""  # public split files (one id per line); '' = seeded split
+    d.unlabeled_list = ""
+    d.split_seed = 0
+    d.class_names = ()
+    d.ignore_index = 255
+    d.crop_size = 512
+    d.scales = (0.5, 0.75, 1.0, 1.5, 1.75, 2.0)
+    d.batch_labeled = 8  # GLOBAL batch sizes, split over all devices of all hosts
+    d.batch_unlabeled = 8
+    d.workers = 4
+    d.prefetch = 2
+    d.synthetic = ml_collections.ConfigDict(
+        dict(num_labeled=40, num_unlabeled=360, num_val=100, height=96, width=128, seed=0)
+    )
+
+    c.model = m = ml_collections.ConfigDict()
+    m.depth = 50
+    m.stage_blocks = ()  # overrides depth when set (tests build tiny networks)
+    m.width = 64
+    m.stem = "deep"  # 'deep' (v1c checkpoints) or 'standard' (7x7)
+    m.stride_in_1x1 = False
+    m.output_stride = 16
+    m.aspp_channels = 256
+    m.decoder_channels = 256
+    m.low_level_channels = 48
+    m.proj_dim = 256
+    m.dtype = "float32"  # compute dtype; parameters stay float32
+    m.pretrained = ""  # ImageNet backbone weights (.npz / .pth / converted); '' = random init
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.lr = 0.005  # for the global batch above; not rescaled with the device count
+    o.momentum = 0.9
+    o.weight_decay = 1e-4  # not applied to BatchNorm parameters or biases
+    o.poly_power = 0.9
+
+    c.schedule = s = ml_collections.ConfigDict()
+    s.epochs = 40
+    s.steps_per_epoch = 0  # 0 = max(#labelled, #unlabelled) // batch (DESIGN.md §5)
+    s.total_steps = 0  # 0 = epochs * steps_per_epoch
+
+    c.loss = lo = ml_collections.ConfigDict()
+    lo.supervised = "ce"  # 'ce' or 'ohem' (Cityscapes)
+    lo.ohem_threshold = 0.7
+    lo.ohem_min_kept = 50000
+    lo.ohem_class_weights = ()  # () = uniform; cityscapes.py sets the 19 usual weights
+    lo.unsup_weight = 1.0  # λ_u
+    lo.contrastive_weight = 0.1  # λ_c
+
+    c.stpg = t = ml_collections.ConfigDict()
+    t.ema_decay = 0.99
+    t.cross_supervision = True  # Table 4 "dual mean teacher": each teacher supervises the other module's student
+    t.selection = "consistent+high"  # Table 5 variants; 'all' switches pixel selection off (Table 4)
+    t.contrastive = True  # Table 4 "dual contrastive learning"
+    t.contrastive_temperature = 0.5
+    t.anchor_temperature = 0.07
+    t.anchor_steps = 10000
+    t.prototype_momentum = 0.99  # paper; the released code uses 0.9
+    t.bank_source = "gen_teacher"  # paper; the released code uses 'pro_teacher'
+    t.train_projection_head = True  # paper; the released code never optimises it (False)
+    t.bank_capacity = 256
+    t.bank_k = 7  # rows added per labelled image per class and step: n_add = batch_labeled * bank_k
+    t.bank_confidence = 0.95
+    # Schedule in epochs (counted from 0), turned into steps with the run's steps_per_epoch.
+    t.bank_start_epoch = 6
+    t.contrastive_start_epoch = 11
+    t.proximity_start_epoch = 16
+    t.matching_freeze_epoch = 20  # -1: matching never frozen (Cityscapes)
+
+    c.eval = e = ml_collections.ConfigDict()
+    e.window = 512  # sliding window side (crop size of the dataset's protocol)
+    e.stride_rate = 2 / 3
+    e.windows_per_batch = 4
+    e.every_steps = 0  # 0 = only at the end
+    e.max_images = 0  # 0 = the whole val split
+
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 2
+    return c
+
+
+def _parse_value(text: str, current, key: str):
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ValueError(f"config override {key}={text!r}: cannot parse the value for a {type(current).__name__} field")
+    if isinstance(current, bool) and not isinstance(value, bool):
+        raise ValueError(f"config override {key}={text!r}: expected True or False")
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if isinstance(current, tuple) and not isinstance(value, tuple):
+        value = (value,)
+    if type(value) is not type(current) and not (isinstance(current, tuple) and isinstance(value, tuple)):
+        raise ValueError(
+            f"config override {key}={text!r}: expected a {type(current).__name__}, got {type(value).__name__}"
+        )
+    return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, str]) -> None:
+    """Sets dotted ``key=value`` overrides, refusing unknown keys (naming the allowed ones)."""
+    for key, text in overrides.items():
+        node, parts = config, key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                prefix = ".".join(parts[:i]) or "<top level>"
+                allowed = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                raise KeyError(f"unknown config key {key!r}: {prefix} has no field {part!r}; allowed: {allowed}")
+            if i < len(parts) - 1:
+                node = node[part]
+        node[parts[-1]] = _parse_value(text, node[parts[-1]], key)
+
+
+def split_arg(arg: str | None, default_split: str, splits=SPLITS) -> tuple[str, dict]:
+    """Parses ``'1_4,a.b=1,c=x'`` into ('1_4', {'a.b': '1', 'c': 'x'})."""
+    split, overrides = default_split, {}
+    for i, item in enumerate(p.strip() for p in (arg or "").split(",")):
+        if not item:
+            continue
+        if "=" in item:
+            k, v = item.split("=", 1)
+            overrides[k.strip()] = v.strip()
+        elif i == 0:
+            split = item
+        else:
+            raise ValueError(f"config argument {arg!r}: {item!r} is neither the split (first) nor key=value")
+    if split not in splits:
+        raise ValueError(f"unknown split {split!r}; allowed: {list(splits)}")
+    return split, overrides
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Checks values whose mistakes would otherwise surface deep inside training."""
+    if c.mode not in MODES:
+        raise ValueError(f"config.mode must be one of {list(MODES)}, got {c.mode!r}")
+    if c.stpg.selection not in SELECTION_VARIANTS:
+        raise ValueError(f"config.stpg.selection must be one of {list(SELECTION_VARIANTS)}, got {c.stpg.selection!r}")
+    if c.stpg.bank_source not in ("gen_teacher", "pro_teacher"):
+        raise ValueError(f"config.stpg.bank_source must be 'gen_teacher' or 'pro_teacher', got {c.stpg.bank_source!r}")
+    if c.loss.supervised not in ("ce", "ohem"):
+        raise ValueError(f"config.loss.supervised must be 'ce' or 'ohem', got {c.loss.supervised!r}")
+    if c.model.proj_dim <= 0 and c.mode == "stpg" and c.stpg.contrastive:
+        raise ValueError("config.model.proj_dim must be > 0 when config.stpg.contrastive is on")
+    for name in ("batch_labeled", "batch_unlabeled", "crop_size"):
+        if c.data[name] <= 0:
+            raise ValueError(f"config.data.{name} must be positive, got {c.data[name]}")
+
+
+def finalize(c: ml_collections.ConfigDict, arg: str | None, split_fields: Mapping[str, Mapping], default_split="1_4"):
+    """Applies the split named by ``arg`` (its per-split fields), then the overrides, then validates."""
+    split, overrides = split_arg(arg, default_split, tuple(split_fields))
+    c.split = split
+    apply_overrides(c, {k: repr(v) if not isinstance(v, str) else v for k, v in split_fields[split].items()})
+    apply_overrides(c, overrides)
+    validate(c)
+    return c

@@ -1,0 +1,135 @@
+"""The functional train state: four networks (two students, two EMA teachers), two optimisers, the contrastive state.
+
+Modes use subsets: 'supervised' holds only the Gen-Student; 'mean_teacher' the Gen-Student and its teacher; 'stpg'
+all four. Unused networks are None, so they cost neither memory nor checkpoint space.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from stpg_jax import losses
+
+
+@struct.dataclass
+class Network:
+    params: Any
+    batch_stats: Any
+
+    @property
+    def variables(self):
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+@struct.dataclass
+class ContrastState:
+    """anchors (C, D) fixed unit vectors; prototypes (C, D); assignment (C,) int32 (class c → anchor index, set on
+    the host by the Hungarian matching); bank: per-class memory bank of labelled teacher features."""
+
+    anchors: jax.Array
+    prototypes: jax.Array
+    assignment: jax.Array
+    initial_anchors: jax.Array  # the random unit vectors used as assigned anchors before the first matching
+    matched: jax.Array  # bool scalar: has a matching been run
+    bank: losses.MemoryBank
+
+    def assigned_anchors(self):
+        matched = losses.assigned_anchors(self.anchors, self.assignment)
+        return jnp.where(self.matched, matched, self.initial_anchors)
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    rng: jax.Array
+    gen_student: Network
+    gen_opt_state: Any
+    gen_teacher: Optional[Network] = None
+    pro_student: Optional[Network] = None
+    pro_opt_state: Any = None
+    pro_teacher: Optional[Network] = None
+    contrast: Optional[ContrastState] = None
+
+
+def _is_decayed(path, _):
+    # Weight decay on conv/dense kernels only: not on BatchNorm scales/biases nor on any bias.
+    return path[-1].key == "kernel" if hasattr(path[-1], "key") else False
+
+
+def make_optimizer(optim_config, total_steps: int, params, train_projection_head: bool = True):
+    """SGD with momentum, decoupled-free L2 on kernels only (PyTorch-style), poly learning rate per step."""
+    schedule = optax.polynomial_schedule(
+        init_value=optim_config.lr, end_value=0.0, power=optim_config.poly_power, transition_steps=max(1, total_steps)
+    )
+    decay_mask = jax.tree_util.tree_map_with_path(_is_decayed, params)
+    tx = optax.chain(
+        optax.add_decayed_weights(optim_config.weight_decay, mask=decay_mask),
+        optax.sgd(schedule, momentum=optim_config.momentum),
+    )
+    if not train_projection_head:
+        # The released code never hands the projection head to the optimiser: it stays at its random init.
+        labels = jax.tree_util.tree_map_with_path(
+            lambda p, _: "frozen" if str(getattr(p[0], "key", "")).startswith("proj_") else "train", params
+        )
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx, schedule
+
+
+def init_network(model, key, crop_size: int, pretrained=None) -> Network:
+    """Random init (``key`` decides the heads), then the pretrained backbone if given as (params, batch_stats)."""
+    dummy = jnp.zeros((1, crop_size, crop_size, 3), jnp.float32)
+    variables = model.init({"params": key, "dropout": key}, dummy, train=False)
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    if pretrained is not None:
+        bb_params, bb_stats = pretrained
+        params = flax.core.unfreeze(params)
+        batch_stats = flax.core.unfreeze(batch_stats)
+        params["backbone"] = bb_params
+        batch_stats["backbone"] = bb_stats
+    return Network(params, batch_stats)
+
+
+def create_train_state(model, tx, key, *, mode: str, num_classes: int, crop_size: int, proj_dim: int,
+                       anchors=None, bank_capacity: int = 256, pretrained=None) -> TrainState:
+    """Builds the initial state. Students differ by init key; each teacher starts equal to its student."""
+    k_gen, k_pro, k_proto, k_init_anchor, k_run = jax.random.split(key, 5)
+    gen = init_network(model, k_gen, crop_size, pretrained)
+    state = TrainState(step=jnp.zeros((), jnp.int32), rng=k_run, gen_student=gen, gen_opt_state=tx.init(gen.params))
+    if mode in ("mean_teacher", "stpg"):
+        state = state.replace(gen_teacher=jax.tree_util.tree_map(jnp.copy, gen))
+    if mode == "stpg":
+        pro = init_network(model, k_pro, crop_size, pretrained)
+        dim = proj_dim
+        if anchors is None:
+            raise ValueError("stpg mode needs the anchors (losses.make_anchors)")
+        contrast = ContrastState(
+            anchors=jnp.asarray(anchors, jnp.float32),
+            prototypes=losses.init_prototypes(k_proto, num_classes, dim),
+            assignment=jnp.arange(num_classes, dtype=jnp.int32),
+            initial_anchors=losses.init_prototypes(k_init_anchor, num_classes, dim),
+            matched=jnp.zeros((), bool),
+            bank=losses.init_memory_bank(num_classes, bank_capacity, dim),
+        )
+        state = state.replace(
+            pro_student=pro,
+            pro_opt_state=tx.init(pro.params),
+            pro_teacher=jax.tree_util.tree_map(jnp.copy, pro),
+            contrast=contrast,
+        )
+    return state
+
+
+def ema(teacher: Network, student: Network, decay: float) -> Network:
+    """Teacher ← decay·teacher + (1−decay)·student on parameters only.
+
+    BatchNorm statistics are not averaged: a teacher runs in train mode (batch statistics, as in the released
+    code), and its running averages are the ones its own forward passes accumulate.
+    """
+    params = jax.tree_util.tree_map(lambda t, s: decay * t + (1.0 - decay) * s, teacher.params, student.params)
+    return teacher.replace(params=params)

@@ -1,0 +1,296 @@
+"""The training loop: initialise or resume, step, match on the host, log, evaluate, checkpoint.
+
+Host work that the method needs every step: while the bank is active and matching is not frozen (DESIGN.md §3,
+epochs 6..19 on VOC), the prototypes are copied to the host after each step for the Hungarian matching, whose
+result is fed back as the (C,) assignment array (same shape, so no recompilation). Outside that window the loop
+never waits for the device except at log, evaluation and checkpoint steps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tensorboardX import SummaryWriter
+
+from stpg_jax import checkpoint, evaluate, losses, sharding
+from stpg_jax.config import validate
+from stpg_jax.data import build_data, make_train_loader
+from stpg_jax.models import model_from_config
+from stpg_jax.state import TrainState, create_train_state, make_optimizer
+from stpg_jax.train_step import StepSettings, make_train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def schedule_steps(config, steps_per_epoch: int) -> dict:
+    t = config.stpg
+    freeze = t.matching_freeze_epoch
+    return {
+        "bank_start": t.bank_start_epoch * steps_per_epoch,
+        "contrastive_start": t.contrastive_start_epoch * steps_per_epoch,
+        "proximity_start": t.proximity_start_epoch * steps_per_epoch,
+        "matching_freeze": freeze * steps_per_epoch if freeze >= 0 else -1,
+    }
+
+
+def needs_matching(step: int, sched: dict) -> bool:
+    """Whether the Hungarian matching re-runs after training step ``step`` (0-based)."""
+    return step >= sched["bank_start"] and (sched["matching_freeze"] < 0 or step < sched["matching_freeze"])
+
+
+def match_on_host(state: TrainState, anchors_host: np.ndarray, replicated) -> TrainState:
+    """Hungarian matching of prototypes to anchors on the host; the result goes back as a (C,) int32 array."""
+    assignment = losses.hungarian_assignment(np.asarray(jax.device_get(state.contrast.prototypes)), anchors_host)
+    contrast = state.contrast.replace(
+        assignment=jax.device_put(np.asarray(assignment, np.int32), replicated),
+        matched=jax.device_put(np.asarray(True), replicated),
+    )
+    return state.replace(contrast=contrast)
+
+
+def load_pretrained(model_config):
+    if not model_config.pretrained:
+        return None
+    from stpg_jax.models.pretrained import load_backbone_weights
+
+    path = model_config.pretrained
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"config.model.pretrained = {path!r}: no such file. Point it at ImageNet backbone weights "
+            "(.npz, .pth or a converted file; see docs/weights.md), or set it to '' for a random init."
+        )
+    blocks = tuple(model_config.stage_blocks) or None
+    from stpg_jax.models.resnet import STAGE_BLOCKS
+
+    return load_backbone_weights(
+        path, stem=model_config.stem, stage_blocks=blocks or STAGE_BLOCKS[model_config.depth], width=model_config.width
+    )
+
+
+class Trainer:
+    """Everything a run needs, built once: data, model, optimiser, compiled step, mesh and checkpointer."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        validate(config)
+        self.config, self.workdir = config, workdir
+        self.mesh = sharding.make_mesh()
+        sharding.check_divisible(config, self.mesh)
+        self.replicated = sharding.replicated(self.mesh)
+        self.batch_sharding = sharding.batch_sharded(self.mesh)
+
+        self.bundle = build_data(config.data, workdir=workdir if jax.process_index() == 0 else None)
+        self.info = self.bundle.info
+        self.num_classes = self.info.num_classes
+        self.steps_per_epoch = config.schedule.steps_per_epoch or self.bundle.steps_per_epoch(
+            config.data.batch_labeled, config.data.batch_unlabeled
+        )
+        self.total_steps = config.schedule.total_steps or config.schedule.epochs * self.steps_per_epoch
+        self.sched = schedule_steps(config, self.steps_per_epoch)
+
+        self.model = model_from_config(config.model, self.num_classes)
+        self.settings = StepSettings.from_config(config, self.num_classes, self.steps_per_epoch)
+
+    def init_state(self) -> TrainState:
+        c = self.config
+        anchors = None
+        if c.mode == "stpg":
+            anchors = losses.make_anchors(
+                self.num_classes, c.model.proj_dim or c.model.decoder_channels, seed=c.seed,
+                steps=c.stpg.anchor_steps, temperature=c.stpg.anchor_temperature,
+            )
+        pretrained = load_pretrained(c.model)
+        # Optimiser over a parameter tree of the right structure (abstract, no compute).
+        abstract = jax.eval_shape(
+            lambda: self.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False)["params"]
+        )
+        self.tx, self.lr_schedule = make_optimizer(
+            c.optim, self.total_steps, abstract, train_projection_head=c.stpg.train_projection_head
+        )
+
+        def init(key):
+            return create_train_state(
+                self.model, self.tx, key, mode=c.mode, num_classes=self.num_classes,
+                crop_size=min(c.data.crop_size, 64), proj_dim=c.model.proj_dim or c.model.decoder_channels,
+                anchors=anchors, bank_capacity=c.stpg.bank_capacity, pretrained=pretrained,
+            )
+
+        return jax.jit(init, out_shardings=self.replicated)(jax.random.PRNGKey(c.seed))
+
+    def compile_step(self):
+        step = make_train_step(self.model, self.tx, self.lr_schedule, self.settings)
+        return jax.jit(
+            step,
+            in_shardings=(self.replicated, self.batch_sharding),
+            out_shardings=(self.replicated, self.replicated),
+            donate_argnums=0,
+        )
+
+    def evaluate(self, state: TrainState) -> dict:
+        c = self.config
+        n_dev = self.mesh.devices.size
+        per_batch = c.eval.windows_per_batch
+        shard = self.batch_sharding if per_batch % n_dev == 0 and jax.process_count() == 1 else None
+        predictor = evaluate.make_window_predictor(
+            self.model, c.eval.window, per_batch, c.eval.stride_rate, sharding=shard
+        )
+        variables = jax.device_get(state.gen_student.variables) if shard is None else state.gen_student.variables
+        return evaluate.evaluate(
+            predictor, variables, self.bundle.val, self.num_classes, self.info.ignore_index, c.eval.max_images
+        )
+
+
+def _scalar_metrics(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        v = np.asarray(v)
+        if v.ndim == 0:
+            out[k] = float(v)
+        else:
+            for i, x in enumerate(v.reshape(-1)):
+                out[f"{k}/{i}"] = float(x)
+    return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (resuming from the latest checkpoint in ``workdir`` if any) and evaluates the Gen-Student."""
+    sharding.maybe_initialize_distributed()
+    workdir = os.path.abspath(workdir)
+    is_main = jax.process_index() == 0
+    log = print if is_main else (lambda *a, **k: None)
+    checkpoint.check_or_write_config(workdir, config) if is_main else None
+
+    trainer = Trainer(config, workdir)
+    c = config
+    log(f"stpg_jax: mode={c.mode} dataset={trainer.info.name} split={c.split} classes={trainer.num_classes} "
+        f"labelled={len(trainer.bundle.labeled)} unlabelled={len(trainer.bundle.unlabeled)} "
+        f"val={len(trainer.bundle.val)}")
+    log(f"  {trainer.mesh.devices.size} device(s) ({jax.devices()[0].platform}), {jax.process_count()} process(es); "
+        f"global batch {c.data.batch_labeled}+{c.data.batch_unlabeled}, crop {c.data.crop_size}; "
+        f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps")
+    if c.mode == "stpg":
+        log(f"  schedule (steps): bank/prototypes/matching from {trainer.sched['bank_start']}, contrastive from "
+            f"{trainer.sched['contrastive_start']}, proximity from {trainer.sched['proximity_start']}, matching "
+            f"frozen from {trainer.sched['matching_freeze'] if trainer.sched['matching_freeze'] >= 0 else 'never'}")
+
+    state = trainer.init_state()
+    ckpt = checkpoint.Checkpointer(workdir, c.keep_checkpoints)
+    loader = make_train_loader(
+        trainer.bundle, c.data, c.seed, jax.process_index(), jax.process_count(), with_unlabeled=c.mode != "supervised"
+    )
+    start_step = 0
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(checkpoint.abstract_like(state, trainer.replicated))
+        loader.set_state(meta["loader"])
+        start_step = int(meta["step"])
+        log(f"  resumed from {ckpt.directory}/{start_step} (step {start_step})")
+    anchors_host = np.asarray(jax.device_get(state.contrast.anchors)) if state.contrast is not None else None
+
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else None
+    stop = {"signal": None}
+
+    def on_sigterm(signum, _frame):
+        stop["signal"] = signum
+
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+
+    def save(step, state):
+        ckpt.save(step, state, {"step": step, "loader": loader.get_state(), "num_classes": trainer.num_classes,
+                                "dataset": trainer.info.name})
+
+    step_fn = trainer.compile_step()
+    images_per_step = c.data.batch_labeled + (2 * c.data.batch_unlabeled if c.mode != "supervised" else 0)
+    last_good = start_step
+    t_log, step_log = time.time(), start_step
+    results: dict[str, Any] = {}
+    try:
+        for step in range(start_step, trainer.total_steps):
+            batch = sharding.shard_batch(next(loader), trainer.batch_sharding)
+            if step == start_step:
+                log("  compiling the train step (the first step includes XLA compilation)...", flush=True)
+                t0 = time.time()
+            state, metrics = step_fn(state, batch)
+            if step == start_step:
+                jax.block_until_ready(metrics)
+                log(f"  first step done in {time.time() - t0:.1f}s (compile + run)", flush=True)
+                t_log, step_log = time.time(), step + 1
+            if c.mode == "stpg" and c.stpg.contrastive and needs_matching(step, trainer.sched):
+                state = match_on_host(state, anchors_host, trainer.replicated)
+
+            done = step + 1
+            is_last = done == trainer.total_steps
+            want_ckpt = done % c.checkpoint_every_steps == 0 or is_last or stop["signal"] is not None
+            if done % c.log_every_steps == 0 or want_ckpt:
+                scalars = _scalar_metrics(jax.device_get(metrics))
+                if not math.isfinite(scalars["loss"]):
+                    bad = {k: v for k, v in scalars.items() if not math.isfinite(v)}
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {done}: {bad}. Stopping; the last good checkpoint "
+                        f"(step {last_good}) is kept in {ckpt.directory}."
+                    )
+                now = time.time()
+                rate = (done - step_log) * images_per_step / max(now - t_log, 1e-9)
+                eta = (trainer.total_steps - done) * (now - t_log) / max(done - step_log, 1)
+                extra = ""
+                if "kept" in scalars:
+                    extra = f" | kept {scalars['kept']:.3f}"
+                log(f"step {done}/{trainer.total_steps} | loss {scalars['loss']:.4f} | lr {scalars['lr']:.5f}"
+                    f"{extra} | {rate:.1f} img/s | ETA {_format_seconds(eta)}", flush=True)
+                if writer is not None:
+                    for k, v in scalars.items():
+                        writer.add_scalar(f"train/{k}", v, done)
+                    writer.add_scalar("train/images_per_second", rate, done)
+                t_log, step_log = now, done
+                if want_ckpt:
+                    save(done, state)
+                    last_good = done
+            if c.eval.every_steps and done % c.eval.every_steps == 0 and not is_last:
+                results = _run_eval(trainer, state, writer, done, log)
+            if stop["signal"] is not None:
+                log(f"received signal {stop['signal']}: checkpoint saved at step {done}, exiting")
+                ckpt.wait()
+                return {"stopped_at": done}
+        ckpt.wait()
+        results = _run_eval(trainer, state, writer, trainer.total_steps, log)
+        return results
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        ckpt.wait()
+        ckpt.close()
+        if hasattr(loader, "close"):
+            loader.close()
+        if writer is not None:
+            writer.close()
+
+
+def _run_eval(trainer: Trainer, state: TrainState, writer, step: int, log) -> dict:
+    t0 = time.time()
+    log(f"evaluating the Gen-Student at step {step} on {len(trainer.bundle.val)} val images "
+        f"(window {trainer.config.eval.window})...", flush=True)
+    result = trainer.evaluate(state)
+    log(evaluate.format_iou_table(result, trainer.info.class_names))
+    log(f"  evaluation took {time.time() - t0:.1f}s", flush=True)
+    if writer is not None:
+        writer.add_scalar("eval/miou", result["miou"], step)
+        writer.add_scalar("eval/pixel_accuracy", result["pixel_accuracy"], step)
+        for name, v in zip(trainer.info.class_names, result["iou"]):
+            if not np.isnan(v):
+                writer.add_scalar(f"eval/iou/{name}", float(v), step)
+        writer.flush()
+    return result
