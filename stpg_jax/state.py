@@ -109,7 +109,7 @@ def create_train_state(model, tx, key, *, mode: str, num_classes: int, crop_size
         if anchors is None:
             raise ValueError("stpg mode needs the anchors (losses.make_anchors)")
         contrast = ContrastState(
-            anchors=jnp.asarray(anchors, jnp.float32),
+            anchors=jnp.array(anchors, jnp.float32),  # a copy: the state is donated
             prototypes=losses.init_prototypes(k_proto, num_classes, dim),
             assignment=jnp.arange(num_classes, dtype=jnp.int32),
             initial_anchors=losses.init_prototypes(k_init_anchor, num_classes, dim),
