@@ -1,0 +1,107 @@
+"""CPU smoke tests of benchmarks/: step_time.py in tiny mode end to end, and the helpers of both scripts."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _positive(value):
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_step_time_tiny_end_to_end(tmp_path):
+    out = tmp_path / "step_time.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "step_time.py"), "--config=configs/voc_blender.py:1_4",
+           "--tiny", "--steps", "2", "--warmup", "1", "--dtypes", "float32", "--parts", "all",
+           "--num_devices", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for text in ("compiling the step", "| dtype | lower s | compile s | median ms", "| float32 |",
+                 "Selection + contrastive + memory-bank part alone"):
+        assert text in proc.stdout
+
+    report = json.loads(out.read_text())
+    assert report["device"]["platform"] == "cpu" and report["device"]["count"] == 1
+    assert report["commit"] and report["date"] and report["command"].startswith("python benchmarks/step_time.py")
+    r = report["results"]["float32"]
+    assert r["mode"] == "stpg" and r["images_per_step"] == 2 + 2 * 2
+    for key in ("lower_s", "compile_s", "pipelined_mean_ms", "steps_per_s", "images_per_s", "flops_per_step",
+                "achieved_tflops", "losses_part_share"):
+        assert _positive(r[key]), (key, r[key])
+    for key in ("median_ms", "p10_ms", "p90_ms"):
+        assert _positive(r["step"][key]), (key, r["step"])
+    assert r["step"]["n"] == 2 and r["step"]["p10_ms"] <= r["step"]["median_ms"] <= r["step"]["p90_ms"]
+    assert _positive(r["losses_part"]["all"]["median_ms"])
+    assert r["losses_part"]["sizes"]["N_labeled"] == 2 * 16 * 16  # Bl · (S/4)²
+    # No dense-peak figure for a CPU: MFU is n/a, and the peak memory is n/a or a positive count.
+    assert r["mfu"] is None and r["peak_tflops_per_device"] is None
+    assert r["peak_memory_bytes"] is None or _positive(r["peak_memory_bytes"])
+    assert math.isfinite(r["final_loss"])
+    # The timed steps ran past the contrastive start: the counter went on from there.
+    assert r["step_counter_after"] == 1600 + 1 + 2 + 2
+
+
+def test_step_time_helpers():
+    st = _load("step_time")
+
+    class Fake:
+        def __init__(self, analysis):
+            self.analysis = analysis
+
+        def cost_analysis(self):
+            return self.analysis
+
+    assert st.flops_of(Fake({"flops": 3.0})) == 3.0
+    assert st.flops_of(Fake([{"flops": 2.0}, {"flops": 5.0}])) == 7.0
+    assert st.flops_of(Fake(None)) is None and st.flops_of(Fake([{}])) is None
+    assert st.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == pytest.approx(989.4)
+    assert st.peak_tflops("NVIDIA H200", "float32") == pytest.approx(494.7)
+    assert st.peak_tflops("cpu", "bfloat16") is None
+    argv = ["--config=configs/voc_blender.py:1_4", "--dtypes", "float32,bfloat16", "--out=x.json", "--steps", "4"]
+    assert st._child_argv(argv, "bfloat16", "/t/b.json") == [
+        "--config=configs/voc_blender.py:1_4", "--steps", "4", "--dtypes", "bfloat16", "--out", "/t/b.json",
+        "--in_process"]
+    config = st.load_config("configs/camvid.py:1_8", "model.dtype=bfloat16")
+    assert config.model.dtype == "bfloat16" and st.num_classes_of(config) == 11
+    assert st._fmt(None) == "n/a" and st._fmt(0.4123, ".1f", 100, "%") == "41.2%"
+
+
+def test_camvid_experiment_commands_and_parsing(tmp_path):
+    ce = _load("camvid_experiment")
+    args = ce.parse_args(["--methods", "supervised,stpg", "--steps", "120", "--workdir_root", str(tmp_path),
+                          "--overrides", "data.root=/d,model.dtype=bfloat16"])
+    commands = ce.build_commands(args)
+    assert [m for m, _ in commands] == ["supervised", "stpg"]
+    cmd = commands[1][1]
+    assert cmd[1] == "launch.py"
+    assert ("--config=configs/camvid.py:1_8,mode=stpg,schedule.total_steps=120,schedule.steps_per_epoch=3,"
+            "eval.every_steps=0,data.root=/d,model.dtype=bfloat16") in cmd
+    assert f"--workdir={tmp_path / 'stpg'}" in cmd
+
+    log = ("step 10/10 | loss 1.0\nclass              IoU %\nsky                90.50\nsign_symbol         n/a\n"
+           "mIoU               45.25\n  evaluation took 1.0s\n")
+    result = ce.parse_iou_table(log)
+    assert result["miou"] == pytest.approx(45.25) and result["iou"]["sky"] == pytest.approx(90.5)
+    assert result["iou"]["sign_symbol"] is None
+    table = ce.markdown_table({"supervised": {"result": result, "wall_s": 60.0},
+                               "stpg": {"result": result, "wall_s": 120.0}})
+    assert "| sky | 90.50 | 90.50 |" in table and "| **mIoU** | **45.25** | **45.25** |" in table
+
+    with pytest.raises(SystemExit):
+        ce.parse_args(["--methods", "fixmatch", "--steps", "10", "--workdir_root", str(tmp_path)])
