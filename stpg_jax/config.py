@@ -122,7 +122,7 @@ def _parse_value(text: str, current, key: str):
         raise ValueError(f"config override {key}={text!r}: cannot parse the value for a {type(current).__name__} field")
     if isinstance(current, bool) and not isinstance(value, bool):
         raise ValueError(f"config override {key}={text!r}: expected True or False")
-    if isinstance(current, float) and isinstance(value, int):
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(current, tuple) and isinstance(value, list):
         value = tuple(value)
@@ -135,24 +135,49 @@ def _parse_value(text: str, current, key: str):
     return value
 
 
+def parent_of(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+    """The ConfigDict holding dotted ``key`` and the key's last part; KeyError naming the allowed fields if unknown."""
+    node, parts = config, key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            prefix = ".".join(parts[:i]) or "<top level>"
+            allowed = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            raise KeyError(f"unknown config key {key!r}: {prefix} has no field {part!r}; allowed: {allowed}")
+        if i < len(parts) - 1:
+            node = node[part]
+    return node, parts[-1]
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, str]) -> None:
     """Sets dotted ``key=value`` overrides, refusing unknown keys (naming the allowed ones)."""
     for key, text in overrides.items():
-        node, parts = config, key.split(".")
-        for i, part in enumerate(parts):
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                prefix = ".".join(parts[:i]) or "<top level>"
-                allowed = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-                raise KeyError(f"unknown config key {key!r}: {prefix} has no field {part!r}; allowed: {allowed}")
-            if i < len(parts) - 1:
-                node = node[part]
-        node[parts[-1]] = _parse_value(text, node[parts[-1]], key)
+        node, name = parent_of(config, key)
+        node[name] = _parse_value(text, node[name], key)
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Splits at commas outside brackets and quotes, so ``model.stage_blocks=(1,1,1,1)`` stays one item."""
+    items, depth, quote, start = [], 0, None, 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return items
 
 
 def split_arg(arg: str | None, default_split: str, splits=SPLITS) -> tuple[str, dict]:
     """Parses ``'1_4,a.b=1,c=x'`` into ('1_4', {'a.b': '1', 'c': 'x'})."""
     split, overrides = default_split, {}
-    for i, item in enumerate(p.strip() for p in (arg or "").split(",")):
+    for i, item in enumerate(p.strip() for p in _split_top_level(arg or "")):
         if not item:
             continue
         if "=" in item:

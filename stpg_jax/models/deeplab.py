@@ -6,19 +6,25 @@ from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from stpg_jax.models.resnet import STAGE_BLOCKS, ResNet, batch_norm, conv
 
 
 def _axis_weights(in_size: int, out_size: int):
-    """Source indices and weights of align_corners=True linear interpolation along one axis."""
+    """Source indices and weights of align_corners=True linear interpolation along one axis.
+
+    Sizes are static, so this is NumPy at trace time: the source position i·(in−1)/(out−1) is split into integer and
+    fraction exactly, instead of a float32 product whose error grows with the size (≈3e-5 at 257 → 2048).
+    """
+    i = np.arange(out_size, dtype=np.int64)
     if out_size == 1 or in_size == 1:
-        pos = jnp.zeros((out_size,), jnp.float32)
+        lo, frac = np.zeros_like(i), np.zeros(out_size)
     else:
-        pos = jnp.arange(out_size, dtype=jnp.float32) * ((in_size - 1) / (out_size - 1))
-    lo = jnp.clip(jnp.floor(pos).astype(jnp.int32), 0, in_size - 1)
-    hi = jnp.minimum(lo + 1, in_size - 1)
-    return lo, hi, pos - lo
+        lo, rem = np.divmod(i * (in_size - 1), out_size - 1)
+        frac = rem / (out_size - 1)
+    hi = np.minimum(lo + 1, in_size - 1)
+    return lo, hi, frac
 
 
 def resize_bilinear_align_corners(x, size: Sequence[int]):
@@ -31,10 +37,10 @@ def resize_bilinear_align_corners(x, size: Sequence[int]):
     if (in_h, in_w) == (out_h, out_w):
         return x
     lo, hi, t = _axis_weights(in_h, out_h)
-    t = t.astype(x.dtype)[None, :, None, None]
+    t = jnp.asarray(t, x.dtype)[None, :, None, None]
     x = x[:, lo] * (1 - t) + x[:, hi] * t
     lo, hi, t = _axis_weights(in_w, out_w)
-    t = t.astype(x.dtype)[None, None, :, None]
+    t = jnp.asarray(t, x.dtype)[None, None, :, None]
     return x[:, :, lo] * (1 - t) + x[:, :, hi] * t
 
 

@@ -1,0 +1,47 @@
+"""launch.py from the command line: one clear line on stderr for missing data, unknown keys and unknown splits."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def launch(tmp_path, *args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    # Run from an empty directory so the config's relative data.root (data/voc) cannot exist.
+    return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_one_clear_error(result, *needles):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0], result.stderr
+    return errors[0]
+
+
+def test_missing_voc_data_names_the_expected_directory(tmp_path):
+    result = launch(tmp_path, f"--config={REPO}/configs/voc_blender.py:1_4", f"--workdir={tmp_path}/w")
+    line = assert_one_clear_error(result, "data/voc")
+    assert "does not exist" in line or "not found" in line
+    # absl/tfds INFO and warning chatter stays off the console.
+    assert [l for l in result.stderr.splitlines() if l.strip()] == [line], result.stderr
+
+
+@pytest.mark.parametrize("override,key", [("--config.no_such_key=1", "no_such_key")])
+def test_unknown_override_key_is_named(tmp_path, override, key):
+    result = launch(tmp_path, f"--config={REPO}/configs/voc_blender.py:1_4", f"--workdir={tmp_path}/w", override)
+    assert_one_clear_error(result, key, "allowed")
+
+
+def test_mistyped_split_names_the_allowed_splits(tmp_path):
+    result = launch(tmp_path, f"--config={REPO}/configs/voc_blender.py:1_5", f"--workdir={tmp_path}/w")
+    assert_one_clear_error(result, "1_5", "1_16", "1_8", "1_4", "1_2", "full")

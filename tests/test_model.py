@@ -1,0 +1,164 @@
+"""DeepLabV3+ and the dilated ResNet: shapes, parameter counts, resize, mixed precision, dilation and stride placement."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stpg_jax.models import DeepLabV3Plus, ResNet, resize_bilinear_align_corners
+
+TINY = dict(stage_blocks=(1, 1, 1, 1), width=8, aspp_channels=16, decoder_channels=16, low_level_channels=8,
+            proj_dim=16)
+
+
+def count_params(module, shape=(1, 64, 64, 3)):
+    variables = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False))
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(variables["params"]))
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_forward(output_stride, dtype=jnp.float32):
+    model = DeepLabV3Plus(num_classes=5, output_stride=output_stride, dtype=dtype, **TINY)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 48, 3))
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0), x)
+    return variables, jax.jit(functools.partial(model.apply, train=False))(variables, x)
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_output_shapes(output_stride):
+    _, out = tiny_forward(output_stride)
+    assert out["logits"].shape == (2, 32, 48, 5) and out["logits"].dtype == jnp.float32
+    assert out["features"].shape == (2, 8, 12, 16) and out["features"].dtype == jnp.float32
+    assert np.all(np.isfinite(out["logits"]))
+
+
+def test_r50_standard_stem_backbone_has_torchvision_parameter_count():
+    assert count_params(ResNet(stem="standard")) == 23_508_032
+
+
+def test_r50_deeplabv3plus_parameter_count():
+    n = count_params(DeepLabV3Plus(num_classes=21, stem="standard", proj_dim=0))
+    assert abs(n - 40.3e6) < 0.1e6, n
+
+
+def test_deep_stem_adds_the_expected_parameters():
+    standard, deep = count_params(ResNet(stem="standard")), count_params(ResNet(stem="deep"))
+    bn = lambda c: 2 * c  # noqa: E731  scale + bias
+    standard_stem = 7 * 7 * 3 * 64 + bn(64)
+    deep_stem = 3 * 3 * 3 * 64 + bn(64) + 3 * 3 * 64 * 64 + bn(64) + 3 * 3 * 64 * 128 + bn(128)
+    # layer1_0's conv1 and downsample conv read 128 instead of 64 channels after the deep stem.
+    wider_layer1 = (128 - 64) * 64 + (128 - 64) * 256
+    assert deep - standard == deep_stem - standard_stem + wider_layer1
+
+
+def test_projection_head_parameter_count():
+    with_head = count_params(DeepLabV3Plus(num_classes=21, stem="standard", proj_dim=256))
+    without = count_params(DeepLabV3Plus(num_classes=21, stem="standard", proj_dim=0))
+    assert with_head - without == 3 * 3 * 256 * 256 + 2 * 256 + 256 * 256 + 256
+
+
+def reference_resize(x, out_h, out_w):
+    """align_corners=True bilinear interpolation, float64, one output pixel at a time."""
+    b, in_h, in_w, c = x.shape
+    out = np.zeros((b, out_h, out_w, c), np.float64)
+    for i in range(out_h):
+        sy = 0.0 if out_h == 1 else i * (in_h - 1) / (out_h - 1)
+        y0 = min(int(np.floor(sy)), in_h - 1)
+        y1, wy = min(y0 + 1, in_h - 1), sy - y0
+        for j in range(out_w):
+            sx = 0.0 if out_w == 1 else j * (in_w - 1) / (out_w - 1)
+            x0 = min(int(np.floor(sx)), in_w - 1)
+            x1, wx = min(x0 + 1, in_w - 1), sx - x0
+            out[:, i, j] = ((1 - wy) * (1 - wx) * x[:, y0, x0] + (1 - wy) * wx * x[:, y0, x1]
+                            + wy * (1 - wx) * x[:, y1, x0] + wy * wx * x[:, y1, x1])
+    return out
+
+
+@pytest.mark.parametrize("in_hw,out_hw", [((4, 5), (16, 20)), ((7, 9), (29, 13)), ((33, 17), (10, 5)),
+                                          ((6, 6), (1, 7)), ((1, 3), (4, 9)), ((2, 257), (3, 2048))])
+def test_resize_matches_align_corners_reference(in_hw, out_hw):
+    x = np.random.default_rng(0).standard_normal((2, *in_hw, 3))
+    got = np.asarray(resize_bilinear_align_corners(jnp.asarray(x, jnp.float32), out_hw))
+    np.testing.assert_allclose(got, reference_resize(x, *out_hw), atol=1e-5, rtol=0)
+
+
+def test_resize_keeps_corners():
+    x = np.random.default_rng(1).standard_normal((1, 9, 13, 2)).astype(np.float32)
+    got = np.asarray(resize_bilinear_align_corners(jnp.asarray(x), (31, 45)))
+    for (i, j), (k, l) in [((0, 0), (0, 0)), ((0, -1), (0, -1)), ((-1, 0), (-1, 0)), ((-1, -1), (-1, -1))]:
+        np.testing.assert_allclose(got[0, i, j], x[0, k, l], atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_outputs():
+    variables, out = tiny_forward(16, jnp.bfloat16)
+    dtypes = {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)}
+    assert dtypes == {jnp.dtype(jnp.float32)}
+    assert out["logits"].dtype == jnp.float32 and out["features"].dtype == jnp.float32
+    _, reference = tiny_forward(16)
+    # Same parameters (same init key): bf16 compute stays close to float32.
+    np.testing.assert_allclose(out["logits"], reference["logits"], atol=0.25 * float(np.abs(reference["logits"]).max()))
+
+
+def conv_and_block_shapes(backbone, x):
+    """Output shapes of every Conv and Bottleneck call, captured without computing anything."""
+    def run():
+        variables = backbone.init(jax.random.PRNGKey(0), x, train=False)
+        return backbone.apply(variables, x, train=False, mutable=["intermediates"],
+                              capture_intermediates=lambda module, method: method == "__call__")
+    (low, high), state = jax.eval_shape(run)
+    shapes = jax.tree_util.tree_map(lambda leaf: leaf.shape, state["intermediates"])
+    return low.shape, high.shape, shapes
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_backbone_output_stride_by_dilation(output_stride):
+    backbone = ResNet(stage_blocks=(1, 1, 1, 1), width=8, output_stride=output_stride)
+    low, high, shapes = conv_and_block_shapes(backbone, jnp.zeros((1, 64, 96, 3)))
+    assert low == (1, 16, 24, 32)  # layer1 at stride 4
+    assert high == (1, 64 // output_stride, 96 // output_stride, 256)
+    assert shapes["layer2_0"]["__call__"][0] == (1, 8, 12, 64)  # stride 8 either way
+    layer3 = shapes["layer3_0"]["__call__"][0]
+    assert layer3 == ((1, 4, 6, 128) if output_stride == 16 else (1, 8, 12, 128))
+    assert shapes["layer4_0"]["__call__"][0][1:3] == layer3[1:3]  # layer4 keeps layer3's resolution
+
+
+def test_layer4_dilations_follow_multigrid():
+    """OS16: layer4 blocks dilate 2/4/8 (DESIGN.md §4); OS8: layer3 at 2 and layer4 at 4/8/16."""
+    def dilations(output_stride):
+        backbone = ResNet(stage_blocks=(1, 1, 2, 3), width=8, output_stride=output_stride)
+        x = jnp.zeros((1, 64, 64, 3))
+        seen = {}
+
+        def record(next_fun, args, kwargs, context):
+            # The dilation is not a parameter: read it from each bottleneck's 3x3 conv as it is called.
+            module = context.module
+            if isinstance(module, nn.Conv) and module.name == "conv2" and context.method_name == "__call__":
+                seen[module.parent.name] = module.kernel_dilation[0]
+            return next_fun(*args, **kwargs)
+
+        def run():
+            variables = backbone.init(jax.random.PRNGKey(0), x, train=False)
+            with nn.intercept_methods(record):
+                return backbone.apply(variables, x, train=False)
+
+        jax.eval_shape(run)
+        return seen
+
+    os16, os8 = dilations(16), dilations(8)
+    assert [os16[f"layer4_{i}"] for i in range(3)] == [2, 4, 8]
+    assert [os16[f"layer3_{i}"] for i in range(2)] == [1, 1]
+    assert [os8[f"layer4_{i}"] for i in range(3)] == [4, 8, 16]
+    assert [os8[f"layer3_{i}"] for i in range(2)] == [2, 2]
+
+
+@pytest.mark.parametrize("stride_in_1x1", [False, True])
+def test_stride_in_1x1_moves_the_stride(stride_in_1x1):
+    backbone = ResNet(stage_blocks=(1, 1, 1, 1), width=8, stride_in_1x1=stride_in_1x1)
+    _, _, shapes = conv_and_block_shapes(backbone, jnp.zeros((1, 64, 64, 3)))
+    block = shapes["layer2_0"]  # receives 16x16 (stem /2, max-pool /2), outputs 8x8
+    conv1, conv2 = block["conv1"]["__call__"][0][1:3], block["conv2"]["__call__"][0][1:3]
+    assert (conv1, conv2) == (((8, 8), (8, 8)) if stride_in_1x1 else ((16, 16), (8, 8)))
+    assert block["downsample_conv"]["__call__"][0][1:3] == (8, 8)
