@@ -12,6 +12,8 @@ from ml_collections import config_flags
 
 from stpg_jax import config as stpg_config
 from stpg_jax import train
+from stpg_jax.data import DataError
+from stpg_jax.models.pretrained import WeightsMismatchError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, with the split and overrides after ':'.",
@@ -45,7 +47,7 @@ def parse_flags(argv):
             if arg.startswith("--config."):
                 try:
                     stpg_config.parent_of(config, arg[len("--config."):].split("=", 1)[0])
-                except KeyError as unknown:
+                except stpg_config.ConfigError as unknown:
                     fail(unknown.args[0])
         fail(f"bad --config override: {e}")
 
@@ -59,8 +61,9 @@ def main(argv):
         lambda record: record.levelno >= py_logging.ERROR or "tensorflow_datasets" not in record.pathname)
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (FileNotFoundError, ValueError, KeyError, train.NonFiniteLossError) as e:
-        fail(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    except (stpg_config.ConfigError, DataError, WeightsMismatchError, FileNotFoundError,
+            train.NonFiniteLossError) as e:
+        fail(e)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from stpg_jax.config import ConfigError
+
 # Fields that may change between a run and its resumption: they do not alter the state or the trajectory.
 RESUME_SAFE_PREFIXES = (
     "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval.", "data.workers", "data.prefetch",
@@ -31,9 +33,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_or_write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Writes config.json on a fresh work directory; on an existing one, refuses a config that differs in any
-    field that shapes the state or the trajectory, naming those fields."""
+def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """On a work directory that holds a run, refuses a config that differs from that run's in any field that
+    shapes the state or the trajectory, naming those fields."""
     path = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json())
     if os.path.exists(path):
@@ -46,11 +48,16 @@ def check_or_write_config(workdir: str, config: ml_collections.ConfigDict) -> No
             if a.get(k) != b.get(k) and not k.startswith(RESUME_SAFE_PREFIXES)
         ]
         if diffs:
-            raise ValueError(
+            raise ConfigError(
                 f"the work directory {workdir} holds a run with another config ({path}); differing fields:\n  "
                 + "\n  ".join(diffs)
                 + "\nUse a new --workdir, or the same config to resume."
             )
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    path = os.path.join(workdir, "config.json")
+    current = json.loads(config.to_json())
     os.makedirs(workdir, exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

@@ -17,6 +17,10 @@ MODES = ("stpg", "supervised", "mean_teacher")
 SELECTION_VARIANTS = ("consistent", "consistent+low", "consistent+high", "all")
 
 
+class ConfigError(ValueError):
+    """A config field or argument that is unknown or has an unusable value; the message names it."""
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -119,9 +123,9 @@ def _parse_value(text: str, current, key: str):
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise ValueError(f"config override {key}={text!r}: cannot parse the value for a {type(current).__name__} field")
+        raise ConfigError(f"config override {key}={text!r}: cannot parse the value for a {type(current).__name__} field")
     if isinstance(current, bool) and not isinstance(value, bool):
-        raise ValueError(f"config override {key}={text!r}: expected True or False")
+        raise ConfigError(f"config override {key}={text!r}: expected True or False")
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(current, tuple) and isinstance(value, list):
@@ -129,7 +133,7 @@ def _parse_value(text: str, current, key: str):
     if isinstance(current, tuple) and not isinstance(value, tuple):
         value = (value,)
     if type(value) is not type(current) and not (isinstance(current, tuple) and isinstance(value, tuple)):
-        raise ValueError(
+        raise ConfigError(
             f"config override {key}={text!r}: expected a {type(current).__name__}, got {type(value).__name__}"
         )
     return value
@@ -142,7 +146,7 @@ def parent_of(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collectio
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
             prefix = ".".join(parts[:i]) or "<top level>"
             allowed = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-            raise KeyError(f"unknown config key {key!r}: {prefix} has no field {part!r}; allowed: {allowed}")
+            raise ConfigError(f"unknown config key {key!r}: {prefix} has no field {part!r}; allowed: {allowed}")
         if i < len(parts) - 1:
             node = node[part]
     return node, parts[-1]
@@ -186,27 +190,35 @@ def split_arg(arg: str | None, default_split: str, splits=SPLITS) -> tuple[str, 
         elif i == 0:
             split = item
         else:
-            raise ValueError(f"config argument {arg!r}: {item!r} is neither the split (first) nor key=value")
+            raise ConfigError(f"config argument {arg!r}: {item!r} is neither the split (first) nor key=value")
     if split not in splits:
-        raise ValueError(f"unknown split {split!r}; allowed: {list(splits)}")
+        raise ConfigError(f"unknown split {split!r}; allowed: {list(splits)}")
     return split, overrides
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
     """Checks values whose mistakes would otherwise surface deep inside training."""
     if c.mode not in MODES:
-        raise ValueError(f"config.mode must be one of {list(MODES)}, got {c.mode!r}")
+        raise ConfigError(f"config.mode must be one of {list(MODES)}, got {c.mode!r}")
     if c.stpg.selection not in SELECTION_VARIANTS:
-        raise ValueError(f"config.stpg.selection must be one of {list(SELECTION_VARIANTS)}, got {c.stpg.selection!r}")
+        raise ConfigError(f"config.stpg.selection must be one of {list(SELECTION_VARIANTS)}, got {c.stpg.selection!r}")
     if c.stpg.bank_source not in ("gen_teacher", "pro_teacher"):
-        raise ValueError(f"config.stpg.bank_source must be 'gen_teacher' or 'pro_teacher', got {c.stpg.bank_source!r}")
+        raise ConfigError(f"config.stpg.bank_source must be 'gen_teacher' or 'pro_teacher', got {c.stpg.bank_source!r}")
     if c.loss.supervised not in ("ce", "ohem"):
-        raise ValueError(f"config.loss.supervised must be 'ce' or 'ohem', got {c.loss.supervised!r}")
+        raise ConfigError(f"config.loss.supervised must be 'ce' or 'ohem', got {c.loss.supervised!r}")
     if c.model.proj_dim <= 0 and c.mode == "stpg" and c.stpg.contrastive:
-        raise ValueError("config.model.proj_dim must be > 0 when config.stpg.contrastive is on")
+        raise ConfigError("config.model.proj_dim must be > 0 when config.stpg.contrastive is on")
+    if c.model.stem not in ("deep", "standard"):
+        raise ConfigError(f"config.model.stem must be 'deep' or 'standard', got {c.model.stem!r}")
+    if c.model.output_stride not in (8, 16):
+        raise ConfigError(f"config.model.output_stride must be 8 or 16, got {c.model.output_stride}")
+    if c.model.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"config.model.dtype must be 'float32' or 'bfloat16', got {c.model.dtype!r}")
+    if not c.model.stage_blocks and c.model.depth not in (50, 101):
+        raise ConfigError(f"config.model.depth must be 50 or 101 (or set model.stage_blocks), got {c.model.depth}")
     for name in ("batch_labeled", "batch_unlabeled", "crop_size"):
         if c.data[name] <= 0:
-            raise ValueError(f"config.data.{name} must be positive, got {c.data[name]}")
+            raise ConfigError(f"config.data.{name} must be positive, got {c.data[name]}")
 
 
 def finalize(c: ml_collections.ConfigDict, arg: str | None, split_fields: Mapping[str, Mapping], default_split="1_4"):

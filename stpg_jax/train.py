@@ -8,6 +8,7 @@ never waits for the device except at log, evaluation and checkpoint steps.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -168,15 +169,34 @@ def _scalar_metrics(metrics: dict) -> dict:
     return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (resuming from the latest checkpoint in ``workdir`` if any) and evaluates the Gen-Student."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, max_steps: int = 0) -> dict:
+    """Trains (resuming from the latest checkpoint in ``workdir`` if any) and evaluates the Gen-Student.
+
+    ``max_steps`` > 0 stops this invocation after that many steps with a checkpoint (for jobs with a time limit);
+    starting again with the same work directory continues the same trajectory.
+    """
     sharding.maybe_initialize_distributed()
+    # SIGTERM (preemption, scancel) from here on: finish the current step, checkpoint, return.
+    stop = {"signal": None}
+
+    def on_sigterm(signum, _frame):
+        stop["signal"] = signum
+
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return _train(config, workdir, max_steps, stop)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _train(config, workdir, max_steps, stop) -> dict:
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
     log = print if is_main else (lambda *a, **k: None)
-    checkpoint.check_or_write_config(workdir, config) if is_main else None
-
-    trainer = Trainer(config, workdir)
+    checkpoint.check_config(workdir, config)
+    trainer = Trainer(config, workdir)  # reads (and checks) the data before anything is written
+    if is_main:
+        checkpoint.write_config(workdir, config)
     c = config
     log(f"stpg_jax: mode={c.mode} dataset={trainer.info.name} split={c.split} classes={trainer.num_classes} "
         f"labelled={len(trainer.bundle.labeled)} unlabelled={len(trainer.bundle.unlabeled)} "
@@ -203,12 +223,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     anchors_host = np.asarray(jax.device_get(state.contrast.anchors)) if state.contrast is not None else None
 
     writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else None
-    stop = {"signal": None}
-
-    def on_sigterm(signum, _frame):
-        stop["signal"] = signum
-
-    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
 
     def save(step, state):
         ckpt.save(step, state, {"step": step, "loader": loader.get_state(), "num_classes": trainer.num_classes,
@@ -235,6 +249,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
             done = step + 1
             is_last = done == trainer.total_steps
+            if max_steps and done - start_step >= max_steps and not is_last:
+                stop["signal"] = stop["signal"] or "max_steps"
             want_ckpt = done % c.checkpoint_every_steps == 0 or is_last or stop["signal"] is not None
             if done % c.log_every_steps == 0 or want_ckpt:
                 scalars = _scalar_metrics(jax.device_get(metrics))
@@ -263,14 +279,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if c.eval.every_steps and done % c.eval.every_steps == 0 and not is_last:
                 results = _run_eval(trainer, state, writer, done, log)
             if stop["signal"] is not None:
-                log(f"received signal {stop['signal']}: checkpoint saved at step {done}, exiting")
+                log(f"stopping ({stop['signal']}): checkpoint saved at step {done}; run again to resume")
                 ckpt.wait()
                 return {"stopped_at": done}
         ckpt.wait()
         results = _run_eval(trainer, state, writer, trainer.total_steps, log)
         return results
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
         ckpt.wait()
         ckpt.close()
         if hasattr(loader, "close"):
@@ -286,6 +301,12 @@ def _run_eval(trainer: Trainer, state: TrainState, writer, step: int, log) -> di
     result = trainer.evaluate(state)
     log(evaluate.format_iou_table(result, trainer.info.class_names))
     log(f"  evaluation took {time.time() - t0:.1f}s", flush=True)
+    if jax.process_index() == 0:
+        record = {"step": step, "miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"],
+                  "iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(trainer.info.class_names,
+                                                                                 result["iou"])}}
+        with open(os.path.join(trainer.workdir, f"eval_{step}.json"), "w") as f:
+            json.dump(record, f, indent=2)
     if writer is not None:
         writer.add_scalar("eval/miou", result["miou"], step)
         writer.add_scalar("eval/pixel_accuracy", result["pixel_accuracy"], step)

@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from stpg_jax.config import SPLITS
+from stpg_jax.config import SPLITS, ConfigError
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 CONFIG_FILES = sorted(p.stem for p in CONFIG_DIR.glob("*.py"))
@@ -62,7 +62,7 @@ def test_unknown_split_names_the_allowed_ones(name):
 
 @pytest.mark.parametrize("arg,key", [("1_4,no_such_key=1", "no_such_key"), ("1_4,model.no_such=1", "model.no_such")])
 def test_unknown_override_key_names_the_key(arg, key):
-    with pytest.raises(KeyError) as info:
+    with pytest.raises(ConfigError) as info:
         get("voc_blender", arg)
     assert key in str(info.value) and "allowed" in str(info.value)
 

@@ -1,0 +1,103 @@
+"""The training loop end to end on the embedded data: checkpoints, exact resume, SIGTERM, NaN tripwire, events."""
+
+import glob
+import json
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+
+from stpg_jax import checkpoint, train
+from stpg_jax.config import base_config
+
+
+def loop_config(**overrides):
+    c = base_config()
+    c.data.synthetic.update(num_labeled=8, num_unlabeled=16, num_val=3, height=40, width=48)
+    c.data.update(crop_size=32, batch_labeled=4, batch_unlabeled=4, workers=0)
+    c.model.update(stage_blocks=(1, 1, 1, 1), width=8, aspp_channels=16, decoder_channels=16, low_level_channels=8,
+                   proj_dim=16)
+    c.schedule.total_steps = 4
+    c.stpg.update(anchor_steps=100, bank_k=2, bank_start_epoch=0, contrastive_start_epoch=0,
+                  proximity_start_epoch=1, matching_freeze_epoch=1)
+    c.eval.update(window=32, windows_per_batch=4, max_images=3)
+    c.log_every_steps = 1
+    c.checkpoint_every_steps = 100
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def gen_params(workdir):
+    _, variables, _ = checkpoint.load_gen_student(str(workdir))
+    return variables
+
+
+def flat(tree):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("full")
+    result = train.train_and_evaluate(loop_config(), str(workdir))
+    return workdir, result
+
+
+def test_run_writes_checkpoint_events_split_and_eval(uninterrupted):
+    workdir, result = uninterrupted
+    assert 0.0 <= result["miou"] <= 1.0 and result["iou"].shape == (11,)
+    assert os.path.isdir(workdir / "checkpoints" / "4")
+    assert glob.glob(str(workdir / "tensorboard" / "events.out.tfevents.*"))
+    assert (workdir / "split_labeled.txt").exists()
+    record = json.loads((workdir / "eval_4.json").read_text())
+    assert record["step"] == 4 and set(record["iou"]) >= {"road", "pole", "pedestrian"}
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["schedule"]["total_steps"] == 4
+
+
+def test_interrupted_run_resumes_the_same_trajectory(uninterrupted, tmp_path):
+    full_dir, _ = uninterrupted
+    stopped = train.train_and_evaluate(loop_config(), str(tmp_path), max_steps=2)
+    assert stopped == {"stopped_at": 2}
+    assert checkpoint.Checkpointer(str(tmp_path)).latest_step() == 2
+    train.train_and_evaluate(loop_config(), str(tmp_path))
+    assert checkpoint.Checkpointer(str(tmp_path)).latest_step() == 4
+    for a, b in zip(flat(gen_params(full_dir)), flat(gen_params(tmp_path))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_refuses_another_config(uninterrupted):
+    workdir, _ = uninterrupted
+    with pytest.raises(ValueError, match=r"model\.width"):
+        train.train_and_evaluate(loop_config(**{"model.width": 16}), str(workdir))
+
+
+def test_sigterm_saves_a_checkpoint_and_returns(tmp_path):
+    config = loop_config(**{"schedule.total_steps": 50})
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        result = train.train_and_evaluate(config, str(tmp_path))
+    finally:
+        timer.cancel()
+    assert "stopped_at" in result and 1 <= result["stopped_at"] < 50
+    assert checkpoint.Checkpointer(str(tmp_path)).latest_step() == result["stopped_at"]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = loop_config(**{"optim.lr": 1e30, "schedule.total_steps": 6, "checkpoint_every_steps": 1})
+    with pytest.raises(train.NonFiniteLossError, match="last good checkpoint") as info:
+        train.train_and_evaluate(config, str(tmp_path))
+    good = checkpoint.Checkpointer(str(tmp_path)).latest_step()
+    assert f"step {good})" in str(info.value)
+    # The kept checkpoint holds finite parameters.
+    assert all(np.all(np.isfinite(x)) for x in flat(gen_params(tmp_path)))
