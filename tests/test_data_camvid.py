@@ -36,7 +36,9 @@ def bundle(config):
 
 def test_camvid_train_split_class_shares(bundle, config):
   full = build_data(dict(config, num_labeled=-1))
-  assert len(full.labeled) == 367 and len(full.val) == 101 and len(full.unlabeled) == 0
+  assert len(full.labeled) == 367 and len(full.val) == 101
+  # "full": every frame is labelled, and the unlabelled streams reuse all of them.
+  assert len(full.unlabeled) == 367
   counts = np.zeros(256, np.int64)
   for i in range(len(full.labeled)):
     item = full.labeled[i]

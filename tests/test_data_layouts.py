@@ -82,7 +82,7 @@ def test_voc_round_trip_and_protocols(tmp_path, sbd):
   bundle = build_data(_cfg('voc', tmp_path / 'voc', data_dir, sbd_root=sbd_root, protocol='blender'),
                       workdir=str(tmp_path / 'wd'))
   assert bundle.info.num_classes == 21 and bundle.info.class_names[15] == 'person'
-  assert sorted(bundle.labeled.ids) == sorted(train + extra) and len(bundle.unlabeled) == 0
+  assert sorted(bundle.labeled.ids) == sorted(train + extra) and sorted(bundle.unlabeled.ids) == sorted(train + extra)
   for i, item in {**_by_id(bundle.labeled), **_by_id(bundle.val)}.items():
     np.testing.assert_array_equal(item['image'], truth[i][0])
     np.testing.assert_array_equal(item['label'], truth[i][1])
@@ -207,8 +207,11 @@ def test_seeded_splits_have_published_counts(dataset, protocol, pool):
     labeled, unlabeled, prov = splits.choose_split(ids, aug, num_labeled=n, seed=7)
     again, _, _ = splits.choose_split(ids, aug, num_labeled=n, seed=7)
     assert len(labeled) == count and labeled == again and len(set(labeled)) == count
-    assert set(labeled) <= set(ids) and not set(labeled) & set(unlabeled)
-    assert len(unlabeled) == len(aug) - count and prov['labeled_source'] == 'seeded'
+    assert set(labeled) <= set(ids) and prov['labeled_source'] == 'seeded'
+    if count < len(aug):
+      assert not set(labeled) & set(unlabeled) and len(unlabeled) == len(aug) - count
+    else:  # every image labelled: the unlabelled streams reuse the whole pool
+      assert sorted(unlabeled) == sorted(aug)
   other, _, _ = splits.choose_split(ids, aug, num_labeled=expected[0], seed=8)
   assert other != splits.choose_split(ids, aug, num_labeled=expected[0], seed=7)[0]
 
@@ -299,7 +302,9 @@ def test_folder_without_unlabelled_images(tmp_path):
   bundle = build_data(_cfg('folder', tmp_path / 'mine', tmp_path / 'tfds', num_labeled=1))
   assert len(bundle.labeled) == 1 and sorted(bundle.unlabeled.ids) == sorted({'a', 'b', 'c'} - set(bundle.labeled.ids))
   full = build_data(_cfg('folder', tmp_path / 'mine', tmp_path / 'tfds'))
-  assert len(full.unlabeled) == 0
+  # Every image labelled: the unlabelled streams reuse all of them (without their labels).
+  assert sorted(full.unlabeled.ids) == ['a', 'b', 'c']
   from stpg_jax.data import make_train_loader
-  with pytest.raises(DataError, match='unlabelled split is empty'):
-    make_train_loader(full, _cfg('folder', '', ''), seed=0)
+  with pytest.raises(DataError, match='labelled split is empty'):
+    make_train_loader(build_data(_cfg('folder', tmp_path / 'mine', tmp_path / 'tfds', num_labeled=0)),
+                      _cfg('folder', '', ''), seed=0)

@@ -115,6 +115,10 @@ def choose_split(labeled_pool, unlabeled_pool, num_labeled=-1, seed=0, labeled_l
     chosen = set(labeled)
     unlabeled = [i for i in sorted(unlabeled_pool) if i not in chosen]
     provenance.update(unlabeled_source='rest of the unlabelled pool', unlabeled_pool_size=len(unlabeled_pool))
+    if not unlabeled and unlabeled_pool:
+      # 'full': every image is labelled; the unlabelled streams then reuse the whole pool without its labels.
+      unlabeled = sorted(unlabeled_pool)
+      provenance.update(unlabeled_source='whole pool (every image labelled)')
   provenance.update(num_labeled=len(labeled), num_unlabeled=len(unlabeled))
   return labeled, unlabeled, provenance
 
