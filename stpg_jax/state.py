@@ -15,6 +15,7 @@ import optax
 from flax import struct
 
 from stpg_jax import losses
+from stpg_jax.models.pretrained import merge_backbone
 
 
 @struct.dataclass
@@ -85,14 +86,9 @@ def init_network(model, key, crop_size: int, pretrained=None) -> Network:
     """Random init (``key`` decides the heads), then the pretrained backbone if given as (params, batch_stats)."""
     dummy = jnp.zeros((1, crop_size, crop_size, 3), jnp.float32)
     variables = model.init({"params": key, "dropout": key}, dummy, train=False)
-    params, batch_stats = variables["params"], variables["batch_stats"]
     if pretrained is not None:
-        bb_params, bb_stats = pretrained
-        params = flax.core.unfreeze(params)
-        batch_stats = flax.core.unfreeze(batch_stats)
-        params["backbone"] = bb_params
-        batch_stats["backbone"] = bb_stats
-    return Network(params, batch_stats)
+        variables = merge_backbone(flax.core.unfreeze(variables), *pretrained)  # strict: any mismatch raises
+    return Network(variables["params"], variables["batch_stats"])
 
 
 def create_train_state(model, tx, key, *, mode: str, num_classes: int, crop_size: int, proj_dim: int,

@@ -25,6 +25,7 @@ from stpg_jax import checkpoint, evaluate, losses, sharding
 from stpg_jax.config import validate
 from stpg_jax.data import build_data, make_train_loader
 from stpg_jax.models import model_from_config
+from stpg_jax.models.pretrained import load_backbone_weights_for
 from stpg_jax.state import TrainState, create_train_state, make_optimizer
 from stpg_jax.train_step import StepSettings, make_train_step
 
@@ -67,22 +68,15 @@ def match_on_host(state: TrainState, anchors_host: np.ndarray, replicated) -> Tr
 
 
 def load_pretrained(model_config):
+    """(params, batch_stats) of the ImageNet backbone named by ``model.pretrained``, or None for a random init."""
     if not model_config.pretrained:
         return None
-    from stpg_jax.models.pretrained import load_backbone_weights
-
-    path = model_config.pretrained
-    if not os.path.exists(path):
+    if not os.path.exists(model_config.pretrained):
         raise FileNotFoundError(
-            f"config.model.pretrained = {path!r}: no such file. Point it at ImageNet backbone weights "
-            "(.npz, .pth or a converted file; see docs/weights.md), or set it to '' for a random init."
+            f"config.model.pretrained = {model_config.pretrained!r}: no such file. Point it at ImageNet backbone "
+            "weights (.npz, .pth or a converted file; see docs/weights.md), or set it to '' for a random init."
         )
-    blocks = tuple(model_config.stage_blocks) or None
-    from stpg_jax.models.resnet import STAGE_BLOCKS
-
-    return load_backbone_weights(
-        path, stem=model_config.stem, stage_blocks=blocks or STAGE_BLOCKS[model_config.depth], width=model_config.width
-    )
+    return load_backbone_weights_for(model_config)
 
 
 class Trainer:
@@ -125,14 +119,15 @@ class Trainer:
             c.optim, self.total_steps, abstract, train_projection_head=c.stpg.train_projection_head
         )
 
-        def init(key):
+        def init(key, anchors, pretrained):
             return create_train_state(
                 self.model, self.tx, key, mode=c.mode, num_classes=self.num_classes,
                 crop_size=min(c.data.crop_size, 64), proj_dim=c.model.proj_dim or c.model.decoder_channels,
                 anchors=anchors, bank_capacity=c.stpg.bank_capacity, pretrained=pretrained,
             )
 
-        return jax.jit(init, out_shardings=self.replicated)(jax.random.PRNGKey(c.seed))
+        # Weights and anchors enter as arguments, not as constants baked into the compiled program.
+        return jax.jit(init, out_shardings=self.replicated)(jax.random.PRNGKey(c.seed), anchors, pretrained)
 
     def compile_step(self):
         step = make_train_step(self.model, self.tx, self.lr_schedule, self.settings)
@@ -151,9 +146,9 @@ class Trainer:
         predictor = evaluate.make_window_predictor(
             self.model, c.eval.window, per_batch, c.eval.stride_rate, sharding=shard
         )
-        variables = jax.device_get(state.gen_student.variables) if shard is None else state.gen_student.variables
         return evaluate.evaluate(
-            predictor, variables, self.bundle.val, self.num_classes, self.info.ignore_index, c.eval.max_images
+            predictor, state.gen_student.variables, self.bundle.val, self.num_classes, self.info.ignore_index,
+            c.eval.max_images,
         )
 
 

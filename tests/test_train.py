@@ -101,3 +101,31 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert f"step {good})" in str(info.value)
     # The kept checkpoint holds finite parameters.
     assert all(np.all(np.isfinite(x)) for x in flat(gen_params(tmp_path)))
+
+
+def test_pretrained_backbone_goes_into_both_students_with_different_heads(tmp_path):
+    import jax
+
+    from stpg_jax.models import ResNet
+    from stpg_jax.models.pretrained import save_converted
+
+    weights = ResNet((1, 1, 1, 1), 8, "deep").init(jax.random.PRNGKey(3), np.zeros((1, 32, 32, 3)), False)
+    path = str(tmp_path / "backbone.npz")
+    save_converted(path, weights["params"], weights["batch_stats"], stem="deep", stage_blocks=(1, 1, 1, 1), width=8)
+    trainer = train.Trainer(loop_config(**{"model.pretrained": path}), str(tmp_path / "run"))
+    state = jax.device_get(trainer.init_state())
+    for student in (state.gen_student, state.pro_student):
+        for a, b in zip(flat(student.params["backbone"]), flat(weights["params"])):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(flat(student.batch_stats["backbone"]), flat(weights["batch_stats"])):
+            np.testing.assert_array_equal(a, b)
+    assert not np.allclose(state.gen_student.params["classifier"]["kernel"],
+                           state.pro_student.params["classifier"]["kernel"])
+    # Teachers start as copies of their students.
+    for a, b in zip(flat(state.pro_teacher.params), flat(state.pro_student.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_missing_pretrained_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.model.pretrained = '/no/such/weights.pth'"):
+        train.Trainer(loop_config(**{"model.pretrained": "/no/such/weights.pth"}), str(tmp_path)).init_state()
