@@ -339,11 +339,52 @@ def losses_part_functions(settings, num_classes: int, bl: int, bu: int, crop: in
     return parts, inputs
 
 
+def network_breakdown(b, state, batch, config, steps: int) -> dict:
+    """Times one network's passes as the step runs them, to say what dominates a step.
+
+    teacher_forward: one teacher on [u0, u1, x_l] (2·Bu + Bl images, train-mode BatchNorm, no gradient);
+    student_forward_backward: one student's loss and gradient on [x_l, u_mix] (Bl + Bu images, a plain CE on
+    random targets, so the network's cost without the method's losses). STPG runs two of each per step.
+    """
+    model = b["model"]
+    net = state.gen_student
+    x_l = batch["image"]
+    u0, u1 = batch.get("unlabeled0", x_l[:0]), batch.get("unlabeled1", x_l[:0])
+    teacher_in = jnp.concatenate([u0, u1, x_l]).astype(jnp.float32) / 255.0
+    student_in = jnp.concatenate([x_l, u0]).astype(jnp.float32) / 255.0
+    targets = jnp.concatenate([batch["label"], batch["label"][: u0.shape[0]]])
+    targets = jnp.where(targets == config.data.ignore_index, 0, targets)
+
+    @jax.jit
+    def teacher_forward(params, batch_stats, images):
+        out, mutated = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                                   rngs={"dropout": jax.random.PRNGKey(0)}, mutable=["batch_stats"])
+        return out["logits"], out["features"], mutated["batch_stats"]
+
+    @jax.jit
+    def student_forward_backward(params, batch_stats, images, labels):
+        def loss_fn(p):
+            out, mutated = model.apply({"params": p, "batch_stats": batch_stats}, images, train=True,
+                                       rngs={"dropout": jax.random.PRNGKey(0)}, mutable=["batch_stats"])
+            logp = jax.nn.log_softmax(out["logits"], axis=-1)
+            nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)
+            return jnp.mean(nll) + 1e-3 * jnp.mean(out["features"] ** 2), mutated["batch_stats"]
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    result = {}
+    for name, fn, args in (("teacher_forward", teacher_forward, (net.params, net.batch_stats, teacher_in)),
+                           ("student_forward_backward", student_forward_backward,
+                            (net.params, net.batch_stats, student_in, targets))):
+        jax.block_until_ready(fn(*args))  # compile
+        result[name] = percentiles(time_synchronised(fn, lambda i: args, max(steps, 10), 3))
+    return result
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # One dtype
 
 
-def run_dtype(args, dtype: str) -> dict:
+def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
     overrides = f"model.dtype={dtype}"
     if args.tiny:
         overrides = f"{TINY_OVERRIDES},{overrides}"
@@ -397,49 +438,12 @@ def run_dtype(args, dtype: str) -> dict:
     loss = float(metrics["loss"])
     step_after = int(jax.device_get(holder["state"].step))
 
-    if args.profile:
-        trace_dir = os.path.join(args.profile, dtype)
-        log(f"[{dtype}] profiling {args.profile_steps} steps into {trace_dir} ...")
-        with jax.profiler.trace(trace_dir):
-            for i in range(args.profile_steps):
-                with jax.profiler.StepTraceAnnotation("train_step", step_num=i):
-                    out = one_step(batches[i % len(batches)])
-            jax.block_until_ready(out)
-
     peak = peak_memory_bytes(b["devices"])
-
-    # The losses part alone, at the step's sizes.
-    log(f"[{dtype}] timing the selection + contrastive + memory-bank part alone...")
-    feat_shape = jax.eval_shape(
-        lambda: b["model"].init(jax.random.PRNGKey(0), jnp.zeros((1, c.data.crop_size, c.data.crop_size, 3)),
-                                train=False))
-    out_shape = jax.eval_shape(
-        lambda v: b["model"].apply(v, jnp.zeros((1, c.data.crop_size, c.data.crop_size, 3)), train=False),
-        feat_shape)
-    h, w, dim = out_shape["features"].shape[1:]
-    parts_result = {}
-    if c.mode == "stpg" and args.parts != "none":
-        parts, inputs = losses_part_functions(b["settings"], num_classes, c.data.batch_labeled,
-                                              c.data.batch_unlabeled, c.data.crop_size, (h, w), dim,
-                                              c.stpg.bank_capacity)
-        n_part = max(args.steps, 10)
-        if args.parts == "all":
-            parts = {"all": parts["all"]}
-        for name, fn in parts.items():
-            jax.block_until_ready(fn(inputs))  # compile
-            parts_result[name] = percentiles(time_synchronised(fn, lambda i: (inputs,), n_part, 3))
-        parts_result["sizes"] = {"N_labeled": c.data.batch_labeled * h * w,
-                                 "N_unlabeled": c.data.batch_unlabeled * h * w, "D": int(dim),
-                                 "pixels_unlabeled": c.data.batch_unlabeled * c.data.crop_size ** 2,
-                                 "classes": num_classes, "bank_capacity": c.stpg.bank_capacity,
-                                 "bank_n_add": b["settings"].bank_n_add}
-
     images = c.data.batch_labeled + (2 * c.data.batch_unlabeled if c.mode != "supervised" else 0)
     median_s = stats["median_ms"] / 1e3
     kind = b["devices"][0].device_kind
     peak_tf = peak_tflops(kind, dtype) if b["devices"][0].platform == "gpu" else None
     achieved = flops / median_s / 1e12 if flops else None
-    n_dev = len(b["devices"])
     result = {
         "dtype": dtype,
         "mode": c.mode,
@@ -461,12 +465,60 @@ def run_dtype(args, dtype: str) -> dict:
         "flops_per_step_hlo": flops_hlo,
         "achieved_tflops": achieved,
         "peak_tflops_per_device": peak_tf,
-        "mfu": achieved / (peak_tf * n_dev) if achieved and peak_tf else None,
-        "losses_part": parts_result,
-        "losses_part_share": (parts_result["all"]["median_ms"] / stats["median_ms"]) if parts_result else None,
+        "mfu": achieved / (peak_tf * len(b["devices"])) if achieved and peak_tf else None,
+        "losses_part": {},
+        "losses_part_share": None,
+        "breakdown": {},
         "final_loss": loss,
         "step_counter_after": step_after,
     }
+    save(result)  # a later phase that runs out of time leaves these figures behind
+
+    # The losses part alone, at the step's sizes.
+    variables = jax.eval_shape(
+        lambda: b["model"].init(jax.random.PRNGKey(0), jnp.zeros((1, c.data.crop_size, c.data.crop_size, 3)),
+                                train=False))
+    out_shape = jax.eval_shape(
+        lambda v: b["model"].apply(v, jnp.zeros((1, c.data.crop_size, c.data.crop_size, 3)), train=False),
+        variables)
+    h, w, dim = out_shape["features"].shape[1:]
+    if c.mode == "stpg" and args.parts != "none":
+        log(f"[{dtype}] timing the selection + contrastive + memory-bank part alone...")
+        parts, inputs = losses_part_functions(b["settings"], num_classes, c.data.batch_labeled,
+                                              c.data.batch_unlabeled, c.data.crop_size, (h, w), dim,
+                                              c.stpg.bank_capacity)
+        if args.parts == "all":
+            parts = {"all": parts["all"]}
+        parts_result = {}
+        for name, fn in parts.items():
+            jax.block_until_ready(fn(inputs))  # compile
+            parts_result[name] = percentiles(time_synchronised(fn, lambda i: (inputs,), max(args.steps, 10), 3))
+        parts_result["sizes"] = {"N_labeled": c.data.batch_labeled * h * w,
+                                 "N_unlabeled": c.data.batch_unlabeled * h * w, "D": int(dim),
+                                 "pixels_unlabeled": c.data.batch_unlabeled * c.data.crop_size ** 2,
+                                 "classes": num_classes, "bank_capacity": c.stpg.bank_capacity,
+                                 "bank_n_add": b["settings"].bank_n_add}
+        result["losses_part"] = parts_result
+        result["losses_part_share"] = parts_result["all"]["median_ms"] / stats["median_ms"]
+        log(f"[{dtype}] losses part {parts_result['all']['median_ms']:.3f} ms, "
+            f"{100 * result['losses_part_share']:.1f}% of the step")
+        save(result)
+
+    if args.breakdown:
+        log(f"[{dtype}] timing one network's passes at the step's batch sizes (breakdown)...")
+        result["breakdown"] = network_breakdown(b, holder["state"], batches[0], c, args.steps)
+        for name, r in result["breakdown"].items():
+            log(f"[{dtype}]   {name}: {r['median_ms']:.2f} ms")
+        save(result)
+
+    if args.profile:
+        trace_dir = os.path.join(args.profile, dtype)
+        log(f"[{dtype}] profiling {args.profile_steps} steps into {trace_dir} ...")
+        with jax.profiler.trace(trace_dir):
+            for i in range(args.profile_steps):
+                with jax.profiler.StepTraceAnnotation("train_step", step_num=i):
+                    holder["state"], out = compiled(holder["state"], batches[i % len(batches)])
+            jax.block_until_ready(out)
     return result
 
 
@@ -501,12 +553,23 @@ def markdown_tables(report: dict) -> str:
     parts = [r for r in report["results"].values() if r["losses_part"]]
     if parts:
         names = [k for k in parts[0]["losses_part"] if k != "sizes"]
-        lines = ["", "Selection + contrastive + memory-bank part alone (median ms, jitted separately; sizes: "
+        lines = ["", "", "Selection + contrastive + memory-bank part alone (median ms, jitted separately; sizes: "
                  + ", ".join(f"{k}={v}" for k, v in parts[0]["losses_part"]["sizes"].items()) + ")", "",
                  "| dtype | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
         for r in parts:
             lines.append(f"| {r['dtype']} | " + " | ".join(_fmt(r["losses_part"][n]["median_ms"], ".3f")
                                                           for n in names) + " |")
+        out += "\n".join(lines)
+    broken = [r for r in report["results"].values() if r.get("breakdown")]
+    if broken:
+        lines = ["", "", "One network's passes at the step's batch sizes (median ms; STPG runs two teachers and two "
+                 "students per step)", "",
+                 "| dtype | teacher forward | student forward+backward | 2 x (teacher + student) | step |",
+                 "|---|---:|---:|---:|---:|"]
+        for r in broken:
+            t = r["breakdown"]["teacher_forward"]["median_ms"]
+            st = r["breakdown"]["student_forward_backward"]["median_ms"]
+            lines.append(f"| {r['dtype']} | {t:.2f} | {st:.2f} | {2 * (t + st):.2f} | {r['step']['median_ms']:.2f} |")
         out += "\n".join(lines)
     return out
 
@@ -530,11 +593,14 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="tiny network, crop 64, batch 2+2: a CPU smoke test")
     p.add_argument("--parts", choices=("each", "all", "none"), default="each",
                    help="losses part: time each piece and the whole ('each'), only the whole, or skip it")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time one teacher forward and one student forward+backward at the step's batch sizes")
     p.add_argument("--num_classes", type=int, default=0, help="for 'folder' datasets (others know theirs)")
     p.add_argument("--num_devices", type=int, default=0, help="use the first N devices (0 = all)")
     p.add_argument("--in_process", action="store_true",
                    help="run every dtype in this process (by default each runs in its own, so the peak-memory "
                         "readings do not mix)")
+    p.add_argument("--no_table", action="store_true", help=argparse.SUPPRESS)  # set for the per-dtype processes
     args = p.parse_args(argv)
     args.dtype_list = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for d in args.dtype_list:
@@ -543,6 +609,14 @@ def parse_args(argv=None):
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     return args
+
+
+def write_json(path: str, report: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _child_argv(argv, dtype, out):
@@ -556,7 +630,7 @@ def _child_argv(argv, dtype, out):
             continue
         kept.append(a)
         i += 1
-    return kept + ["--dtypes", dtype, "--out", out, "--in_process"]
+    return kept + ["--dtypes", dtype, "--out", out, "--in_process", "--no_table"]
 
 
 def main(argv=None) -> dict:
@@ -593,14 +667,17 @@ def main(argv=None) -> dict:
         devices = jax.devices()[:args.num_devices] if args.num_devices else jax.devices()
         report["device"] = {"kind": devices[0].device_kind, "platform": devices[0].platform, "count": len(devices)}
         for dtype in args.dtype_list:
-            report["results"][dtype] = run_dtype(args, dtype)
+            def save(result, dtype=dtype):
+                report["results"][dtype] = result
+                if args.out:
+                    write_json(args.out, report)
 
-    text = header(report) + "\n\n" + markdown_tables(report)
-    print("\n" + text, flush=True)
+            save(run_dtype(args, dtype, save))
+
+    if not args.no_table:
+        print("\n" + header(report) + "\n\n" + markdown_tables(report), flush=True)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.out, report)
         log(f"wrote {args.out}")
     return report
 

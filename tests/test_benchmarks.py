@@ -76,7 +76,7 @@ def test_step_time_helpers():
     argv = ["--config=configs/voc_blender.py:1_4", "--dtypes", "float32,bfloat16", "--out=x.json", "--steps", "4"]
     assert st._child_argv(argv, "bfloat16", "/t/b.json") == [
         "--config=configs/voc_blender.py:1_4", "--steps", "4", "--dtypes", "bfloat16", "--out", "/t/b.json",
-        "--in_process"]
+        "--in_process", "--no_table"]
     config = st.load_config("configs/camvid.py:1_8", "model.dtype=bfloat16")
     assert config.model.dtype == "bfloat16" and st.num_classes_of(config) == 11
     assert st._fmt(None) == "n/a" and st._fmt(0.4123, ".1f", 100, "%") == "41.2%"

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One device call: the VOC step-time benchmark in bfloat16 and float32 (issue 7), in under 4 minutes.
+#
+#   bash benchmarks/fetch_wheels.sh                 # here, once: .whl/ (about 11 MB, ignored)
+#   device run, carry [".whl"], timeout_s 300:
+#     STPG_COMMIT=<git rev-parse --short HEAD> bash benchmarks/gpu_session.sh
+#
+# Writes into $OUT: nvidia_smi.txt, step_time_bf16.{json,log}, step_time_f32.{json,log} (and profile_bf16.tgz with
+# PROFILE=1). bfloat16 runs first, with the losses-part pieces and the per-network breakdown; float32 gets what is
+# left of the budget. Each run writes its JSON after every phase, so a run stopped by its timeout keeps what it
+# measured. Budget: BUDGET_S (default 225 s) for the whole script.
+set -uo pipefail
+START=$SECONDS
+BUDGET_S=${BUDGET_S:-225}
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export STPG_COMMIT=${STPG_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+
+CONFIG=${CONFIG:-configs/voc_blender.py:1_4}
+STEP_ARGS=${STEP_ARGS:-}   # e.g. --tiny, to try this script on a CPU (with SKIP_INSTALL=1)
+if [ "${SKIP_INSTALL:-0}" != 1 ] && [ -d .whl ] && [ ! -f .site/.installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
+    && touch .site/.installed || { echo "wheel install failed"; exit 1; }
+fi
+[ "${SKIP_INSTALL:-0}" = 1 ] || export PYTHONPATH=$PWD/.site:$PWD
+
+{ date -u; nvidia-smi; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu --format=csv; } > "$OUT/nvidia_smi.txt" 2>&1
+head -n 20 "$OUT/nvidia_smi.txt"
+python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" || exit 1
+echo "setup took $((SECONDS - START))s"
+
+left() { echo $((BUDGET_S - (SECONDS - START))); }
+
+PROFILE_ARGS=()
+[ "${PROFILE:-0}" = 1 ] && PROFILE_ARGS=(--profile /tmp/stpg_profile --profile_steps 2)
+T=$(( $(left) - 75 )); [ "$T" -gt 170 ] && T=170
+echo "== bfloat16 (timeout ${T}s)"
+timeout -k 5 "$T" python3 benchmarks/step_time.py --config="$CONFIG" $STEP_ARGS --dtypes bfloat16 \
+  --steps 30 --warmup 5 --breakdown "${PROFILE_ARGS[@]}" --out "$OUT/step_time_bf16.json" 2>&1 | tee "$OUT/step_time_bf16.log"
+if [ "${PROFILE:-0}" = 1 ] && [ -d /tmp/stpg_profile ]; then
+  tar -C /tmp -czf "$OUT/profile_bf16.tgz" stpg_profile && ls -la "$OUT/profile_bf16.tgz"
+fi
+
+T=$(left)
+if [ "$T" -gt 30 ]; then
+  echo "== float32 (timeout ${T}s)"
+  timeout -k 5 "$T" python3 benchmarks/step_time.py --config="$CONFIG" $STEP_ARGS --dtypes float32 \
+    --steps 20 --warmup 3 --parts all --out "$OUT/step_time_f32.json" 2>&1 | tee "$OUT/step_time_f32.log"
+else
+  echo "== float32 skipped: ${T}s left"
+fi
+echo "total $((SECONDS - START))s"
