@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from tensorboardX import SummaryWriter
 
-from stpg_jax import checkpoint, evaluate, losses, sharding
+from stpg_jax import checkpoint, evaluate, export, losses, sharding
 from stpg_jax.config import validate
 from stpg_jax.data import build_data, make_train_loader
 from stpg_jax.models import model_from_config
@@ -279,6 +279,14 @@ def _train(config, workdir, max_steps, stop) -> dict:
                 return {"stopped_at": done}
         ckpt.wait()
         results = _run_eval(trainer, state, writer, trainer.total_steps, log)
+        if is_main:
+            path = export.export_model(
+                os.path.join(workdir, "export"), model_config=c.model, num_classes=trainer.num_classes,
+                dataset_name=trainer.info.name, class_names=trainer.info.class_names,
+                variables=jax.device_get(state.gen_student.variables), eval_window=c.eval.window,
+                eval_stride_rate=c.eval.stride_rate, overwrite=True,
+            )
+            log(f"Gen-Student exported to {path} (stpg_jax.load_model / python -m stpg_jax.predict)")
         return results
     finally:
         ckpt.wait()

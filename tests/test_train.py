@@ -129,3 +129,27 @@ def test_pretrained_backbone_goes_into_both_students_with_different_heads(tmp_pa
 def test_missing_pretrained_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.model.pretrained = '/no/such/weights.pth'"):
         train.Trainer(loop_config(**{"model.pretrained": "/no/such/weights.pth"}), str(tmp_path)).init_state()
+
+
+def test_predict_from_the_work_directory_and_from_its_export(uninterrupted, tmp_path):
+    from PIL import Image
+
+    from stpg_jax import load_model, predict
+
+    workdir, _ = uninterrupted
+    model, variables, meta = load_model(str(workdir / "export"))
+    assert meta["num_classes"] == 11 and meta["dataset_name"] == "synthetic"
+    for a, b in zip(flat(variables["params"]), flat(gen_params(workdir)["params"])):
+        np.testing.assert_array_equal(a, b)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "frame.png")
+    masks = {}
+    for source in ("work", "export"):
+        checkpoint_dir = workdir if source == "work" else workdir / "export"
+        predictor = predict.load_predictor(str(checkpoint_dir))
+        predict.predict(predictor, [str(tmp_path / "frame.png")], str(tmp_path / source), progress=False)
+        mask = np.asarray(Image.open(tmp_path / source / "frame.png"))
+        assert mask.shape == (40, 50) and mask.max() < 11
+        assert (tmp_path / source / "frame_overlay.jpg").exists()
+        masks[source] = mask
+    np.testing.assert_array_equal(masks["work"], masks["export"])
