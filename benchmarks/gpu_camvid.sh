@@ -31,7 +31,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 
 ROOT=/tmp/camvid_exp
 rm -rf "$ROOT"
-timeout -k 10 "${TIMEOUT_S:-390}" python3 benchmarks/camvid_experiment.py --methods supervised,mean_teacher,stpg \
+timeout -k 10 "${TIMEOUT_S:-390}" python3 benchmarks/camvid_experiment.py --methods "${METHODS:-supervised,mean_teacher,stpg}" \
   --steps "$STEPS" --workdir_root "$ROOT" --out "$OUT" \
   --overrides "data.root=.carry/camvid,model.pretrained=.carry/weights/resnet50_imagenet.npz,${EXTRA_OVERRIDES:-log_every_steps=50}"
 rc=$?

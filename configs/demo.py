@@ -32,7 +32,12 @@ def get_config(arg=None):
     c.model.output_stride = 8
     c.model.stem = "deep"
     c.optim.lr = 0.02
-    c.schedule.epochs = 20
+    c.schedule.epochs = 12
+    # The paper's phase epochs (6/11/16/20 of 40) scaled to the short schedule.
+    c.stpg.bank_start_epoch = 2
+    c.stpg.contrastive_start_epoch = 4
+    c.stpg.proximity_start_epoch = 6
+    c.stpg.matching_freeze_epoch = 8
     c.stpg.bank_k = 4
     c.stpg.anchor_steps = 2000
     c.eval.window = 96
