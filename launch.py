@@ -3,7 +3,11 @@
 A run started again with the same --workdir resumes from its latest checkpoint.
 """
 
-import importlib.util
+from stpg_jax.host import tune_malloc
+
+tune_malloc()  # before JAX allocates anything
+
+import importlib.util  # noqa: E402
 import logging as py_logging
 import sys
 

@@ -299,7 +299,9 @@ def _train(config, workdir, max_steps, stop) -> dict:
 
 def _run_eval(trainer: Trainer, state: TrainState, writer, step: int, log) -> dict:
     t0 = time.time()
-    log(f"evaluating the Gen-Student at step {step} on {len(trainer.bundle.val)} val images "
+    count = len(trainer.bundle.val)
+    count = min(count, trainer.config.eval.max_images) if trainer.config.eval.max_images else count
+    log(f"evaluating the Gen-Student at step {step} on {count} val images "
         f"(window {trainer.config.eval.window})...", flush=True)
     result = trainer.evaluate(state)
     log(evaluate.format_iou_table(result, trainer.info.class_names))

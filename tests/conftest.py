@@ -6,6 +6,10 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from stpg_jax.host import tune_malloc  # noqa: E402
+
+tune_malloc()
+
 import jax  # noqa: E402
 
 _CACHE = os.environ.get(
