@@ -101,6 +101,7 @@ class Trainer:
 
         self.model = model_from_config(config.model, self.num_classes)
         self.settings = StepSettings.from_config(config, self.num_classes, self.steps_per_epoch)
+        self._predictor = None
 
     def init_state(self) -> TrainState:
         c = self.config
@@ -140,12 +141,14 @@ class Trainer:
 
     def evaluate(self, state: TrainState) -> dict:
         c = self.config
-        n_dev = self.mesh.devices.size
-        per_batch = c.eval.windows_per_batch
-        shard = self.batch_sharding if per_batch % n_dev == 0 and jax.process_count() == 1 else None
-        predictor = evaluate.make_window_predictor(
-            self.model, c.eval.window, per_batch, c.eval.stride_rate, sharding=shard
-        )
+        if self._predictor is None:  # built once: its jitted forward then compiles once per run
+            n_dev = self.mesh.devices.size
+            per_batch = c.eval.windows_per_batch
+            shard = self.batch_sharding if per_batch % n_dev == 0 and jax.process_count() == 1 else None
+            self._predictor = evaluate.make_window_predictor(
+                self.model, c.eval.window, per_batch, c.eval.stride_rate, sharding=shard
+            )
+        predictor = self._predictor
         return evaluate.evaluate(
             predictor, state.gen_student.variables, self.bundle.val, self.num_classes, self.info.ignore_index,
             c.eval.max_images,
