@@ -37,6 +37,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from step_time import git_commit  # noqa: E402  (the sibling script)
 
 METHODS = ("supervised", "mean_teacher", "stpg")
 SPLIT_FILES = ("split_labeled.txt", "split_unlabeled.txt", "split.json")
@@ -229,7 +232,7 @@ def main(argv=None) -> int:
         f.write(text)
     report = {"date": date, "config": args.config, "steps": args.steps, "smoke": args.smoke,
               "overrides": args.overrides, "split": split, "runs": runs,
-              "commit": os.environ.get("STPG_COMMIT") or _git_commit()}
+              "commit": git_commit()}
     with open(os.path.join(args.out, "camvid_results.json"), "w") as f:
         json.dump(report, f, indent=1)
     failed = [m for m, r in runs.items() if r["returncode"] != 0 or not r["result"]]
@@ -237,15 +240,6 @@ def main(argv=None) -> int:
         print(f"failed: {', '.join(failed)} (see their train.log)", file=sys.stderr)
         return 1
     return 0
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

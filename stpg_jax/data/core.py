@@ -36,7 +36,8 @@ class DataBundle:
                len(self.unlabeled) // batch_unlabeled if len(self.unlabeled) else 0, 1)
 
 
-def _get(cfg, name, default):
+def config_field(cfg, name, default):
+  """cfg[name] for a ConfigDict, dict or object; ``default`` when absent or None."""
   try:
     value = cfg[name] if name in cfg else default
   except TypeError:
@@ -46,10 +47,10 @@ def _get(cfg, name, default):
 
 def build_data(config, workdir=None):
   """config: config.data (ConfigDict or dict). See docs/data.md for the fields."""
-  dataset = _get(config, 'dataset', 'synthetic')
+  dataset = config_field(config, 'dataset', 'synthetic')
   if dataset not in DATASETS:
     raise ValueError(f'data.dataset must be one of {DATASETS}, got {dataset!r}')
-  ignore_index = int(_get(config, 'ignore_index', 255))
+  ignore_index = int(config_field(config, 'ignore_index', 255))
   if ignore_index != 255:
     raise ValueError(f'data.ignore_index must be 255 (labels are stored as uint8 with 255 = ignore), got {ignore_index}')
   if dataset == 'synthetic':
@@ -72,17 +73,17 @@ def _ids_of(source):
 
 
 def _build_synthetic(config):
-  syn = _get(config, 'synthetic', {})
-  seed = int(_get(syn, 'seed', 0))
-  h, w = int(_get(syn, 'height', 96)), int(_get(syn, 'width', 128))
-  num_labeled = int(_get(config, 'num_labeled', -1))
+  syn = config_field(config, 'synthetic', {})
+  seed = int(config_field(syn, 'seed', 0))
+  h, w = int(config_field(syn, 'height', 96)), int(config_field(syn, 'width', 128))
+  num_labeled = int(config_field(config, 'num_labeled', -1))
   if num_labeled < 0:
-    num_labeled = int(_get(syn, 'num_labeled', 100))
+    num_labeled = int(config_field(syn, 'num_labeled', 100))
   info = DatasetInfo('synthetic', len(synthetic.CLASS_NAMES), tuple(synthetic.CLASS_NAMES),
                      palettes.palette_for('synthetic'), 255)
   provenance = {'dataset': 'synthetic', 'generator_seed': seed, 'height': h, 'width': w,
                 'labeled_source': 'generated', 'num_labeled': num_labeled,
-                'num_unlabeled': int(_get(syn, 'num_unlabeled', 400)), 'num_val': int(_get(syn, 'num_val', 100))}
+                'num_unlabeled': int(config_field(syn, 'num_unlabeled', 400)), 'num_val': int(config_field(syn, 'num_val', 100))}
   return DataBundle(
       info=info,
       labeled=synthetic.SyntheticSource('labeled', num_labeled, h, w, seed),
@@ -92,15 +93,15 @@ def _build_synthetic(config):
 
 
 def _build_prepared(dataset, config):
-  root = str(_get(config, 'root', ''))
+  root = str(config_field(config, 'root', ''))
   if not root:
     raise DataError(f'data.root is empty; expected the {dataset} folder in its official layout (see docs/data.md)')
-  layout = layouts.make_layout(dataset, root, str(_get(config, 'sbd_root', '')),
-                               tuple(_get(config, 'class_names', ())))
-  data_dir = str(_get(config, 'data_dir', '')) or builders.default_data_dir()
+  layout = layouts.make_layout(dataset, root, str(config_field(config, 'sbd_root', '')),
+                               tuple(config_field(config, 'class_names', ())))
+  data_dir = str(config_field(config, 'data_dir', '')) or builders.default_data_dir()
   builder = builders.get_builder(layout, data_dir)
   if not builder.is_prepared():
-    if not _get(config, 'prepare_if_missing', True):
+    if not config_field(config, 'prepare_if_missing', True):
       raise DataError(f'{dataset} is not prepared in {data_dir} and data.prepare_if_missing is False; run '
                       f'`python -m stpg_jax.data.prepare --dataset {dataset} --manual_dir {root} '
                       f'--data_dir {data_dir}`')
@@ -110,14 +111,14 @@ def _build_prepared(dataset, config):
   class_names = tuple(meta['class_names'])
   info = DatasetInfo(dataset, len(class_names), class_names, np.asarray(meta['palette'], np.uint8), 255)
 
-  protocol = _get(config, 'protocol', 'blender') if dataset == 'voc' else None
+  protocol = config_field(config, 'protocol', 'blender') if dataset == 'voc' else None
   labeled_split, unlabeled_splits = layout.pools(protocol)
   unlabeled_splits = [s for s in unlabeled_splits.split('+') if s in ids]
   unlabeled_pool = [i for s in unlabeled_splits for i in ids.get(s, [])]
   labeled, unlabeled, provenance = splits.choose_split(
       ids[labeled_split], unlabeled_pool,
-      num_labeled=int(_get(config, 'num_labeled', -1)), seed=int(_get(config, 'split_seed', 0)),
-      labeled_list=str(_get(config, 'labeled_list', '')), unlabeled_list=str(_get(config, 'unlabeled_list', '')),
+      num_labeled=int(config_field(config, 'num_labeled', -1)), seed=int(config_field(config, 'split_seed', 0)),
+      labeled_list=str(config_field(config, 'labeled_list', '')), unlabeled_list=str(config_field(config, 'unlabeled_list', '')),
       what=f'{dataset} {"+".join(unlabeled_splits)} set')
   provenance.update(dataset=dataset, protocol=protocol, root=os.path.abspath(root),
                     prepared_dir=str(builder.data_dir), labeled_split=labeled_split,

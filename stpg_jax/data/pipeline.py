@@ -14,6 +14,7 @@ import grain
 import numpy as np
 
 from stpg_jax.data.augment import weak_augment
+from stpg_jax.data.core import config_field as _get
 from stpg_jax.data.errors import DataError
 
 _STREAMS = ('labeled', 'unlabeled0', 'unlabeled1')
@@ -99,14 +100,6 @@ def _from_jsonable(obj):
   if isinstance(obj, list):
     return [_from_jsonable(v) for v in obj]
   return obj
-
-
-def _get(cfg, name, default):
-  try:
-    value = cfg[name] if name in cfg else default
-  except TypeError:
-    value = getattr(cfg, name, default)
-  return default if value is None else value
 
 
 def make_train_loader(bundle, config, seed, process_index=0, process_count=1, with_unlabeled=True):
