@@ -2,4 +2,4 @@
 
 
 class DataError(ValueError):
-  """Bad input data. The message names the file or directory and what was expected."""
+    """Bad input data. The message names the file or directory and what was expected."""

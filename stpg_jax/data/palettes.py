@@ -3,52 +3,129 @@
 import numpy as np
 
 VOC_CLASSES = (
-    'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair',
-    'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa',
-    'train', 'tvmonitor')
+    'background',
+    'aeroplane',
+    'bicycle',
+    'bird',
+    'boat',
+    'bottle',
+    'bus',
+    'car',
+    'cat',
+    'chair',
+    'cow',
+    'diningtable',
+    'dog',
+    'horse',
+    'motorbike',
+    'person',
+    'pottedplant',
+    'sheep',
+    'sofa',
+    'train',
+    'tvmonitor',
+)
 
 CITYSCAPES_CLASSES = (
-    'road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light', 'traffic sign',
-    'vegetation', 'terrain', 'sky', 'person', 'rider', 'car', 'truck', 'bus', 'train', 'motorcycle',
-    'bicycle')
+    'road',
+    'sidewalk',
+    'building',
+    'wall',
+    'fence',
+    'pole',
+    'traffic light',
+    'traffic sign',
+    'vegetation',
+    'terrain',
+    'sky',
+    'person',
+    'rider',
+    'car',
+    'truck',
+    'bus',
+    'train',
+    'motorcycle',
+    'bicycle',
+)
 
 # SegNet's 11-class CamVid; its void class (id 11) maps to the ignore index.
 CAMVID_CLASSES = (
-    'sky', 'building', 'pole', 'road', 'pavement', 'tree', 'sign_symbol', 'fence', 'car',
-    'pedestrian', 'bicyclist')
+    'sky',
+    'building',
+    'pole',
+    'road',
+    'pavement',
+    'tree',
+    'sign_symbol',
+    'fence',
+    'car',
+    'pedestrian',
+    'bicyclist',
+)
 
 # The embedded road scenes use CamVid's classes, so one palette serves both.
 SYNTHETIC_CLASSES = CAMVID_CLASSES
 
 
 def _voc_palette(n=256):
-  """The PASCAL VOC bit-interleaved colour map (the colours in VOC's palette PNGs)."""
-  palette = np.zeros((n, 3), np.uint8)
-  for i in range(n):
-    c, r, g, b = i, 0, 0, 0
-    for j in range(8):
-      r |= ((c >> 0) & 1) << (7 - j)
-      g |= ((c >> 1) & 1) << (7 - j)
-      b |= ((c >> 2) & 1) << (7 - j)
-      c >>= 3
-    palette[i] = (r, g, b)
-  return palette
+    """The PASCAL VOC bit-interleaved colour map (the colours in VOC's palette PNGs)."""
+    palette = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette[i] = (r, g, b)
+    return palette
 
 
 VOC_PALETTE_256 = _voc_palette()
 VOC_PALETTE = VOC_PALETTE_256[:21]
 
-CITYSCAPES_PALETTE = np.array([
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
-    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
-    (0, 80, 100), (0, 0, 230), (119, 11, 32)], np.uint8)
+CITYSCAPES_PALETTE = np.array(
+    [
+        (128, 64, 128),
+        (244, 35, 232),
+        (70, 70, 70),
+        (102, 102, 156),
+        (190, 153, 153),
+        (153, 153, 153),
+        (250, 170, 30),
+        (220, 220, 0),
+        (107, 142, 35),
+        (152, 251, 152),
+        (70, 130, 180),
+        (220, 20, 60),
+        (255, 0, 0),
+        (0, 0, 142),
+        (0, 0, 70),
+        (0, 60, 100),
+        (0, 80, 100),
+        (0, 0, 230),
+        (119, 11, 32),
+    ],
+    np.uint8,
+)
 
 # Read from camvid11.png of the SegNet CamVid folder (one pixel per class id).
-CAMVID_PALETTE = np.array([
-    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222),
-    (128, 128, 0), (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0),
-    (0, 128, 192)], np.uint8)
+CAMVID_PALETTE = np.array(
+    [
+        (128, 128, 128),
+        (128, 0, 0),
+        (192, 192, 128),
+        (128, 64, 128),
+        (60, 40, 222),
+        (128, 128, 0),
+        (192, 128, 128),
+        (64, 64, 128),
+        (64, 0, 128),
+        (64, 64, 0),
+        (0, 128, 192),
+    ],
+    np.uint8,
+)
 
 SYNTHETIC_PALETTE = CAMVID_PALETTE
 
@@ -61,25 +138,25 @@ _BY_NAME = {
 
 
 def generic_palette(num_classes):
-  """Distinct colours for a user's own classes (VOC's colour map, which has 256 distinct entries)."""
-  if num_classes > 255:
-    raise ValueError(f'at most 255 classes are supported, got {num_classes}')
-  return VOC_PALETTE_256[:num_classes].copy()
+    """Distinct colours for a user's own classes (VOC's colour map, which has 256 distinct entries)."""
+    if num_classes > 255:
+        raise ValueError(f'at most 255 classes are supported, got {num_classes}')
+    return VOC_PALETTE_256[:num_classes].copy()
 
 
 def palette_for(name, num_classes=None):
-  """The (C, 3) uint8 palette of a dataset by name; other names get a generic palette of num_classes."""
-  if name in _BY_NAME:
-    return _BY_NAME[name].copy()
-  if num_classes is None:
-    raise ValueError(f'unknown dataset {name!r}: pass num_classes for a generic palette')
-  return generic_palette(num_classes)
+    """The (C, 3) uint8 palette of a dataset by name; other names get a generic palette of num_classes."""
+    if name in _BY_NAME:
+        return _BY_NAME[name].copy()
+    if num_classes is None:
+        raise ValueError(f'unknown dataset {name!r}: pass num_classes for a generic palette')
+    return generic_palette(num_classes)
 
 
 def colorize(label, palette, ignore_index=255, ignore_color=(0, 0, 0)):
-  """(H, W) class ids → (H, W, 3) uint8 colours; the ignore value gets ignore_color."""
-  label = np.asarray(label)
-  table = np.zeros((256, 3), np.uint8)
-  table[:len(palette)] = palette
-  table[ignore_index] = ignore_color
-  return table[label]
+    """(H, W) class ids → (H, W, 3) uint8 colours; the ignore value gets ignore_color."""
+    label = np.asarray(label)
+    table = np.zeros((256, 3), np.uint8)
+    table[: len(palette)] = palette
+    table[ignore_index] = ignore_color
+    return table[label]

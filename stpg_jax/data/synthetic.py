@@ -17,214 +17,227 @@ _SPLIT_CODES = {'labeled': 1, 'unlabeled': 2, 'val': 3}
 
 
 def _rng_for(seed, split, index):
-  return np.random.default_rng(np.random.SeedSequence([int(seed), _SPLIT_CODES[split], int(index)]))
+    return np.random.default_rng(np.random.SeedSequence([int(seed), _SPLIT_CODES[split], int(index)]))
 
 
 class _Canvas:
-  """An image in float RGB and its label, painted back to front."""
+    """An image in float RGB and its label, painted back to front."""
 
-  def __init__(self, height, width, rng):
-    self.h, self.w, self.rng = height, width, rng
-    self.yy, self.xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    self.image = np.zeros((height, width, 3), np.float32)
-    self.label = np.zeros((height, width), np.uint8)
+    def __init__(self, height, width, rng):
+        self.h, self.w, self.rng = height, width, rng
+        self.yy, self.xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        self.image = np.zeros((height, width, 3), np.float32)
+        self.label = np.zeros((height, width), np.uint8)
 
-  def jitter(self, rgb, amount=18.0):
-    return np.clip(np.asarray(rgb, np.float32) + self.rng.normal(0, amount, 3), 0, 255)
+    def jitter(self, rgb, amount=18.0):
+        return np.clip(np.asarray(rgb, np.float32) + self.rng.normal(0, amount, 3), 0, 255)
 
-  def paint(self, mask, cls, colour, texture=None):
-    """colour: (3,) or (H, W, 3); texture: optional (H, W) brightness factor."""
-    colour = np.broadcast_to(np.asarray(colour, np.float32), self.image.shape)
-    if texture is not None:
-      colour = colour * texture[..., None]
-    self.image[mask] = colour[mask]
-    self.label[mask] = cls
+    def paint(self, mask, cls, colour, texture=None):
+        """colour: (3,) or (H, W, 3); texture: optional (H, W) brightness factor."""
+        colour = np.broadcast_to(np.asarray(colour, np.float32), self.image.shape)
+        if texture is not None:
+            colour = colour * texture[..., None]
+        self.image[mask] = colour[mask]
+        self.label[mask] = cls
 
-  def stripes(self, fx, fy, depth):
-    phase = self.rng.uniform(0, 2 * np.pi, 2)
-    return 1.0 + depth * np.sin(self.xx * fx + phase[0]) * np.sin(self.yy * fy + phase[1])
+    def stripes(self, fx, fy, depth):
+        phase = self.rng.uniform(0, 2 * np.pi, 2)
+        return 1.0 + depth * np.sin(self.xx * fx + phase[0]) * np.sin(self.yy * fy + phase[1])
 
-  def blobs(self, depth, scale=3.0):
-    """Smooth random brightness texture (foliage, plaster)."""
-    g = self.rng.normal(0, 1, (int(self.h / scale) + 2, int(self.w / scale) + 2)).astype(np.float32)
-    yi = np.minimum((self.yy / scale).astype(int), g.shape[0] - 1)
-    xi = np.minimum((self.xx / scale).astype(int), g.shape[1] - 1)
-    return 1.0 + depth * np.tanh(g[yi, xi])
+    def blobs(self, depth, scale=3.0):
+        """Smooth random brightness texture (foliage, plaster)."""
+        g = self.rng.normal(0, 1, (int(self.h / scale) + 2, int(self.w / scale) + 2)).astype(np.float32)
+        yi = np.minimum((self.yy / scale).astype(int), g.shape[0] - 1)
+        xi = np.minimum((self.xx / scale).astype(int), g.shape[1] - 1)
+        return 1.0 + depth * np.tanh(g[yi, xi])
 
-  def ellipse(self, cy, cx, ry, rx):
-    return ((self.yy - cy) / max(ry, 0.5)) ** 2 + ((self.xx - cx) / max(rx, 0.5)) ** 2 <= 1.0
+    def ellipse(self, cy, cx, ry, rx):
+        return ((self.yy - cy) / max(ry, 0.5)) ** 2 + ((self.xx - cx) / max(rx, 0.5)) ** 2 <= 1.0
 
-  def box(self, y0, y1, x0, x1):
-    return (self.yy >= y0) & (self.yy < y1) & (self.xx >= x0) & (self.xx < x1)
+    def box(self, y0, y1, x0, x1):
+        return (self.yy >= y0) & (self.yy < y1) & (self.xx >= x0) & (self.xx < x1)
 
 
 def generate_scene(rng, height=96, width=128):
-  """One road scene: image (H, W, 3) uint8 RGB and label (H, W) uint8 in [0, 11)."""
-  c = _Canvas(height, width, rng)
-  H, W = float(height), float(width)
-  horizon = H * rng.uniform(0.38, 0.52)
+    """One road scene: image (H, W, 3) uint8 RGB and label (H, W) uint8 in [0, 11)."""
+    c = _Canvas(height, width, rng)
+    H, W = float(height), float(width)
+    horizon = H * rng.uniform(0.38, 0.52)
 
-  # Sky: a vertical gradient, bluish to hazy, sometimes overcast grey.
-  top = c.jitter(rng.choice([(90, 140, 210), (170, 180, 190), (120, 160, 220)]), 20)
-  low = c.jitter((200, 210, 220), 15)
-  t = np.clip(c.yy / max(horizon, 1.0), 0, 1)[..., None]
-  c.paint(np.ones((height, width), bool), SKY, top * (1 - t) + low * t)
+    # Sky: a vertical gradient, bluish to hazy, sometimes overcast grey.
+    top = c.jitter(rng.choice([(90, 140, 210), (170, 180, 190), (120, 160, 220)]), 20)
+    low = c.jitter((200, 210, 220), 15)
+    t = np.clip(c.yy / max(horizon, 1.0), 0, 1)[..., None]
+    c.paint(np.ones((height, width), bool), SKY, top * (1 - t) + low * t)
 
-  # Buildings: blocks along the horizon with window grids; gaps show the sky.
-  x = -rng.uniform(0, 0.1) * W
-  while x < W:
-    bw = rng.uniform(0.12, 0.38) * W
-    if rng.random() > 0.12:
-      btop = horizon - rng.uniform(0.15, 0.5) * H
-      colour = c.jitter(rng.choice([(150, 120, 100), (120, 110, 105), (170, 160, 140), (100, 90, 95)]), 25)
-      tex = c.stripes(rng.uniform(0.5, 1.2), rng.uniform(0.5, 1.2), rng.uniform(0.1, 0.3)) * c.blobs(0.08)
-      c.paint(c.box(btop, horizon + 2, x, x + bw), BUILDING, colour, tex)
-    x += bw
+    # Buildings: blocks along the horizon with window grids; gaps show the sky.
+    x = -rng.uniform(0, 0.1) * W
+    while x < W:
+        bw = rng.uniform(0.12, 0.38) * W
+        if rng.random() > 0.12:
+            btop = horizon - rng.uniform(0.15, 0.5) * H
+            colour = c.jitter(rng.choice([(150, 120, 100), (120, 110, 105), (170, 160, 140), (100, 90, 95)]), 25)
+            tex = c.stripes(rng.uniform(0.5, 1.2), rng.uniform(0.5, 1.2), rng.uniform(0.1, 0.3)) * c.blobs(0.08)
+            c.paint(c.box(btop, horizon + 2, x, x + bw), BUILDING, colour, tex)
+        x += bw
 
-  # Trees: foliage blobs around the horizon, in front of the buildings.
-  for _ in range(rng.integers(2, 6)):
-    cy = horizon - rng.uniform(0.0, 0.2) * H
-    ry, rx = rng.uniform(0.08, 0.22) * H, rng.uniform(0.06, 0.16) * W
-    colour = c.jitter(rng.choice([(60, 100, 40), (80, 110, 50), (50, 80, 45)]), 15)
-    c.paint(c.ellipse(cy, rng.uniform(0, W), ry, rx), TREE, colour, c.blobs(0.35, 2.0))
+    # Trees: foliage blobs around the horizon, in front of the buildings.
+    for _ in range(rng.integers(2, 6)):
+        cy = horizon - rng.uniform(0.0, 0.2) * H
+        ry, rx = rng.uniform(0.08, 0.22) * H, rng.uniform(0.06, 0.16) * W
+        colour = c.jitter(rng.choice([(60, 100, 40), (80, 110, 50), (50, 80, 45)]), 15)
+        c.paint(c.ellipse(cy, rng.uniform(0, W), ry, rx), TREE, colour, c.blobs(0.35, 2.0))
 
-  # Ground: pavement everywhere below the horizon, the road a trapezoid towards a vanishing point.
-  ground = c.yy >= horizon
-  pave = c.jitter((160, 150, 135), 20)
-  c.paint(ground, PAVEMENT, pave, c.stripes(1.6, 1.6, 0.12) * c.blobs(0.06))
-  vx = rng.uniform(0.35, 0.65) * W
-  bl, br = rng.uniform(-0.6, 0.05) * W, rng.uniform(0.95, 1.6) * W
-  depth = np.clip((c.yy - horizon) / max(H - horizon, 1.0), 0, 1)
-  left, right = vx + (bl - vx) * depth, vx + (br - vx) * depth
-  road = ground & (c.xx >= left) & (c.xx <= right)
-  c.paint(road, ROAD, c.jitter((110, 105, 110), 12), c.blobs(0.08, 1.5))
-  centre = vx + ((bl + br) / 2 - vx) * depth
-  dashes = road & (np.abs(c.xx - centre) < 0.5 + 1.5 * depth) & (np.sin(depth * 30 + rng.uniform(0, 6)) > 0.3)
-  c.paint(dashes, ROAD, c.jitter((225, 225, 215), 10))
+    # Ground: pavement everywhere below the horizon, the road a trapezoid towards a vanishing point.
+    ground = c.yy >= horizon
+    pave = c.jitter((160, 150, 135), 20)
+    c.paint(ground, PAVEMENT, pave, c.stripes(1.6, 1.6, 0.12) * c.blobs(0.06))
+    vx = rng.uniform(0.35, 0.65) * W
+    bl, br = rng.uniform(-0.6, 0.05) * W, rng.uniform(0.95, 1.6) * W
+    depth = np.clip((c.yy - horizon) / max(H - horizon, 1.0), 0, 1)
+    left, right = vx + (bl - vx) * depth, vx + (br - vx) * depth
+    road = ground & (c.xx >= left) & (c.xx <= right)
+    c.paint(road, ROAD, c.jitter((110, 105, 110), 12), c.blobs(0.08, 1.5))
+    centre = vx + ((bl + br) / 2 - vx) * depth
+    dashes = road & (np.abs(c.xx - centre) < 0.5 + 1.5 * depth) & (np.sin(depth * 30 + rng.uniform(0, 6)) > 0.3)
+    c.paint(dashes, ROAD, c.jitter((225, 225, 215), 10))
 
-  def place(lo, hi):
-    """A ground point: (y, x, s) with perspective scale s in (0, 1]."""
-    y = horizon + rng.uniform(lo, hi) * (H - horizon)
-    s = (y - horizon) / max(H - horizon, 1.0)
-    return y, s
+    def place(lo, hi):
+        """A ground point: (y, x, s) with perspective scale s in (0, 1]."""
+        y = horizon + rng.uniform(lo, hi) * (H - horizon)
+        s = (y - horizon) / max(H - horizon, 1.0)
+        return y, s
 
-  objects = []  # (base y, painter) painted far to near
-  side = rng.choice([-1.0, 1.0])
+    objects = []  # (base y, painter) painted far to near
+    side = rng.choice([-1.0, 1.0])
 
-  if rng.random() < 0.35:  # a fence along one side of the road
-    def fence(y=horizon):
-      fh = rng.uniform(0.05, 0.09) * H
-      x0, x1 = (0.0, vx - 0.05 * W) if side < 0 else (vx + 0.05 * W, W)
-      slats = np.sin(c.xx * rng.uniform(0.9, 1.6)) > -0.3
-      mask = c.box(horizon - fh, horizon + 0.02 * H, x0, x1) & slats & ~road
-      c.paint(mask, FENCE, c.jitter((130, 110, 80), 20))
-    objects.append((horizon, fence))
+    if rng.random() < 0.35:  # a fence along one side of the road
 
-  for _ in range(rng.poisson(1.3)):
-    y, s = place(0.15, 1.0)
-    def car(y=y, s=s):
-      cw = (0.1 + 0.36 * s) * W * rng.uniform(0.8, 1.1)
-      ch = cw * rng.uniform(0.45, 0.6)
-      row = int(min(max(y, 0), H - 1))
-      lo, hi = left[row, 0], right[row, 0]
-      cx = rng.uniform(lo + cw / 2, max(lo + cw / 2, hi - cw / 2))
-      body = c.box(y - ch * 0.6, y, cx - cw / 2, cx + cw / 2)
-      cabin = c.box(y - ch, y - ch * 0.55, cx - cw * 0.32, cx + cw * 0.32)
-      colour = c.jitter(rng.uniform(20, 235, 3), 10)
-      c.paint(body | cabin, CAR, colour, c.blobs(0.05))
-      c.paint(c.box(y - ch * 0.95, y - ch * 0.6, cx - cw * 0.27, cx + cw * 0.27), CAR, c.jitter((40, 45, 55), 8))
-    objects.append((y, car))
+        def fence(y=horizon):
+            fh = rng.uniform(0.05, 0.09) * H
+            x0, x1 = (0.0, vx - 0.05 * W) if side < 0 else (vx + 0.05 * W, W)
+            slats = np.sin(c.xx * rng.uniform(0.9, 1.6)) > -0.3
+            mask = c.box(horizon - fh, horizon + 0.02 * H, x0, x1) & slats & ~road
+            c.paint(mask, FENCE, c.jitter((130, 110, 80), 20))
 
-  for _ in range(rng.integers(1, 5)):
-    y, s = place(0.05, 0.9)
-    def pole(y=y, s=s):
-      row = int(min(max(y, 0), H - 1))
-      edge = left[row, 0] if side < 0 else right[row, 0]
-      px = edge + side * rng.uniform(1.0, 6.0) * (0.3 + s)
-      ph, pw = (0.25 + 0.45 * s) * H, 1.0 + 2.0 * s
-      colour = c.jitter((125, 125, 120), 25)
-      c.paint(c.box(y - ph, y, px - pw / 2, px + pw / 2), POLE, colour)
-      if rng.random() < 0.8:
-        sz = (0.05 + 0.08 * s) * W
-        sign_colour = c.jitter(rng.choice([(200, 30, 30), (30, 60, 190), (230, 200, 40), (235, 235, 235)]), 20)
-        shape = c.ellipse(y - ph, px, sz / 2, sz / 2) if rng.random() < 0.5 else c.box(
-            y - ph - sz / 2, y - ph + sz / 2, px - sz / 2, px + sz / 2)
-        c.paint(shape, SIGN, sign_colour)
-    objects.append((y, pole))
+        objects.append((horizon, fence))
 
-  for _ in range(rng.poisson(1.2)):
-    y, s = place(0.05, 1.0)
-    def pedestrian(y=y, s=s):
-      row = int(min(max(y, 0), H - 1))
-      edge = left[row, 0] if rng.random() < 0.5 else right[row, 0]
-      px = edge + rng.choice([-1, 1]) * rng.uniform(2, 10) * (0.3 + s)
-      ph = (0.08 + 0.25 * s) * H
-      clothes = c.jitter(rng.uniform(20, 230, 3), 10)
-      c.paint(c.ellipse(y - ph * 0.45, px, ph * 0.42, ph * 0.14), PEDESTRIAN, clothes)
-      c.paint(c.ellipse(y - ph * 0.9, px, ph * 0.1, ph * 0.08), PEDESTRIAN, c.jitter((200, 160, 130), 25))
-    objects.append((y, pedestrian))
+    for _ in range(rng.poisson(1.3)):
+        y, s = place(0.15, 1.0)
 
-  if rng.random() < 0.3:
-    y, s = place(0.1, 0.9)
-    def bicyclist(y=y, s=s):
-      row = int(min(max(y, 0), H - 1))
-      bx = rng.uniform(left[row, 0], right[row, 0])
-      r = (0.015 + 0.05 * s) * H
-      wheels = c.ellipse(y - r, bx - 1.6 * r, r, r) ^ c.ellipse(y - r, bx - 1.6 * r, 0.6 * r, 0.6 * r)
-      wheels |= c.ellipse(y - r, bx + 1.6 * r, r, r) ^ c.ellipse(y - r, bx + 1.6 * r, 0.6 * r, 0.6 * r)
-      rider = c.ellipse(y - 3.2 * r, bx, 1.4 * r, 0.6 * r) | c.ellipse(y - 4.9 * r, bx, 0.45 * r, 0.4 * r)
-      c.paint(wheels | rider, BICYCLIST, c.jitter(rng.uniform(20, 230, 3), 10))
-    objects.append((y, bicyclist))
+        def car(y=y, s=s):
+            cw = (0.1 + 0.36 * s) * W * rng.uniform(0.8, 1.1)
+            ch = cw * rng.uniform(0.45, 0.6)
+            row = int(min(max(y, 0), H - 1))
+            lo, hi = left[row, 0], right[row, 0]
+            cx = rng.uniform(lo + cw / 2, max(lo + cw / 2, hi - cw / 2))
+            body = c.box(y - ch * 0.6, y, cx - cw / 2, cx + cw / 2)
+            cabin = c.box(y - ch, y - ch * 0.55, cx - cw * 0.32, cx + cw * 0.32)
+            colour = c.jitter(rng.uniform(20, 235, 3), 10)
+            c.paint(body | cabin, CAR, colour, c.blobs(0.05))
+            c.paint(c.box(y - ch * 0.95, y - ch * 0.6, cx - cw * 0.27, cx + cw * 0.27), CAR, c.jitter((40, 45, 55), 8))
 
-  for _, paint in sorted(objects, key=lambda o: o[0]):
-    paint()
+        objects.append((y, car))
 
-  # Lighting: a global gain and colour cast, a soft brightness ramp, sensor noise.
-  gain = rng.uniform(0.6, 1.3) * rng.uniform(0.9, 1.1, 3)
-  ramp = 1.0 + rng.uniform(-0.25, 0.25) * (c.xx / W - 0.5)[..., None]
-  noise = rng.normal(0, rng.uniform(4, 14), c.image.shape)
-  image = np.clip(c.image * gain * ramp + noise, 0, 255).astype(np.uint8)
-  return image, c.label
+    for _ in range(rng.integers(1, 5)):
+        y, s = place(0.05, 0.9)
+
+        def pole(y=y, s=s):
+            row = int(min(max(y, 0), H - 1))
+            edge = left[row, 0] if side < 0 else right[row, 0]
+            px = edge + side * rng.uniform(1.0, 6.0) * (0.3 + s)
+            ph, pw = (0.25 + 0.45 * s) * H, 1.0 + 2.0 * s
+            colour = c.jitter((125, 125, 120), 25)
+            c.paint(c.box(y - ph, y, px - pw / 2, px + pw / 2), POLE, colour)
+            if rng.random() < 0.8:
+                sz = (0.05 + 0.08 * s) * W
+                sign_colour = c.jitter(rng.choice([(200, 30, 30), (30, 60, 190), (230, 200, 40), (235, 235, 235)]), 20)
+                shape = (
+                    c.ellipse(y - ph, px, sz / 2, sz / 2)
+                    if rng.random() < 0.5
+                    else c.box(y - ph - sz / 2, y - ph + sz / 2, px - sz / 2, px + sz / 2)
+                )
+                c.paint(shape, SIGN, sign_colour)
+
+        objects.append((y, pole))
+
+    for _ in range(rng.poisson(1.2)):
+        y, s = place(0.05, 1.0)
+
+        def pedestrian(y=y, s=s):
+            row = int(min(max(y, 0), H - 1))
+            edge = left[row, 0] if rng.random() < 0.5 else right[row, 0]
+            px = edge + rng.choice([-1, 1]) * rng.uniform(2, 10) * (0.3 + s)
+            ph = (0.08 + 0.25 * s) * H
+            clothes = c.jitter(rng.uniform(20, 230, 3), 10)
+            c.paint(c.ellipse(y - ph * 0.45, px, ph * 0.42, ph * 0.14), PEDESTRIAN, clothes)
+            c.paint(c.ellipse(y - ph * 0.9, px, ph * 0.1, ph * 0.08), PEDESTRIAN, c.jitter((200, 160, 130), 25))
+
+        objects.append((y, pedestrian))
+
+    if rng.random() < 0.3:
+        y, s = place(0.1, 0.9)
+
+        def bicyclist(y=y, s=s):
+            row = int(min(max(y, 0), H - 1))
+            bx = rng.uniform(left[row, 0], right[row, 0])
+            r = (0.015 + 0.05 * s) * H
+            wheels = c.ellipse(y - r, bx - 1.6 * r, r, r) ^ c.ellipse(y - r, bx - 1.6 * r, 0.6 * r, 0.6 * r)
+            wheels |= c.ellipse(y - r, bx + 1.6 * r, r, r) ^ c.ellipse(y - r, bx + 1.6 * r, 0.6 * r, 0.6 * r)
+            rider = c.ellipse(y - 3.2 * r, bx, 1.4 * r, 0.6 * r) | c.ellipse(y - 4.9 * r, bx, 0.45 * r, 0.4 * r)
+            c.paint(wheels | rider, BICYCLIST, c.jitter(rng.uniform(20, 230, 3), 10))
+
+        objects.append((y, bicyclist))
+
+    for _, paint in sorted(objects, key=lambda o: o[0]):
+        paint()
+
+    # Lighting: a global gain and colour cast, a soft brightness ramp, sensor noise.
+    gain = rng.uniform(0.6, 1.3) * rng.uniform(0.9, 1.1, 3)
+    ramp = 1.0 + rng.uniform(-0.25, 0.25) * (c.xx / W - 0.5)[..., None]
+    noise = rng.normal(0, rng.uniform(4, 14), c.image.shape)
+    image = np.clip(c.image * gain * ramp + noise, 0, 255).astype(np.uint8)
+    return image, c.label
 
 
 class SyntheticSource:
-  """Random-access source of embedded road scenes: src[i] → {'image', 'label', 'id'}."""
+    """Random-access source of embedded road scenes: src[i] → {'image', 'label', 'id'}."""
 
-  def __init__(self, split, num_items, height=96, width=128, seed=0, with_label=True):
-    if split not in _SPLIT_CODES:
-      raise ValueError(f'split must be one of {sorted(_SPLIT_CODES)}, got {split!r}')
-    self.split, self.num_items = split, int(num_items)
-    self.height, self.width, self.seed, self.with_label = int(height), int(width), int(seed), with_label
-    self._cache = {}  # index → (image, label); a few MB for the default sizes, filled on first use
+    def __init__(self, split, num_items, height=96, width=128, seed=0, with_label=True):
+        if split not in _SPLIT_CODES:
+            raise ValueError(f'split must be one of {sorted(_SPLIT_CODES)}, got {split!r}')
+        self.split, self.num_items = split, int(num_items)
+        self.height, self.width, self.seed, self.with_label = int(height), int(width), int(seed), with_label
+        self._cache = {}  # index → (image, label); a few MB for the default sizes, filled on first use
 
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    state['_cache'] = {}
-    return state
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state['_cache'] = {}
+        return state
 
-  def __len__(self):
-    return self.num_items
+    def __len__(self):
+        return self.num_items
 
-  def __getitem__(self, index):
-    index = int(index)
-    if not 0 <= index < self.num_items:
-      raise IndexError(f'index {index} out of range for {self.num_items} {self.split} items')
-    if index not in self._cache:
-      self._cache[index] = generate_scene(_rng_for(self.seed, self.split, index), self.height, self.width)
-    image, label = self._cache[index]
-    item = {'image': image, 'id': f'synthetic_{self.split}_{index:06d}'}
-    if self.with_label:
-      item['label'] = label
-    return item
+    def __getitem__(self, index):
+        index = int(index)
+        if not 0 <= index < self.num_items:
+            raise IndexError(f'index {index} out of range for {self.num_items} {self.split} items')
+        if index not in self._cache:
+            self._cache[index] = generate_scene(_rng_for(self.seed, self.split, index), self.height, self.width)
+        image, label = self._cache[index]
+        item = {'image': image, 'id': f'synthetic_{self.split}_{index:06d}'}
+        if self.with_label:
+            item['label'] = label
+        return item
 
-  def __repr__(self):
-    return f'SyntheticSource({self.split!r}, {self.num_items}, {self.height}x{self.width}, seed={self.seed})'
+    def __repr__(self):
+        return f'SyntheticSource({self.split!r}, {self.num_items}, {self.height}x{self.width}, seed={self.seed})'
 
 
 def class_shares(source, num_classes=len(CLASS_NAMES)):
-  """Pixel share of each class over a labelled source (fractions summing to 1 over non-ignored pixels)."""
-  counts = np.zeros(num_classes, np.int64)
-  for i in range(len(source)):
-    lab = source[i]['label']
-    counts += np.bincount(lab[lab != 255].ravel(), minlength=num_classes)[:num_classes]
-  return counts / max(counts.sum(), 1)
+    """Pixel share of each class over a labelled source (fractions summing to 1 over non-ignored pixels)."""
+    counts = np.zeros(num_classes, np.int64)
+    for i in range(len(source)):
+        lab = source[i]['label']
+        counts += np.bincount(lab[lab != 255].ravel(), minlength=num_classes)[:num_classes]
+    return counts / max(counts.sum(), 1)
