@@ -174,17 +174,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, max_step
     starting again with the same work directory continues the same trajectory.
     """
     sharding.maybe_initialize_distributed()
-    # SIGTERM (preemption, scancel) from here on: finish the current step, checkpoint, return.
+    # SIGTERM (preemption, scancel) or a first Ctrl-C from here on: finish the current step, checkpoint, return.
+    # A second Ctrl-C interrupts at once.
     stop = {"signal": None}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
-    def on_sigterm(signum, _frame):
-        stop["signal"] = signum
+    def on_signal(signum, _frame):
+        stop["signal"] = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    for sig in previous:
+        signal.signal(sig, on_signal)
     try:
         return _train(config, workdir, max_steps, stop)
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _train(config, workdir, max_steps, stop) -> dict:

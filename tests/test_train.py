@@ -81,9 +81,11 @@ def test_resume_refuses_another_config(uninterrupted):
         train.train_and_evaluate(loop_config(**{"model.width": 16}), str(workdir))
 
 
-def test_sigterm_saves_a_checkpoint_and_returns(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_returns(tmp_path, signum):
     config = loop_config(**{"schedule.total_steps": 50})
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    before = signal.getsignal(signum)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signum))
     timer.start()
     try:
         result = train.train_and_evaluate(config, str(tmp_path))
@@ -91,6 +93,7 @@ def test_sigterm_saves_a_checkpoint_and_returns(tmp_path):
         timer.cancel()
     assert "stopped_at" in result and 1 <= result["stopped_at"] < 50
     assert checkpoint.Checkpointer(str(tmp_path)).latest_step() == result["stopped_at"]
+    assert signal.getsignal(signum) is before  # the caller's handler is back
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
