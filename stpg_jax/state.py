@@ -6,6 +6,7 @@ all four. Unused networks are None, so they cost neither memory nor checkpoint s
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax
@@ -92,15 +93,21 @@ def init_network(model, key, crop_size: int, pretrained=None) -> Network:
 
 
 def create_train_state(model, tx, key, *, mode: str, num_classes: int, crop_size: int, proj_dim: int,
-                       anchors=None, bank_capacity: int = 256, pretrained=None) -> TrainState:
-    """Builds the initial state. Students differ by init key; each teacher starts equal to its student."""
+                       anchors=None, bank_capacity: int = 256, pretrained=None, init_net=None) -> TrainState:
+    """Builds the initial state. Students differ by init key; each teacher starts equal to its student.
+
+    ``init_net(key, pretrained) -> Network`` replaces `init_network`, e.g. with a jitted version that compiles
+    the network's initialisers once for both students.
+    """
+    if init_net is None:
+        init_net = functools.partial(init_network, model, crop_size=crop_size)
     k_gen, k_pro, k_proto, k_init_anchor, k_run = jax.random.split(key, 5)
-    gen = init_network(model, k_gen, crop_size, pretrained)
+    gen = init_net(k_gen, pretrained=pretrained)
     state = TrainState(step=jnp.zeros((), jnp.int32), rng=k_run, gen_student=gen, gen_opt_state=tx.init(gen.params))
     if mode in ("mean_teacher", "stpg"):
         state = state.replace(gen_teacher=jax.tree_util.tree_map(jnp.copy, gen))
     if mode == "stpg":
-        pro = init_network(model, k_pro, crop_size, pretrained)
+        pro = init_net(k_pro, pretrained=pretrained)
         dim = proj_dim
         if anchors is None:
             raise ValueError("stpg mode needs the anchors (losses.make_anchors)")

@@ -26,7 +26,7 @@ from stpg_jax.config import validate
 from stpg_jax.data import build_data, make_train_loader
 from stpg_jax.models import model_from_config
 from stpg_jax.models.pretrained import load_backbone_weights_for
-from stpg_jax.state import TrainState, create_train_state, make_optimizer
+from stpg_jax.state import TrainState, create_train_state, init_network, make_optimizer
 from stpg_jax.train_step import StepSettings, make_train_step
 
 
@@ -120,15 +120,16 @@ class Trainer:
             c.optim, self.total_steps, abstract, train_projection_head=c.stpg.train_projection_head
         )
 
-        def init(key, anchors, pretrained):
-            return create_train_state(
-                self.model, self.tx, key, mode=c.mode, num_classes=self.num_classes,
-                crop_size=min(c.data.crop_size, 64), proj_dim=c.model.proj_dim or c.model.decoder_channels,
-                anchors=anchors, bank_capacity=c.stpg.bank_capacity, pretrained=pretrained,
-            )
-
-        # Weights and anchors enter as arguments, not as constants baked into the compiled program.
-        return jax.jit(init, out_shardings=self.replicated)(jax.random.PRNGKey(c.seed), anchors, pretrained)
+        crop = min(c.data.crop_size, 64)
+        # One compiled initialiser serves both students (the random initialisers of a ResNet are most of the
+        # start-up compile time); the weights enter as an argument, not as constants baked into the program.
+        init_net = jax.jit(lambda key, pretrained: init_network(self.model, key, crop, pretrained))
+        state = create_train_state(
+            self.model, self.tx, jax.random.PRNGKey(c.seed), mode=c.mode, num_classes=self.num_classes,
+            crop_size=crop, proj_dim=c.model.proj_dim or c.model.decoder_channels, anchors=anchors,
+            bank_capacity=c.stpg.bank_capacity, pretrained=pretrained, init_net=init_net,
+        )
+        return jax.device_put(state, self.replicated)
 
     def compile_step(self):
         step = make_train_step(self.model, self.tx, self.lr_schedule, self.settings)
