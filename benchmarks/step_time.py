@@ -208,7 +208,7 @@ def build(config, num_classes: int, num_devices: int):
     """Model, optimiser, settings, mesh, jitted step and an initial state past every schedule start."""
     from stpg_jax import losses, sharding
     from stpg_jax.models import model_from_config
-    from stpg_jax.state import create_train_state, make_optimizer
+    from stpg_jax.state import create_train_state, init_network, make_optimizer
     from stpg_jax.train_step import StepSettings, make_train_step
 
     devices = jax.devices()[:num_devices] if num_devices else jax.devices()
@@ -228,12 +228,12 @@ def build(config, num_classes: int, num_devices: int):
     # Random unit anchors: the same shape as the optimised ones, without the 10k-step optimisation.
     anchors = losses.init_prototypes(jax.random.PRNGKey(1), num_classes, dim) if c.mode == "stpg" else None
 
-    def init(key):
-        return create_train_state(model, tx, key, mode=c.mode, num_classes=num_classes,
-                                  crop_size=min(c.data.crop_size, 64), proj_dim=dim, anchors=anchors,
-                                  bank_capacity=c.stpg.bank_capacity)
-
-    state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(c.seed))
+    crop = min(c.data.crop_size, 64)
+    init_net = jax.jit(lambda key, pretrained: init_network(model, key, crop, pretrained))  # as the Trainer does
+    state = create_train_state(model, tx, jax.random.PRNGKey(c.seed), mode=c.mode, num_classes=num_classes,
+                               crop_size=crop, proj_dim=dim, anchors=anchors, bank_capacity=c.stpg.bank_capacity,
+                               init_net=init_net)
+    state = jax.device_put(state, replicated)
     start = max(settings.bank_start_step, settings.contrastive_start_step, settings.proximity_start_step)
     state = state.replace(step=jax.device_put(jnp.asarray(start, jnp.int32), replicated))
     if state.contrast is not None:  # a full, matched bank: the contrastive terms see every row
