@@ -271,12 +271,14 @@ def _train(config, workdir, max_steps, stop) -> dict:
                 extra = ""
                 if "kept" in scalars:
                     extra = f" | kept {scalars['kept']:.3f}"
+                speed = f" | {rate:.1f} img/s | ETA {_format_seconds(eta)}" if done > step_log else ""
                 log(f"step {done}/{trainer.total_steps} | loss {scalars['loss']:.4f} | lr {scalars['lr']:.5f}"
-                    f"{extra} | {rate:.1f} img/s | ETA {_format_seconds(eta)}", flush=True)
+                    f"{extra}{speed}", flush=True)
                 if writer is not None:
                     for k, v in scalars.items():
                         writer.add_scalar(f"train/{k}", v, done)
-                    writer.add_scalar("train/images_per_second", rate, done)
+                    if done > step_log:
+                        writer.add_scalar("train/images_per_second", rate, done)
                 t_log, step_log = now, done
                 if want_ckpt:
                     save(done, state)

@@ -1,5 +1,7 @@
 """Random-access sources over prepared data: src[i] → {'image': (H, W, 3) uint8, 'label': (H, W) uint8, 'id'}."""
 
+import logging
+
 import numpy as np
 
 
@@ -25,6 +27,9 @@ class PreparedSource:
     def _data_source(self):
         if self._source is None:
             import tensorflow_datasets as tfds
+
+            # PIL decodes the PNG/JPEG bytes; tfds would otherwise advise OpenCV once in every worker process.
+            logging.getLogger('absl').addFilter(lambda record: 'OpenCV is not installed' not in record.getMessage())
 
             builder = tfds.builder_from_directory(self.builder_dir)
             self._source = builder.as_data_source(split=self.split)
