@@ -3,10 +3,10 @@
 import os
 from pathlib import Path
 
-import ml_collections
 import numpy as np
 import pytest
 
+from stpg_jax.config import base_config
 from stpg_jax.data import build_data, make_train_loader
 
 SHARED = Path(os.environ.get('STPG_SHARED', Path(__file__).resolve().parents[2] / 'shared'))
@@ -33,28 +33,10 @@ pytestmark = pytest.mark.skipif(not (CAMVID / 'train.txt').is_file(), reason=f'n
 
 @pytest.fixture(scope='module')
 def config(tmp_path_factory):
-    return ml_collections.ConfigDict(
-        dict(
-            dataset='camvid',
-            root=str(CAMVID),
-            sbd_root='',
-            data_dir=str(tmp_path_factory.mktemp('tfds')),
-            prepare_if_missing=True,
-            protocol='blender',
-            num_labeled=46,
-            labeled_list='',
-            unlabeled_list='',
-            split_seed=0,
-            class_names=(),
-            ignore_index=255,
-            crop_size=96,
-            scales=(0.5, 1.0),
-            batch_labeled=2,
-            batch_unlabeled=2,
-            workers=0,
-            prefetch=1,
-        )
-    )
+    cfg = base_config().data
+    cfg.update(dataset='camvid', root=str(CAMVID), data_dir=str(tmp_path_factory.mktemp('tfds')), num_labeled=46,
+               crop_size=96, scales=(0.5, 1.0), batch_labeled=2, batch_unlabeled=2, workers=0, prefetch=1)
+    return cfg
 
 
 @pytest.fixture(scope='module')

@@ -3,12 +3,12 @@
 import io
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 import scipy.io
 from PIL import Image
 
+from stpg_jax.config import base_config
 from stpg_jax.data import DataError, build_data, builders, layouts, palettes, splits
 
 RNG = np.random.default_rng(0)
@@ -32,28 +32,9 @@ def _label(path, values, h=12, w=16, palette=None):
 
 
 def _cfg(dataset, root, data_dir, **kw):
-    cfg = ml_collections.ConfigDict(
-        dict(
-            dataset=dataset,
-            root=str(root),
-            sbd_root='',
-            data_dir=str(data_dir),
-            prepare_if_missing=True,
-            protocol='blender',
-            num_labeled=-1,
-            labeled_list='',
-            unlabeled_list='',
-            split_seed=0,
-            class_names=(),
-            ignore_index=255,
-            crop_size=8,
-            scales=(1.0,),
-            batch_labeled=2,
-            batch_unlabeled=2,
-            workers=0,
-            prefetch=1,
-        )
-    )
+    cfg = base_config().data
+    cfg.update(dataset=dataset, root=str(root), data_dir=str(data_dir), crop_size=8, scales=(1.0,), batch_labeled=2,
+               batch_unlabeled=2, workers=0, prefetch=1)
     cfg.update(kw)
     return cfg
 

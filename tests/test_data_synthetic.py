@@ -3,37 +3,17 @@
 import json
 import time
 
-import ml_collections
 import numpy as np
 import pytest
 
+from stpg_jax.config import base_config
 from stpg_jax.data import DataError, augment, build_data, make_train_loader, palettes, synthetic
 
 
 def data_config(**overrides):
-    cfg = ml_collections.ConfigDict(
-        dict(
-            dataset='synthetic',
-            root='',
-            sbd_root='',
-            data_dir='',
-            prepare_if_missing=True,
-            protocol='blender',
-            num_labeled=-1,
-            labeled_list='',
-            unlabeled_list='',
-            split_seed=0,
-            class_names=(),
-            ignore_index=255,
-            crop_size=48,
-            scales=(0.5, 0.75, 1.0, 1.5, 1.75, 2.0),
-            batch_labeled=4,
-            batch_unlabeled=4,
-            workers=0,
-            prefetch=2,
-            synthetic=dict(num_labeled=12, num_unlabeled=30, num_val=6, height=48, width=64, seed=0),
-        )
-    )
+    cfg = base_config().data
+    cfg.update(dataset='synthetic', crop_size=48, batch_labeled=4, batch_unlabeled=4, workers=0, prefetch=2)
+    cfg.synthetic.update(num_labeled=12, num_unlabeled=30, num_val=6, height=48, width=64, seed=0)
     cfg.update(overrides)
     return cfg
 
