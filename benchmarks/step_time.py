@@ -45,6 +45,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import profile_summary  # noqa: E402  (the sibling script)
+
 # A tiny network and crop that runs on a laptop CPU in well under a minute (CI smoke test).
 TINY_OVERRIDES = (
     "model.stage_blocks=(1,1,1,1),model.width=8,model.aspp_channels=16,model.decoder_channels=16,"
@@ -187,17 +190,26 @@ def memory_analysis_of(compiled):
     return out
 
 
-def peak_memory_bytes(devices):
-    peaks = []
+def memory_stat(devices, key: str):
+    """The largest ``device.memory_stats()[key]`` over ``devices``; None where a backend has no such figure."""
+    values = []
     for d in devices:
         try:
             stats = d.memory_stats()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001  (backends without memory stats)
             stats = None
-        if not stats or "peak_bytes_in_use" not in stats:
+        if not stats or key not in stats:
             return None
-        peaks.append(int(stats["peak_bytes_in_use"]))
-    return max(peaks) if peaks else None
+        values.append(int(stats[key]))
+    return max(values) if values else None
+
+
+def peak_memory_bytes(devices):
+    return memory_stat(devices, "peak_bytes_in_use")
+
+
+def bytes_in_use(devices):
+    return memory_stat(devices, "bytes_in_use")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -416,6 +428,7 @@ def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
         f"({b['devices'][0].device_kind}); step counter set to {b['start_step']} (past every schedule start)")
     batches = random_batches(config, num_classes, b["batch_sharding"])
     state = b["state"]
+    peak_after_init = peak_memory_bytes(b["devices"])
 
     log(f"[{dtype}] compiling the step (lower, then compile)...")
     t0 = time.perf_counter()
@@ -425,6 +438,7 @@ def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     log(f"[{dtype}] lower {lower_s:.1f}s, compile {compile_s:.1f}s")
+    peak_after_compile = peak_memory_bytes(b["devices"])  # XLA's GPU autotuning allocates while compiling
     flops_compiled = flops_of(compiled)
     flops_hlo = model_flops_per_step(b["step_fn"], state, batches[0])
     flops = flops_hlo or flops_compiled
@@ -473,6 +487,13 @@ def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
         "steps_per_s": 1.0 / median_s,
         "images_per_s": images / median_s,
         "peak_memory_bytes": peak,
+        # Where the peak was reached: peak_bytes_in_use only grows, so these say whether initialisation or the
+        # compile (autotuning workspace) rather than the step set it.
+        "peak_memory_after_init_bytes": peak_after_init,
+        "peak_memory_after_compile_bytes": peak_after_compile,
+        "bytes_in_use_after_steps": bytes_in_use(b["devices"]),
+        "memory_limit_bytes": memory_stat(b["devices"], "bytes_limit"),  # the allocator's pool (see MEM_FRACTION)
+        "xla_python_client_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
         "memory_analysis": memory_static,
         "flops_per_step": flops,
         "flops_source": "lowered_hlo_cpu" if flops_hlo else ("compiled" if flops_compiled else None),
@@ -532,7 +553,17 @@ def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
             for i in range(args.profile_steps):
                 with jax.profiler.StepTraceAnnotation("train_step", step_num=i):
                     holder["state"], out = compiled(holder["state"], batches[i % len(batches)])
-            jax.block_until_ready(out)
+                    jax.block_until_ready(out)
+        hlo_text = compiled.as_text()
+        Path(trace_dir, "step_hlo.txt").write_text(hlo_text)
+        try:
+            summary = profile_summary.summarize(trace_dir, hlo_text, steps=args.profile_steps)
+        except (OSError, ValueError, KeyError) as e:  # a trace the profiler could not write must not lose the timings
+            log(f"[{dtype}] no profile summary: {e}")
+        else:
+            result["profile"] = summary
+            log(f"[{dtype}] trace in {trace_dir}\n" + profile_summary.format_summary(summary))
+        save(result)
     return result
 
 

@@ -1,0 +1,263 @@
+"""Where the device time of a profiled step goes: a table from a ``jax.profiler`` trace, no TensorBoard needed.
+
+    python benchmarks/profile_summary.py TRACE_DIR [--hlo STEP_HLO.txt] [--steps N] [--top 20]
+
+``benchmarks/step_time.py --profile DIR`` calls this on its own trace (and writes the optimised HLO of the step next
+to it as ``step_hlo.txt``), so one device call returns the answer as text.
+
+It reads the ``*.trace.json.gz`` that ``jax.profiler.trace`` writes under ``plugins/profile/<run>/``, keeps the
+device's kernel events (on a GPU: the ``Stream #…`` lines of ``/device:GPU:N``; on a CPU, which has no device lines:
+the XLA thunks, the host events that carry an ``hlo_op``), groups them by the HLO instruction that launched them, and
+sorts each instruction into a category:
+
+- ``convolution``: cuDNN convolutions (forward, data and filter gradients) and any fusion that holds a convolution;
+- ``matmul``: cuBLAS / Triton / CUTLASS GEMMs and dots;
+- ``reduction fusion``: fusions whose root reduces (BatchNorm statistics, losses, bias gradients);
+- ``elementwise fusion``: loop fusions (BatchNorm apply, ReLU, casts, the optimiser, EMA);
+- ``scatter`` / ``gather`` / ``copy / transpose`` / ``memcpy / memset`` / ``other``.
+
+The category comes from the instruction in the optimised HLO when ``--hlo`` is given (opcode, fusion kind, custom-call
+target, and what the fused computation holds), else from the instruction's and the kernel's names. Times are device
+busy time per step: the sum of kernel durations over the profiled steps divided by their number, and the union of
+the kernels' intervals (overlapping streams counted once), set against the steps' wall time when the trace holds
+``train_step`` annotations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+CATEGORIES = ("convolution", "matmul", "reduction fusion", "elementwise fusion", "scatter", "gather",
+              "copy / transpose", "memcpy / memset", "collective", "other")
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.+?)\s+(?P<op>[a-z][\w\-]*)\(")
+_COMP = re.compile(r"^\s*(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*\(")
+
+
+def find_trace(path: str | Path) -> Path:
+    """The newest ``*.trace.json.gz`` under ``path`` (a trace folder or the file itself)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    found = sorted(path.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    found = [p for p in found if not p.name.startswith("perfetto")] or found
+    if not found:
+        raise FileNotFoundError(f"no *.trace.json.gz under {path} (was it written by jax.profiler.trace?)")
+    return found[-1]
+
+
+def parse_hlo(text: str) -> dict:
+    """{instruction name: {'op', 'kind', 'target', 'calls'}} and {computation: set of opcodes inside}."""
+    instructions, computations = {}, defaultdict(set)
+    current = None
+    for line in text.splitlines():
+        m = _INSTR.match(line)
+        if not m and line.rstrip().endswith("{"):
+            header = _COMP.match(line)
+            current = header["name"] if header else None
+            continue
+        if not m:
+            continue
+        info = {"op": m["op"]}
+        kind = re.search(r"\bkind=(k\w+)", line)
+        target = re.search(r'custom_call_target="([^"]+)"', line)
+        calls = re.search(r"\bcalls=%?([\w.\-]+)", line)
+        if kind:
+            info["kind"] = kind[1]
+        if target:
+            info["target"] = target[1]
+        if calls:
+            info["calls"] = calls[1]
+        backend = re.search(r'"(?:kind|name)":"(__[\w$]+)"', line)
+        if backend:
+            info["backend_kind"] = backend[1]
+        instructions[m["name"]] = info
+        if current:
+            computations[current].add(m["op"])
+            if target:
+                computations[current].add("custom-call:" + target[1])
+    return {"instructions": instructions, "computations": computations}
+
+
+def _ops_inside(info: dict, hlo: dict) -> set:
+    """Opcodes of the computation a fusion (or call) runs."""
+    return set(hlo["computations"].get(info.get("calls"), ()))
+
+
+def categorize(op_name: str, kernel_name: str = "", hlo: dict | None = None) -> str:
+    """The category of one HLO instruction (see the module docstring)."""
+    low = op_name.lower()
+    kernel = kernel_name.lower()
+    if kernel.startswith("memcpy") or kernel.startswith("memset") or "memcpy" in low:
+        return "memcpy / memset"
+    info = (hlo or {}).get("instructions", {}).get(op_name)
+    if info:
+        op, target = info["op"], info.get("target", "") + info.get("backend_kind", "")
+        inside = _ops_inside(info, hlo)
+        if op == "convolution" or "conv" in target.lower() or "convolution" in inside or any(
+                "cudnn$conv" in o for o in inside):
+            return "convolution"
+        if op == "dot" or any(t in target.lower() for t in ("gemm", "matmul", "cublas", "triton")) or "dot" in inside:
+            return "matmul"
+        if op in ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all") or op.endswith(
+                "-start") or op.endswith("-done"):
+            return "collective"
+        if op == "scatter" or "scatter" in inside:
+            return "scatter"
+        if op == "gather" or "gather" in inside:
+            return "gather"
+        if op in ("copy", "transpose") or info.get("kind") == "kLoop" and inside <= {"copy", "transpose", "parameter",
+                                                                                        "bitcast"} and inside:
+            return "copy / transpose"
+        if op.startswith("reduce") or info.get("kind") == "kInput" or any(o.startswith("reduce") for o in inside):
+            return "reduction fusion"
+        if op == "fusion" or info.get("kind") == "kLoop":
+            return "elementwise fusion"
+        return "other"
+    # No HLO: names only (XLA names fusions after their contents, e.g. "loop_add_fusion", "input_reduce_fusion").
+    if "conv" in low or any(t in kernel for t in ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm")):
+        return "convolution"
+    if any(t in low for t in ("gemm", "dot", "matmul", "cublas")) or any(t in kernel for t in ("gemm", "cublas")):
+        return "matmul"
+    if any(t in low for t in ("all-reduce", "all-gather", "reduce-scatter", "collective")):
+        return "collective"
+    if "scatter" in low:
+        return "scatter"
+    if "gather" in low:
+        return "gather"
+    if low.startswith(("copy", "transpose")) or "transpose" in low:
+        return "copy / transpose"
+    if "reduce" in low or low.startswith("input_"):
+        return "reduction fusion"
+    if "fusion" in low or low.startswith("loop_"):
+        return "elementwise fusion"
+    return "other"
+
+
+def _union_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, -float("inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def load_events(trace_path: Path) -> tuple[list[dict], str]:
+    """The device's kernel events, and where they came from ('gpu' or 'host')."""
+    with gzip.open(trace_path, "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    processes, threads = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            processes[e["pid"]] = e.get("args", {}).get("name", "")
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            threads[(e["pid"], e.get("tid"))] = e.get("args", {}).get("name", "")
+    complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    device_pids = {pid for pid, name in processes.items() if re.match(r"/device:(GPU|TPU)", name)}
+    kernels = [e for e in complete if e["pid"] in device_pids
+               and threads.get((e["pid"], e.get("tid")), "").lower().startswith("stream")]
+    if kernels:
+        return kernels, "gpu"
+    # CPU: the thunks carry the HLO instruction; "end: …" markers and listener records do not.
+    host = [e for e in complete if (e.get("args") or {}).get("hlo_op") and not e["name"].startswith("end:")]
+    return host, "host"
+
+
+def step_walls(trace_path: Path) -> list[float]:
+    """Durations (µs) of the ``train_step`` annotations (``jax.profiler.StepTraceAnnotation``), if any."""
+    with gzip.open(trace_path, "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    return [e["dur"] for e in events if e.get("ph") == "X" and e.get("name", "").startswith("train_step")
+            and "dur" in e]
+
+
+def summarize(trace_dir: str | Path, hlo_text: str | None = None, steps: int | None = None, top: int = 20) -> dict:
+    trace = find_trace(trace_dir)
+    events, source = load_events(trace)
+    hlo = parse_hlo(hlo_text) if hlo_text else None
+    walls = step_walls(trace)
+    steps = steps or len(walls) or 1
+    by_op = defaultdict(lambda: {"us": 0.0, "count": 0, "kernel": ""})
+    intervals = []
+    for e in events:
+        args = e.get("args") or {}
+        op = args.get("hlo_op") or e["name"]
+        entry = by_op[op]
+        entry["us"] += float(e["dur"])
+        entry["count"] += 1
+        if not entry["kernel"]:
+            entry["kernel"] = e["name"]
+        intervals.append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
+    total_us = sum(v["us"] for v in by_op.values())
+    categories = {c: 0.0 for c in CATEGORIES}
+    ops = []
+    for name, v in by_op.items():
+        cat = categorize(name, v["kernel"], hlo)
+        categories[cat] += v["us"]
+        ops.append({"op": name, "category": cat, "ms_per_step": v["us"] / steps / 1e3,
+                    "share": v["us"] / total_us if total_us else 0.0, "kernels_per_step": v["count"] / steps,
+                    "kernel": v["kernel"][:90]})
+    ops.sort(key=lambda o: -o["ms_per_step"])
+    return {
+        "trace": str(trace),
+        "source": source,
+        "steps": steps,
+        "kernel_ms_per_step": total_us / steps / 1e3,
+        "busy_ms_per_step": _union_length(intervals) / steps / 1e3,
+        "step_wall_ms": [w / 1e3 for w in walls],
+        "categories": {c: {"ms_per_step": us / steps / 1e3, "share": us / total_us if total_us else 0.0}
+                       for c, us in sorted(categories.items(), key=lambda kv: -kv[1]) if us > 0},
+        "top_ops": ops[:top],
+        "distinct_ops": len(ops),
+    }
+
+
+def format_summary(s: dict) -> str:
+    walls = s["step_wall_ms"]
+    wall = f", step wall {sum(walls) / len(walls):.2f} ms (mean of {len(walls)} annotated steps)" if walls else ""
+    lines = [f"Profile of {s['steps']} step(s) ({'device kernels' if s['source'] == 'gpu' else 'host XLA thunks'}; "
+             f"{s['distinct_ops']} HLO instructions): kernel time {s['kernel_ms_per_step']:.2f} ms/step, "
+             f"busy {s['busy_ms_per_step']:.2f} ms/step{wall}", "",
+             "| category | ms/step | share of kernel time |", "|---|---:|---:|"]
+    for name, c in s["categories"].items():
+        lines.append(f"| {name} | {c['ms_per_step']:.2f} | {100 * c['share']:.1f} % |")
+    lines += ["", "| HLO instruction | category | ms/step | share | kernels/step | first kernel |",
+              "|---|---|---:|---:|---:|---|"]
+    for o in s["top_ops"]:
+        lines.append(f"| {o['op']} | {o['category']} | {o['ms_per_step']:.3f} | {100 * o['share']:.1f} % "
+                     f"| {o['kernels_per_step']:.0f} | {o['kernel'].replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("trace_dir", help="the folder given to jax.profiler.trace (or a *.trace.json.gz)")
+    p.add_argument("--hlo", default="", help="optimised HLO text of the profiled program (step_time.py writes "
+                                             "step_hlo.txt); sharper categories")
+    p.add_argument("--steps", type=int, default=0, help="steps in the trace (default: its train_step annotations)")
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--json", default="", help="also write the summary here")
+    args = p.parse_args(argv)
+    hlo_path = Path(args.hlo) if args.hlo else None
+    if hlo_path is None:
+        guess = Path(args.trace_dir) / "step_hlo.txt"
+        hlo_path = guess if guess.is_file() else None
+    summary = summarize(args.trace_dir, hlo_path.read_text() if hlo_path else None, args.steps or None, args.top)
+    print(format_summary(summary))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
