@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# One device call: the VOC step-time benchmark in bfloat16 and float32 (issue 7), in under 4 minutes.
+# One device call: the VOC step-time benchmark (issue 7) in bfloat16 with a profile of where the time goes, then in
+# float32 inside a 40 GB memory pool, in under 4 minutes.
 #
 #   bash benchmarks/fetch_wheels.sh                 # here, once: .whl/ (about 11 MB, ignored)
-#   device run, carry [".whl"], timeout_s 300:
+#   device run, carry [".whl"] (and ".carry/weights" when the CamVid run follows), timeout_s 300:
 #     STPG_COMMIT=<git rev-parse --short HEAD> bash benchmarks/gpu_session.sh
 #
-# Writes into $OUT: nvidia_smi.txt, step_time_bf16.{json,log}, step_time_f32.{json,log} (and profile_bf16.tgz with
-# PROFILE=1). bfloat16 runs first, with the losses-part pieces and the per-network breakdown; float32 gets what is
-# left of the budget. Each run writes its JSON after every phase, so a run stopped by its timeout keeps what it
-# measured. Budget: BUDGET_S (default 225 s) for the whole script.
+# Writes into $OUT: nvidia_smi.txt, step_time_bf16.{json,log}, step_time_f32.{json,log}, and profile_bf16.tgz with
+# PROFILE_TGZ=1. bfloat16 runs first, with the losses-part pieces, the per-network breakdown and (PROFILE=1, the
+# default) a jax.profiler trace of 2 steps summarised by benchmarks/profile_summary.py into the log and the JSON.
+# float32 runs with the allocator's pool capped at F32_POOL_GIB (default 37.25 GiB = 40 GB, the issue's memory
+# target; 0 = no cap), so a run that completes shows the float32 VOC step fits in 40 GB. Each run writes its JSON
+# after every phase, so a run stopped by its timeout keeps what it measured. BUDGET_S (default 225 s) bounds the
+# whole script.
 set -uo pipefail
 START=$SECONDS
 BUDGET_S=${BUDGET_S:-225}
@@ -33,20 +37,30 @@ echo "setup took $((SECONDS - START))s"
 left() { echo $((BUDGET_S - (SECONDS - START))); }
 
 PROFILE_ARGS=()
-[ "${PROFILE:-0}" = 1 ] && PROFILE_ARGS=(--profile /tmp/stpg_profile --profile_steps 2)
-T=$(( $(left) - 75 )); [ "$T" -gt 170 ] && T=170
+[ "${PROFILE:-1}" = 1 ] && PROFILE_ARGS=(--profile /tmp/stpg_profile --profile_steps 2)
+T=$(( $(left) - 80 )); [ "$T" -gt 170 ] && T=170
 echo "== bfloat16 (timeout ${T}s)"
 timeout -k 5 "$T" python3 benchmarks/step_time.py --config="$CONFIG" $STEP_ARGS --dtypes bfloat16 \
   --steps 30 --warmup 5 --breakdown "${PROFILE_ARGS[@]}" --out "$OUT/step_time_bf16.json" 2>&1 | tee "$OUT/step_time_bf16.log"
-if [ "${PROFILE:-0}" = 1 ] && [ -d /tmp/stpg_profile ]; then
+if [ "${PROFILE_TGZ:-0}" = 1 ] && [ -d /tmp/stpg_profile ]; then
   tar -C /tmp -czf "$OUT/profile_bf16.tgz" stpg_profile && ls -la "$OUT/profile_bf16.tgz"
 fi
 
+# The float32 pool: F32_POOL_GIB of the card's memory, as the fraction XLA's allocator takes.
+POOL=${F32_POOL_GIB:-37.25}
+TOTAL_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
+if [ "$POOL" != 0 ] && [ -n "$TOTAL_MIB" ]; then
+  FRACTION=$(python3 -c "print(f'{min(0.95, $POOL * 1024 / $TOTAL_MIB):.4f}')")
+  echo "== float32 pool capped at ${POOL} GiB of ${TOTAL_MIB} MiB: XLA_PYTHON_CLIENT_MEM_FRACTION=$FRACTION"
+else
+  FRACTION=""
+fi
 T=$(left)
 if [ "$T" -gt 30 ]; then
   echo "== float32 (timeout ${T}s)"
-  timeout -k 5 "$T" python3 benchmarks/step_time.py --config="$CONFIG" $STEP_ARGS --dtypes float32 \
-    --steps 20 --warmup 3 --parts all --out "$OUT/step_time_f32.json" 2>&1 | tee "$OUT/step_time_f32.log"
+  env ${FRACTION:+XLA_PYTHON_CLIENT_MEM_FRACTION=$FRACTION} timeout -k 5 "$T" python3 benchmarks/step_time.py --config="$CONFIG" $STEP_ARGS --dtypes float32 \
+    --steps 20 --warmup 3 --parts none --out "$OUT/step_time_f32.json" 2>&1 | tee "$OUT/step_time_f32.log"
+  echo "float32 exit status ${PIPESTATUS[0]} (non-zero with RESOURCE_EXHAUSTED above = does not fit the pool)"
 else
   echo "== float32 skipped: ${T}s left"
 fi
