@@ -1,17 +1,25 @@
 """CamVid 1/8: supervised-only vs mean teacher vs STPG with one schedule, crop, batch and seed (issue 7).
 
-    python benchmarks/camvid_experiment.py --methods supervised,mean_teacher,stpg --steps 300 \
+    python benchmarks/camvid_experiment.py --methods supervised,mean_teacher,stpg --steps 300 --parallel \
         --workdir_root runs/camvid_exp
     python benchmarks/camvid_experiment.py --smoke --workdir_root /tmp/camvid_smoke    # tiny network, CPU, minutes
 
 Each method is one ordinary training run, ``python launch.py --config=configs/camvid.py:1_8,mode=M,...
---workdir=ROOT/M``, started one after another; the commands are printed and written to ``commands.txt``. Every run
-gets the same overrides: ``schedule.total_steps=N``, and ``schedule.steps_per_epoch=N // epochs`` so that STPG's
-epoch-based schedule (bank from epoch 6, contrastive from 11, proximity from 16, matching frozen at 20 of 40) keeps
-its place in a short run (``--no_proportional_schedule`` keeps the data's own epoch length instead), and
-``eval.every_steps=0`` (one evaluation, at the end, on the whole val split). The split is seeded
-(``data.split_seed``); each run writes it to its workdir and it is copied next to the results, with a check that
-all methods trained on the same labelled frames.
+--workdir=ROOT/M``; the commands are printed and written to ``commands.txt``. Every run gets the same overrides:
+``schedule.total_steps=N``, and ``schedule.steps_per_epoch=N // epochs`` so that STPG's epoch-based schedule (bank
+from epoch 6, contrastive from 11, proximity from 16, matching frozen at 20 of 40) keeps its place in a short run
+(``--no_proportional_schedule`` keeps the data's own epoch length instead), and ``eval.every_steps=0`` (one
+evaluation, at the end, on the whole val split). The split is seeded (``data.split_seed``); each run writes it to its
+workdir and it is copied next to the results, with a check that all methods trained on the same labelled frames.
+
+The dataset is prepared once into ``data.data_dir`` (``python -m stpg_jax.data.prepare``, log in
+``ROOT/prepare.log``) before any run starts, so the runs only read it. By default the runs go one after another;
+``--parallel`` starts them all at once on the one device, so their start-up and XLA compilation overlap. Each run then
+preallocates ``XLA_PYTHON_CLIENT_MEM_FRACTION`` = its share of the accelerator's memory (``--mem_fraction``: one
+value for every run, or ``method=value`` pairs with the rest of 0.9 split between the others; default 0.9 / number of
+runs; the variable set in the environment wins), and its output goes to ``ROOT/M/train.log`` and, each line after
+``[M] ``, to stdout. Concurrent runs share the device, so their wall times are not solo times; the results say so.
+SIGINT or SIGTERM stops every run (SIGTERM, then SIGKILL after a few seconds) and still writes the results.
 
 Results: ``camvid_results.md`` (rows = classes, columns = methods, IoU %, plus mIoU and wall time) and
 ``camvid_results.json`` in ``--out`` (default: the workdir root), read from the IoU table each run prints at its end.
@@ -29,8 +37,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +53,9 @@ from step_time import git_commit  # noqa: E402  (the sibling script)
 
 METHODS = ("supervised", "mean_teacher", "stpg")
 SPLIT_FILES = ("split_labeled.txt", "split_unlabeled.txt", "split.json")
+MEM_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+TOTAL_MEM_FRACTION = 0.9  # of the accelerator, split between concurrent runs; the rest for CUDA contexts
+STOP_GRACE_S = 5.0  # after SIGTERM, before SIGKILL (gpu_camvid.sh's `timeout -k 10` allows 10 s in all)
 
 # A tiny randomly initialised network, crop 64, batch 2+2 and 4 val images: the whole pipeline in minutes on a CPU.
 SMOKE_OVERRIDES = (
@@ -74,6 +87,12 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny network and crop, few steps: a CPU check")
     p.add_argument("--no_proportional_schedule", action="store_true",
                    help="keep the data's epoch length instead of total_steps // epochs")
+    p.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=False,
+                   help="start every run at once on the one device (default: one after another)")
+    p.add_argument("--mem_fraction", default="",
+                   help=f"--parallel: {MEM_FRACTION_ENV} of each run, one value or method=value pairs (the rest "
+                        f"of {TOTAL_MEM_FRACTION} split between unnamed methods); default "
+                        f"{TOTAL_MEM_FRACTION} / number of runs; ${MEM_FRACTION_ENV} set in the environment wins")
     p.add_argument("--dry_run", action="store_true", help="print the commands and stop")
     args = p.parse_args(argv)
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -87,7 +106,45 @@ def parse_args(argv=None):
     if args.steps < 1:
         p.error("--steps must be >= 1")
     args.out = args.out or args.workdir_root
+    try:
+        args.mem_fractions = memory_fractions(args.mem_fraction, args.method_list)
+    except ValueError as e:
+        p.error(f"--mem_fraction: {e}")
     return args
+
+
+def memory_fractions(spec: str, methods: list[str]) -> dict[str, float]:
+    """{method: share of the accelerator's memory} from '' (equal shares), '0.3' or 'stpg=0.45,supervised=0.2'."""
+    named = {}
+    if spec and "=" not in spec:
+        named = dict.fromkeys(methods, float(spec))
+    elif spec:
+        for item in spec.split(","):
+            method, _, value = item.partition("=")
+            if method.strip() not in METHODS:
+                raise ValueError(f"unknown method {method.strip()!r} in {spec!r}")
+            named[method.strip()] = float(value)
+    named = {m: f for m, f in named.items() if m in methods}
+    rest = [m for m in methods if m not in named]
+    if rest:
+        share = (TOTAL_MEM_FRACTION - sum(named.values())) / len(rest)
+        named.update(dict.fromkeys(rest, share))
+    fractions = {m: named[m] for m in methods}
+    if any(not 0 < f <= 1 for f in fractions.values()) or sum(fractions.values()) > 1 + 1e-9:
+        raise ValueError(f"each share must lie in (0, 1] and all together at most 1, got {fractions}")
+    return fractions
+
+
+def child_env(mem_fraction: float | None = None, base: dict | None = None) -> dict:
+    """The environment of one run: unbuffered output and, for concurrent runs, its share of the device memory.
+
+    JAX preallocates 75 % of the accelerator's memory per process, so a second concurrent run would find too little;
+    a fraction already in ``base`` (the user's environment) is kept.
+    """
+    env = {**(os.environ if base is None else base), "PYTHONUNBUFFERED": "1"}
+    if mem_fraction is not None:
+        env.setdefault(MEM_FRACTION_ENV, f"{mem_fraction:.3f}")
+    return env
 
 
 def build_commands(args) -> list[tuple[str, list[str]]]:
@@ -109,6 +166,25 @@ def build_commands(args) -> list[tuple[str, list[str]]]:
         workdir = os.path.join(args.workdir_root, method)
         commands.append((method, ["python", "launch.py", f"--config={spec}", f"--workdir={workdir}"]))
     return commands
+
+
+def prepare_command(spec: str) -> list[str] | None:
+    """The one-time preparation of the dataset the run with config ``spec`` reads (None for generated data).
+
+    The same call as a run's own first preparation (stpg_jax.data.prepare, the config's data fields), done once
+    before the runs start so that concurrent runs never write the same ``data.data_dir``.
+    """
+    data = load_config(spec).data
+    if data.dataset == "synthetic":
+        return None
+    cmd = [sys.executable, "-m", "stpg_jax.data.prepare", "--dataset", data.dataset, "--manual_dir", data.root]
+    if data.data_dir:
+        cmd += ["--data_dir", data.data_dir]
+    if data.get("sbd_root"):
+        cmd += ["--sbd_root", data.sbd_root]
+    if data.get("class_names"):
+        cmd += ["--class_names", ",".join(data.class_names)]
+    return cmd
 
 
 _ROW = re.compile(r"^(?P<name>\S.*?)\s+(?P<value>-?\d+(?:\.\d+)?|n/a)\s*$")
@@ -137,24 +213,118 @@ def _number_after(pattern: str, log: str):
     return float(found[-1]) if found else None
 
 
-def run_method(method: str, argv: list[str], workdir: str) -> dict:
-    os.makedirs(workdir, exist_ok=True)
-    log_path = os.path.join(workdir, "train.log")
-    cmd = [sys.executable] + argv[1:]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    print(f"\n=== {method}: {shlex.join(argv)}", flush=True)
-    t0 = time.time()
-    chunks = []
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            log_file.write(line)
-            chunks.append(line)
-        rc = proc.wait()
-    wall = time.time() - t0
-    log = "".join(chunks)
+_STDOUT = threading.Lock()
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived while runs were going."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, _frame):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not break off the clean-up
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+class Run:
+    """One child process, run from the repository root in its own process group (so that stopping it also stops
+    its data-loader workers); a thread copies its output, line by line, to ``log_path``, to stdout after ``prefix``
+    and to ``lines``, and records its exit status and wall time when it ends."""
+
+    def __init__(self, name: str, cmd: list[str], log_path: str, env: dict | None = None, prefix: str = ""):
+        self.name, self.cmd, self.log_path, self.prefix = name, cmd, log_path, prefix
+        self.lines: list[str] = []
+        self.returncode: int | None = None
+        self.wall_s: float | None = None
+        os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+        self.t0 = time.time()
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, errors="replace", start_new_session=True)
+        # Waiting on an Event, not on Thread.join: a signal that interrupts join() can leave the thread marked as
+        # stopped while it still runs.
+        self._done = threading.Event()
+        self._copier = threading.Thread(target=self._copy_output, name=f"output of {name}", daemon=True)
+        self._copier.start()
+
+    def _copy_output(self):
+        try:
+            with open(self.log_path, "w") as log_file:
+                for line in self.proc.stdout:
+                    log_file.write(line)
+                    log_file.flush()
+                    self.lines.append(line)
+                    with _STDOUT:
+                        sys.stdout.write(self.prefix + line)
+                        sys.stdout.flush()
+            self.returncode = self.proc.wait()
+            self.wall_s = time.time() - self.t0
+            if self.prefix:
+                with _STDOUT:
+                    print(f"{self.prefix}(exit status {self.returncode} after {self.wall_s:.0f}s)", flush=True)
+        finally:
+            self._done.set()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The exit status, or None if still running after ``timeout`` s (None: no limit)."""
+        self._done.wait(timeout)
+        return self.returncode
+
+    def signal(self, sig: int):
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def stop_runs(runs: list[Run], grace_s: float = STOP_GRACE_S):
+    """SIGTERM to every run (a training run checkpoints and exits), SIGKILL to those still there after grace_s."""
+    live = [r for r in runs if r.returncode is None]
+    for r in live:
+        r.signal(signal.SIGTERM)
+    deadline = time.time() + grace_s
+    for r in live:
+        r.wait(max(0.0, deadline - time.time()))
+    for r in live:
+        if r.returncode is None:
+            r.signal(signal.SIGKILL)
+    for r in live:
+        r.wait(5.0)
+
+
+def run_methods(jobs: list[tuple[str, list[str], str, dict]], parallel: bool) -> tuple[dict, str | None]:
+    """Runs ``jobs`` = [(method, argv from the repository root, workdir, env)], all at once or one after another.
+
+    Returns ({method: run_info} of the runs started, the name of the signal that stopped them or None). A run that
+    fails leaves the others going; SIGINT/SIGTERM (with ``_raise_interrupted`` installed) or Ctrl-C stops them all.
+    """
+    runs: dict[str, Run] = {}
+    stopped_by = None
+    try:
+        for method, argv, workdir, env in jobs:
+            print(f"\n=== {method}: {shlex.join(argv)}", flush=True)
+            runs[method] = Run(method, [sys.executable] + argv[1:], os.path.join(workdir, "train.log"), env,
+                               prefix=f"[{method}] " if parallel else "")
+            if not parallel:
+                runs[method].wait()
+        for run in runs.values():
+            run.wait()
+    except (Interrupted, KeyboardInterrupt) as e:
+        stopped_by = str(e) if isinstance(e, Interrupted) else "SIGINT"
+        print(f"\n=== {stopped_by}: stopping {', '.join(m for m, r in runs.items() if r.returncode is None)}",
+              flush=True)
+        stop_runs(list(runs.values()))
+    return {method: run_info(method, argv, runs[method]) for method, argv, _, _ in jobs if method in runs}, stopped_by
+
+
+def run_info(method: str, argv: list[str], run: Run) -> dict:
+    log = "".join(run.lines)
     result = parse_iou_table(log)
+    rc = run.returncode
+    wall = run.wall_s if run.wall_s is not None else time.time() - run.t0
     info = {
         "command": shlex.join(argv),
         "returncode": rc,
@@ -163,14 +333,14 @@ def run_method(method: str, argv: list[str], workdir: str) -> dict:
         "eval_s": _number_after(r"evaluation took ([\d.]+)s", log),
         "last_images_per_s": _number_after(r"\| ([\d.]+) img/s", log),
         "result": result,
-        "log": log_path,
+        "log": run.log_path,
     }
     status = "ok" if rc == 0 and result else f"FAILED (exit status {rc}{', no IoU table' if not result else ''})"
     print(f"=== {method}: {status}, {wall:.0f}s", flush=True)
     return info
 
 
-def markdown_table(runs: dict) -> str:
+def markdown_table(runs: dict, concurrent: bool = False) -> str:
     methods = [m for m in runs if runs[m].get("result")]
     if not methods:
         return "(no run produced an IoU table)"
@@ -180,7 +350,8 @@ def markdown_table(runs: dict) -> str:
     for name in classes:
         lines.append(f"| {name} | " + " | ".join(fmt(runs[m]["result"]["iou"].get(name)) for m in methods) + " |")
     lines.append("| **mIoU** | " + " | ".join(f"**{fmt(runs[m]['result']['miou'])}**" for m in methods) + " |")
-    lines.append("| wall time (train + eval), s | " + " | ".join(f"{runs[m]['wall_s']:.0f}" for m in methods) + " |")
+    label = "wall time (train + eval, concurrent), s" if concurrent else "wall time (train + eval), s"
+    lines.append(f"| {label} | " + " | ".join(f"{runs[m]['wall_s']:.0f}" for m in methods) + " |")
     return "\n".join(lines)
 
 
@@ -202,6 +373,10 @@ def collect_split(args, runs: dict) -> dict:
     return {"identical": len(set(digests.values())) == 1, "sha256_16": digests, "num_labeled": len(labeled)}
 
 
+def config_spec(argv: list[str]) -> str:
+    return next(a for a in argv if a.startswith("--config="))[len("--config="):]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.data_dir:
@@ -215,30 +390,68 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "commands.txt"), "w") as f:
         f.write("".join(shlex.join(a) + "\n" for _, a in commands))
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return run_experiment(args, commands)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
-    runs = {}
-    for method, argv_ in commands:
-        runs[method] = run_method(method, argv_, os.path.join(args.workdir_root, method))
+
+def run_experiment(args, commands) -> int:
+    t0 = time.time()
+    prepare_s = None
+    prepare = prepare_command(config_spec(commands[0][1]))
+    if prepare:
+        print(f"\n=== preparing the dataset once for every run: {shlex.join(prepare)}", flush=True)
+        run = Run("prepare", prepare, os.path.join(args.workdir_root, "prepare.log"), child_env(), "[prepare] ")
+        try:
+            rc = run.wait()
+        except (Interrupted, KeyboardInterrupt) as e:
+            stop_runs([run])
+            return 128 + (e.signum if isinstance(e, Interrupted) else signal.SIGINT)
+        if rc != 0:
+            print(f"data preparation failed (exit status {rc}); see {run.log_path}", file=sys.stderr)
+            return 1
+        prepare_s = run.wall_s
+
+    jobs = [(method, argv_, os.path.join(args.workdir_root, method),
+             child_env(args.mem_fractions[method] if args.parallel else None)) for method, argv_ in commands]
+    mem_fractions = {m: float(env[MEM_FRACTION_ENV]) for m, _, _, env in jobs if MEM_FRACTION_ENV in env}
+    runs, stopped_by = run_methods(jobs, args.parallel)
+    total_s = time.time() - t0
     split = collect_split(args, runs)
 
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    table = markdown_table(runs)
+    table = markdown_table(runs, concurrent=args.parallel)
     header = (f"CamVid {args.config}, {args.steps} steps per method{' (smoke)' if args.smoke else ''}, {date}; "
               f"labelled frames: {split.get('num_labeled', 'n/a')}, same split for every method: "
               f"{split['identical']}")
+    if args.parallel:
+        shares = ", ".join(f"{m} {f:.3f}" for m, f in mem_fractions.items())
+        header += (f"\n\nThe {len(jobs)} runs shared one device concurrently (started together; "
+                   f"{MEM_FRACTION_ENV}: {shares}), so each run's wall time includes waiting for the others and "
+                   f"is not its solo time.")
+    else:
+        header += "\n\nThe runs went one after another on one device."
+    header += f" Total wall time {total_s:.0f} s"
+    header += f", of which {prepare_s:.0f} s preparing the data once before the runs." if prepare_s is not None else "."
+    if stopped_by:
+        header += f" Stopped by {stopped_by}: a run without a column did not finish."
     text = header + "\n\n" + table + "\n\nCommands:\n" + "".join(f"    {r['command']}\n" for r in runs.values())
     print("\n" + text, flush=True)
     with open(os.path.join(args.out, "camvid_results.md"), "w") as f:
         f.write(text)
     report = {"date": date, "config": args.config, "steps": args.steps, "smoke": args.smoke,
-              "overrides": args.overrides, "split": split, "runs": runs,
-              "commit": git_commit()}
+              "overrides": args.overrides, "parallel": args.parallel, "mem_fractions": mem_fractions,
+              "total_wall_s": total_s, "prepare_s": prepare_s, "stopped_by": stopped_by, "split": split,
+              "runs": runs, "commit": git_commit()}
     with open(os.path.join(args.out, "camvid_results.json"), "w") as f:
         json.dump(report, f, indent=1)
-    failed = [m for m, r in runs.items() if r["returncode"] != 0 or not r["result"]]
+    failed = [m for m, _ in commands if m not in runs or runs[m]["returncode"] != 0 or not runs[m]["result"]]
     if failed:
         print(f"failed: {', '.join(failed)} (see their train.log)", file=sys.stderr)
-        return 1
+        return 128 + signal.Signals[stopped_by] if stopped_by else 1
     return 0
 
 

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,57 @@ def test_camvid_experiment_commands_and_parsing(tmp_path):
 
     with pytest.raises(SystemExit):
         ce.parse_args(["--methods", "fixmatch", "--steps", "10", "--workdir_root", str(tmp_path)])
+
+
+def test_camvid_experiment_parallel_building_blocks(tmp_path, capsys):
+    ce = _load("camvid_experiment")
+    methods = ["supervised", "mean_teacher", "stpg"]
+    assert ce.memory_fractions("", methods) == pytest.approx(dict.fromkeys(methods, 0.3))
+    assert ce.memory_fractions("0.25", methods) == pytest.approx(dict.fromkeys(methods, 0.25))
+    assert ce.memory_fractions("stpg=0.5", methods) == pytest.approx(
+        {"supervised": 0.2, "mean_teacher": 0.2, "stpg": 0.5})
+    for bad in ("0.5", "stpg=0.95", "fixmatch=0.1"):
+        with pytest.raises(ValueError):
+            ce.memory_fractions(bad, methods)
+    args = ce.parse_args(["--workdir_root", str(tmp_path), "--parallel", "--mem_fraction", "stpg=0.4"])
+    assert args.parallel
+    assert args.mem_fractions == pytest.approx({"supervised": 0.25, "mean_teacher": 0.25, "stpg": 0.4})
+    assert not ce.parse_args(["--workdir_root", str(tmp_path)]).parallel
+
+    # Each concurrent run gets its share of the device memory, unless the user's environment names one.
+    env = ce.child_env(0.3, base={"PATH": "/bin"})
+    assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.300" and env["PYTHONUNBUFFERED"] == "1"
+    assert ce.child_env(0.3, base={"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.2"})["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.2"
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in ce.child_env(None, base={})
+
+    # The dataset is prepared once, from the runs' own config fields.
+    spec = ce.config_spec(ce.build_commands(ce.parse_args(
+        ["--workdir_root", str(tmp_path), "--data_dir", "/p", "--overrides", "data.root=/d"]))[0][1])
+    assert ce.prepare_command(spec)[1:] == ["-m", "stpg_jax.data.prepare", "--dataset", "camvid", "--manual_dir",
+                                            "/d", "--data_dir", "/p"]
+
+    # Two fake runs at once: each writes its own log and prefixed stdout; the failing one is reported, the other
+    # still finishes with its table.
+    table = "class              IoU %\\nsky                90.50\\nmIoU               45.25"
+    ok = f"import os, time; time.sleep(0.5); print(os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION']); print('{table}')"
+    bad = "import sys; print('boom'); sys.exit(3)"
+    jobs = [("supervised", ["python", "-c", ok], str(tmp_path / "supervised"), ce.child_env(0.3)),
+            ("stpg", ["python", "-c", bad], str(tmp_path / "stpg"), ce.child_env(0.6))]
+    runs, stopped_by = ce.run_methods(jobs, parallel=True)
+    assert stopped_by is None
+    assert runs["supervised"]["returncode"] == 0 and runs["supervised"]["result"]["miou"] == pytest.approx(45.25)
+    assert runs["stpg"]["returncode"] == 3 and runs["stpg"]["result"] is None
+    assert (tmp_path / "supervised" / "train.log").read_text().startswith("0.300\nclass")
+    assert (tmp_path / "stpg" / "train.log").read_text() == "boom\n"
+    out = capsys.readouterr().out
+    assert "[supervised] 0.300\n" in out and "[supervised] mIoU               45.25\n" in out
+    assert "[stpg] boom\n" in out and "=== stpg: FAILED (exit status 3, no IoU table)" in out
+    assert "concurrent" in ce.markdown_table(runs, concurrent=True)
+
+    # Stopping: SIGTERM reaches the whole process group of a run that ignores nothing.
+    run = ce.Run("sleeper", [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+                 str(tmp_path / "sleeper.log"))
+    while not run.lines:
+        time.sleep(0.05)
+    ce.stop_runs([run], grace_s=5.0)
+    assert run.returncode == -15 and run.wall_s < 30
