@@ -156,7 +156,8 @@ def test_camvid_experiment_parallel_building_blocks(tmp_path, capsys):
     # Stopping: SIGTERM reaches the whole process group of a run that ignores nothing.
     run = ce.Run("sleeper", [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
                  str(tmp_path / "sleeper.log"))
-    while not run.lines:
+    deadline = time.time() + 60
+    while not run.lines and time.time() < deadline:
         time.sleep(0.05)
     ce.stop_runs([run], grace_s=5.0)
     assert run.returncode == -15 and run.wall_s < 30
