@@ -5,8 +5,9 @@
 # The three runs start together on the one GPU (camvid_experiment.py --parallel), so that their start-up and XLA
 # compilation (each about a minute per R50 run on the H200; BENCHMARKS.md section 1) overlap instead of being paid
 # three times. The dataset is prepared once before they start. Each run preallocates its share of the GPU's memory
-# (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.9 / 3 each; MEM_FRACTION=stpg=0.45 gives STPG more and splits the rest) and
-# loads its batches with data.workers=WORKERS (4): 3 x 4 loader processes beside the 3 trainers fit the 16 cores.
+# (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.9 / 3 each; MEM_FRACTION=stpg=0.45 gives STPG more and splits the rest),
+# computes in DTYPE (bfloat16; parameters stay float32) and loads its batches with data.workers=WORKERS (4): 3 x 4
+# loader processes beside the 3 trainers fit the 16 cores.
 # The per-method wall times overlap: they are not solo times, and the results say so. PARALLEL=0 runs the methods one
 # after another (paying start-up and compilation three times). TIMEOUT_S (480) bounds the experiment; when it
 # expires the runs are stopped and the results file and the train logs are still written.
@@ -44,6 +45,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 ROOT=/tmp/camvid_exp
 rm -rf "$ROOT"
 OVERRIDES="data.root=.carry/camvid,model.pretrained=.carry/weights/resnet50_imagenet.npz,data.workers=$WORKERS"
+OVERRIDES+=",model.dtype=${DTYPE:-bfloat16}"  # bfloat16 compute (float32 parameters) for all three methods
 OVERRIDES+=",${EXTRA_OVERRIDES:-log_every_steps=50}"
 MODE_ARGS=(--parallel)
 [ "${PARALLEL:-1}" = 1 ] || MODE_ARGS=(--no-parallel)
