@@ -29,12 +29,13 @@ def test_step_time_tiny_end_to_end(tmp_path):
     out = tmp_path / "step_time.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "step_time.py"), "--config=configs/voc_blender.py:1_4",
            "--tiny", "--steps", "2", "--warmup", "1", "--dtypes", "float32", "--parts", "all",
-           "--num_devices", "1", "--out", str(out)]
+           "--num_devices", "1", "--out", str(out), "--profile", str(tmp_path / "trace"), "--profile_steps", "1"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for text in ("compiling the step", "| dtype | lower s | compile s | median ms", "| float32 |",
-                 "Selection + contrastive + memory-bank part alone"):
+                 "Selection + contrastive + memory-bank part alone", "Profile of 1 step(s) (host XLA thunks",
+                 "| category | ms/step | share of kernel time |"):
         assert text in proc.stdout
 
     report = json.loads(out.read_text())
@@ -54,8 +55,16 @@ def test_step_time_tiny_end_to_end(tmp_path):
     assert r["mfu"] is None and r["peak_tflops_per_device"] is None
     assert r["peak_memory_bytes"] is None or _positive(r["peak_memory_bytes"])
     assert math.isfinite(r["final_loss"])
-    # The timed steps ran past the contrastive start: the counter went on from there.
+    # The timed steps ran past the contrastive start: the counter went on from there (then the profiled step).
     assert r["step_counter_after"] == 1600 + 1 + 2 + 2
+    # The profile: every kernel of the traced step is counted once, convolutions among them, and the optimised HLO
+    # of the step lies beside the trace.
+    prof = r["profile"]
+    assert prof["source"] == "host" and prof["steps"] == 1 and prof["distinct_ops"] > 50
+    assert prof["categories"]["convolution"]["ms_per_step"] > 0
+    assert sum(c["share"] for c in prof["categories"].values()) == pytest.approx(1.0)
+    assert 0 < prof["busy_ms_per_step"] <= prof["kernel_ms_per_step"] * 1.0001
+    assert (tmp_path / "trace" / "float32" / "step_hlo.txt").stat().st_size > 10_000
 
 
 def test_step_time_helpers():
