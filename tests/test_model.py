@@ -1,14 +1,17 @@
-"""DeepLabV3+ and the dilated ResNet: shapes, parameter counts, resize, mixed precision, dilation and stride placement."""
+"""DeepLabV3+ and the dilated ResNet: shapes, parameter counts, resize, mixed precision, dilation and stride placement,
+rematerialisation."""
 
 import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from stpg_jax.models import DeepLabV3Plus, ResNet, resize_bilinear_align_corners
+from stpg_jax.config import base_config
+from stpg_jax.models import DeepLabV3Plus, ResNet, model_from_config, resize_bilinear_align_corners
 
 TINY = dict(stage_blocks=(1, 1, 1, 1), width=8, aspp_channels=16, decoder_channels=16, low_level_channels=8,
             proj_dim=16)
@@ -162,3 +165,58 @@ def test_stride_in_1x1_moves_the_stride(stride_in_1x1):
     conv1, conv2 = block["conv1"]["__call__"][0][1:3], block["conv2"]["__call__"][0][1:3]
     assert (conv1, conv2) == (((8, 8), (8, 8)) if stride_in_1x1 else ((16, 16), (8, 8)))
     assert block["downsample_conv"]["__call__"][0][1:3] == (8, 8)
+
+
+# XLA's CPU pipeline strips jax.checkpoint's optimization barriers before its CSE pass, which then merges the
+# recomputation back into the forward pass, so remat changes nothing on the CPU by default. GPU and TPU keep the
+# barriers until after scheduling; compiling with the expander off gives the CPU the same program. (LLVM -O0 only
+# shortens the compile: buffer assignment is done before it.)
+KEEP_REMAT_BARRIERS = {"xla_disable_hlo_passes": "cse_barrier_expander", "xla_backend_optimization_level": 0}
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_train_gradients(remat):
+    """Init variables, the compiled value_and_grad of a train-mode loss, and its results, with remat off or on."""
+    model = DeepLabV3Plus(num_classes=5, remat=remat, **TINY)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 48, 3))
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0), x)
+
+    def loss(params, batch_stats, x):
+        out, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, True, mutable=["batch_stats"],
+                                   rngs={"dropout": jax.random.PRNGKey(2)})
+        return jnp.mean(out["logits"] ** 2) + jnp.mean(out["features"] ** 2), (out, updates["batch_stats"])
+
+    args = (variables["params"], variables["batch_stats"], x)
+    compiled = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(*args).compile(KEEP_REMAT_BARRIERS)
+    return variables, compiled, compiled(*args)
+
+
+def test_remat_keeps_the_variables():
+    (off, _, _), (on, _, _) = tiny_train_gradients(False), tiny_train_gradients(True)
+    assert jax.tree_util.tree_structure(on) == jax.tree_util.tree_structure(off)
+    assert set(off) == {"params", "batch_stats"}
+    jax.tree_util.tree_map(np.testing.assert_array_equal, on, off)
+
+
+def test_remat_gives_the_same_outputs_statistics_and_gradients():
+    (_, _, ((loss_off, aux_off), grads_off)), (_, _, ((loss_on, aux_on), grads_on)) = (
+        tiny_train_gradients(False), tiny_train_gradients(True))
+    np.testing.assert_allclose(loss_on, loss_off, rtol=1e-6)
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+    jax.tree_util.tree_map(close, aux_on, aux_off)  # logits, features and the updated batch_stats
+    jax.tree_util.tree_map(close, grads_on, grads_off)
+    assert max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(grads_off)) > 1e-3  # not trivially zero
+
+
+def test_remat_reduces_xla_temp_memory():
+    off, on = (tiny_train_gradients(remat)[1].memory_analysis().temp_size_in_bytes for remat in (False, True))
+    assert on < 0.75 * off, (on, off)
+
+
+def test_model_from_config_passes_remat_and_reads_configs_without_it():
+    model = base_config().model
+    assert model_from_config(model, 21).remat is False
+    model.remat = True
+    assert model_from_config(model, 21).remat is True
+    older = ml_collections.ConfigDict({k: v for k, v in model.to_dict().items() if k != "remat"})  # older exports
+    assert model_from_config(older, 21).remat is False

@@ -41,6 +41,31 @@ def conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, dtype: 
     )
 
 
+def maybe_remat(target, remat: bool):
+    """``target`` with its internal activations recomputed in the backward pass (``nn.remat``) when ``remat``.
+
+    ``target`` is a module class called as ``(x, train)`` or a function called as ``(module, x, train)``; ``train``
+    must be passed positionally: it selects Python branches, so it is static argument 2 (flax counts ``self`` or
+    the module as 0). Variable names and shapes do not change.
+    """
+    return nn.remat(target, static_argnums=(2,)) if remat else target
+
+
+def resnet_stem(net: ResNet, x, train: bool):
+    """The ResNet's stem convs and max-pool (stride 4). A function of the ResNet rather than a submodule, so that
+    its variables sit directly under the backbone, where pretrained weights map them, with or without remat."""
+    if net.stem == "deep":
+        for i, ch in enumerate((net.width, net.width, 2 * net.width)):
+            x = conv(ch, 3, 2 if i == 0 else 1, dtype=net.dtype, name=f"stem_conv{i + 1}")(x)
+            x = nn.relu(batch_norm(train, net.dtype, f"stem_bn{i + 1}")(x))
+    elif net.stem == "standard":
+        x = conv(net.width, 7, 2, dtype=net.dtype, name="conv1")(x)
+        x = nn.relu(batch_norm(train, net.dtype, "bn1")(x))
+    else:
+        raise ValueError(f"model.stem must be 'deep' or 'standard', got {net.stem!r}")
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
 class Bottleneck(nn.Module):
     """1×1 → 3×3 (dilated) → 1×1 bottleneck with expansion 4.
 
@@ -78,6 +103,8 @@ class ResNet(nn.Module):
       width: channels of the first stage's bottleneck (64 in the real networks; tests use 8).
       stem: 'deep' (three 3×3 convs width→width→2·width, the "v1c" checkpoints) or 'standard' (one 7×7).
       output_stride: 16 (layer4 dilated) or 8 (layers 3 and 4 dilated).
+      remat: recompute the activations inside the stem and each bottleneck in the backward pass instead of keeping
+        them (``nn.remat``); the variables are the same either way.
     """
 
     stage_blocks: Sequence[int] = STAGE_BLOCKS[50]
@@ -86,19 +113,11 @@ class ResNet(nn.Module):
     stride_in_1x1: bool = False
     output_stride: int = 16
     dtype: Any = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
-        if self.stem == "deep":
-            for i, ch in enumerate((self.width, self.width, 2 * self.width)):
-                x = conv(ch, 3, 2 if i == 0 else 1, dtype=self.dtype, name=f"stem_conv{i + 1}")(x)
-                x = nn.relu(batch_norm(train, self.dtype, f"stem_bn{i + 1}")(x))
-        elif self.stem == "standard":
-            x = conv(self.width, 7, 2, dtype=self.dtype, name="conv1")(x)
-            x = nn.relu(batch_norm(train, self.dtype, "bn1")(x))
-        else:
-            raise ValueError(f"model.stem must be 'deep' or 'standard', got {self.stem!r}")
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = maybe_remat(resnet_stem, self.remat)(self, x, train)
 
         if self.output_stride == 16:
             strides, dilations = (1, 2, 2, 1), (1, 1, 1, 2)
@@ -107,6 +126,7 @@ class ResNet(nn.Module):
         else:
             raise ValueError(f"model.output_stride must be 8 or 16, got {self.output_stride}")
 
+        block = maybe_remat(Bottleneck, self.remat)
         in_ch = x.shape[-1]
         low_level = None
         for stage, blocks in enumerate(self.stage_blocks):
@@ -117,7 +137,7 @@ class ResNet(nn.Module):
                 else:
                     dilation = dilations[stage]
                 stride = strides[stage] if i == 0 else 1
-                x = Bottleneck(
+                x = block(
                     planes,
                     stride=stride,
                     dilation=dilation,
