@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.low_level_channels = 48
     m.proj_dim = 256
     m.dtype = "float32"  # compute dtype; parameters stay float32
+    m.remat = False  # recompute block activations in the backward pass: less memory, more compute; same parameters
     m.pretrained = ""  # ImageNet backbone weights (.npz / .pth / converted); '' = random init
 
     c.optim = o = ml_collections.ConfigDict()
@@ -214,6 +215,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.model.output_stride must be 8 or 16, got {c.model.output_stride}")
     if c.model.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"config.model.dtype must be 'float32' or 'bfloat16', got {c.model.dtype!r}")
+    if not isinstance(c.model.remat, bool):
+        raise ConfigError(f"config.model.remat must be True or False, got {c.model.remat!r}")
     if not c.model.stage_blocks and c.model.depth not in (50, 101):
         raise ConfigError(f"config.model.depth must be 50 or 101 (or set model.stage_blocks), got {c.model.depth}")
     for name in ("batch_labeled", "batch_unlabeled", "crop_size"):

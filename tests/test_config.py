@@ -142,3 +142,28 @@ def test_paper_configs_use_the_paper_network():
         assert (m.stem, m.output_stride, m.aspp_channels, m.decoder_channels) == ("deep", 16, 256, 256)
         assert (m.low_level_channels, m.proj_dim, m.stage_blocks, m.width) == (48, 256, (), 64)
         assert m.pretrained
+
+
+def test_remat_is_a_checked_switch_that_a_resume_accepts(tmp_path):
+    import json
+
+    from stpg_jax.checkpoint import check_config, write_config
+    from stpg_jax.config import validate
+
+    assert get("voc_blender").model.remat is False
+    with pytest.raises(ConfigError, match=r"model\.remat"):
+        get("voc_blender", "1_4,model.remat=1")
+    c = get("voc_blender")
+    c.model.remat = None
+    with pytest.raises(ConfigError, match=r"model\.remat"):
+        validate(c)
+
+    # Compute only (same variables, same values): a run resumes with it switched, or from a config.json without it.
+    write_config(str(tmp_path), get("voc_blender"))
+    check_config(str(tmp_path), get("voc_blender", "1_4,model.remat=True"))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["model"]["remat"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    check_config(str(tmp_path), get("voc_blender", "1_4,model.remat=True"))
+    with pytest.raises(ConfigError, match=r"model\.dtype"):
+        check_config(str(tmp_path), get("voc_blender", "1_4,model.dtype=bfloat16"))
