@@ -10,7 +10,8 @@
 # PROFILE_TGZ=1. bfloat16 runs first, with the losses-part pieces, the per-network breakdown and (PROFILE=1, the
 # default) a jax.profiler trace of 2 steps summarised by benchmarks/profile_summary.py into the log and the JSON.
 # float32 runs with the allocator's pool capped at F32_POOL_GIB (default 37.25 GiB = 40 GB, the memory
-# target; 0 = no cap), so a run that completes shows the float32 VOC step fits in 40 GB. Each run writes its JSON
+# target; 0 = no cap), so a run that completes shows the float32 VOC step fits in 40 GB; F32_REMAT=1 runs it with
+# model.remat=True (activations recomputed in the backward pass). Each run writes its JSON
 # after every phase, so a run stopped by its timeout keeps what it measured. BUDGET_S (default 225 s) bounds the
 # whole script.
 set -uo pipefail
@@ -58,7 +59,8 @@ fi
 T=$(left)
 if [ "$T" -gt 30 ]; then
   echo "== float32 (timeout ${T}s)"
-  env ${FRACTION:+XLA_PYTHON_CLIENT_MEM_FRACTION=$FRACTION} timeout -k 5 "$T" python3 benchmarks/step_time.py --config="$CONFIG" $STEP_ARGS --dtypes float32 \
+  F32_CONFIG=$CONFIG; [ "${F32_REMAT:-0}" = 1 ] && F32_CONFIG="$CONFIG,model.remat=True"
+  env ${FRACTION:+XLA_PYTHON_CLIENT_MEM_FRACTION=$FRACTION} timeout -k 5 "$T" python3 benchmarks/step_time.py --config="$F32_CONFIG" $STEP_ARGS --dtypes float32 \
     --steps 20 --warmup 3 --parts none --out "$OUT/step_time_f32.json" 2>&1 | tee "$OUT/step_time_f32.log"
   echo "float32 exit status ${PIPESTATUS[0]} (non-zero with RESOURCE_EXHAUSTED above = does not fit the pool)"
 else
