@@ -56,6 +56,9 @@ SPLIT_FILES = ("split_labeled.txt", "split_unlabeled.txt", "split.json")
 MEM_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 TOTAL_MEM_FRACTION = 0.9  # of the accelerator, split between concurrent runs; the rest for CUDA contexts
 STOP_GRACE_S = 5.0  # after SIGTERM, before SIGKILL (gpu_camvid.sh's `timeout -k 10` allows 10 s in all)
+# After a run's process ends, how long its output may still drain before what is left of its process group (loader
+# workers orphaned by a run the OOM killer ended, which keep the output pipe open) is killed.
+DRAIN_S = 10.0
 
 # A tiny randomly initialised network, crop 64, batch 2+2 and 4 val images: the whole pipeline in minutes on a CPU.
 SMOKE_OVERRIDES = (
@@ -233,7 +236,8 @@ def _raise_interrupted(signum, _frame):
 class Run:
     """One child process, run from the repository root in its own process group (so that stopping it also stops
     its data-loader workers); a thread copies its output, line by line, to ``log_path``, to stdout after ``prefix``
-    and to ``lines``, and records its exit status and wall time when it ends."""
+    and to ``lines``; another waits for the process, records its exit status and wall time, and ends the process
+    group if the output is still open ``DRAIN_S`` after the process ended."""
 
     def __init__(self, name: str, cmd: list[str], log_path: str, env: dict | None = None, prefix: str = ""):
         self.name, self.cmd, self.log_path, self.prefix = name, cmd, log_path, prefix
@@ -247,8 +251,9 @@ class Run:
         # Waiting on an Event, not on Thread.join: a signal that interrupts join() can leave the thread marked as
         # stopped while it still runs.
         self._done = threading.Event()
-        self._copier = threading.Thread(target=self._copy_output, name=f"output of {name}", daemon=True)
-        self._copier.start()
+        self._copied = threading.Event()
+        threading.Thread(target=self._copy_output, name=f"output of {name}", daemon=True).start()
+        threading.Thread(target=self._wait_for_exit, name=f"exit of {name}", daemon=True).start()
 
     def _copy_output(self):
         try:
@@ -260,8 +265,17 @@ class Run:
                     with _STDOUT:
                         sys.stdout.write(self.prefix + line)
                         sys.stdout.flush()
-            self.returncode = self.proc.wait()
+        finally:
+            self._copied.set()
+
+    def _wait_for_exit(self):
+        try:
+            returncode = self.proc.wait()
             self.wall_s = time.time() - self.t0
+            if not self._copied.wait(DRAIN_S):
+                self.signal(signal.SIGKILL)  # orphaned workers hold the pipe: end them so the copy finishes
+                self._copied.wait(DRAIN_S)
+            self.returncode = returncode
             if self.prefix:
                 with _STDOUT:
                     print(f"{self.prefix}(exit status {self.returncode} after {self.wall_s:.0f}s)", flush=True)

@@ -117,7 +117,16 @@ def test_camvid_experiment_commands_and_parsing(tmp_path):
         ce.parse_args(["--methods", "fixmatch", "--steps", "10", "--workdir_root", str(tmp_path)])
 
 
-def test_camvid_experiment_parallel_building_blocks(tmp_path, capsys):
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (Linux /proc)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_camvid_experiment_parallel_building_blocks(tmp_path, capsys, monkeypatch):
     ce = _load("camvid_experiment")
     methods = ["supervised", "mean_teacher", "stpg"]
     assert ce.memory_fractions("", methods) == pytest.approx(dict.fromkeys(methods, 0.3))
@@ -170,3 +179,16 @@ def test_camvid_experiment_parallel_building_blocks(tmp_path, capsys):
         time.sleep(0.05)
     ce.stop_runs([run], grace_s=5.0)
     assert run.returncode == -15 and run.wall_s < 30
+
+    # A run that dies while a worker it started still holds its output (as when the OOM killer ends a trainer and
+    # leaves its loader processes) is reported once the drain time is over, and the worker is ended with it.
+    monkeypatch.setattr(ce, "DRAIN_S", 0.5)
+    orphaning = ("import subprocess, sys; w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+                 "print(w.pid, flush=True); sys.exit(5)")
+    run = ce.Run("orphaning", [sys.executable, "-c", orphaning], str(tmp_path / "orphaning.log"))
+    assert run.wait(30) == 5
+    worker = int(run.lines[0])
+    deadline = time.time() + 10
+    while _alive(worker) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _alive(worker)
