@@ -192,3 +192,20 @@ def test_camvid_experiment_parallel_building_blocks(tmp_path, capsys, monkeypatc
     while _alive(worker) and time.time() < deadline:
         time.sleep(0.05)
     assert not _alive(worker)
+
+
+def test_loader_throughput_on_the_demo_data(tmp_path, capsys):
+    lt = _load("loader_throughput")
+    out = tmp_path / "loader.json"
+    report = lt.main(["--config=configs/demo.py", "--workers", "0", "--batches", "3", "--warmup", "1",
+                      "--out", str(out)])
+    (row,) = report["results"]
+    config = lt.load_config("configs/demo.py")
+    # An STPG batch decodes the labelled images and both unlabelled streams.
+    assert row["images_per_batch"] == config.data.batch_labeled + 2 * config.data.batch_unlabeled
+    assert row["batches"] == 3 and _positive(row["batches_per_s"]) and _positive(row["mean_batch_ms"])
+    assert row["images_per_s"] == pytest.approx(row["batches_per_s"] * row["images_per_batch"])
+    assert json.loads(out.read_text())["results"][0]["workers"] == 0
+    assert "| workers | first batch s | batches/s |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        lt.parse_args(["--workers", "two"])
