@@ -151,7 +151,7 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
 
 
 def load_events(trace_path: Path) -> tuple[list[dict], str]:
-    """The device's kernel events, and where they came from ('gpu' or 'host')."""
+    """The device's kernel events, and where they came from ('gpu', 'device xla ops', 'device' or 'host')."""
     with gzip.open(trace_path, "rt") as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
@@ -163,10 +163,17 @@ def load_events(trace_path: Path) -> tuple[list[dict], str]:
             threads[(e["pid"], e.get("tid"))] = e.get("args", {}).get("name", "")
     complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
     device_pids = {pid for pid, name in processes.items() if re.match(r"/device:(GPU|TPU)", name)}
-    kernels = [e for e in complete if e["pid"] in device_pids
-               and threads.get((e["pid"], e.get("tid")), "").lower().startswith("stream")]
+    on_device = [e for e in complete if e["pid"] in device_pids]
+
+    def line(e):
+        return threads.get((e["pid"], e.get("tid")), "").lower()
+
+    kernels = [e for e in on_device if line(e).startswith("stream")]
     if kernels:
         return kernels, "gpu"
+    if on_device:  # no per-stream kernel lines: the device's XLA op line, else whatever the device shows
+        ops = [e for e in on_device if line(e) == "xla ops"]
+        return (ops, "device xla ops") if ops else (on_device, "device")
     # CPU: the thunks carry the HLO instruction; "end: …" markers and listener records do not.
     host = [e for e in complete if (e.get("args") or {}).get("hlo_op") and not e["name"].startswith("end:")]
     return host, "host"
@@ -225,7 +232,8 @@ def summarize(trace_dir: str | Path, hlo_text: str | None = None, steps: int | N
 def format_summary(s: dict) -> str:
     walls = s["step_wall_ms"]
     wall = f", step wall {sum(walls) / len(walls):.2f} ms (mean of {len(walls)} annotated steps)" if walls else ""
-    lines = [f"Profile of {s['steps']} step(s) ({'device kernels' if s['source'] == 'gpu' else 'host XLA thunks'}; "
+    source = {"gpu": "device kernels", "host": "host XLA thunks"}.get(s["source"], s["source"])
+    lines = [f"Profile of {s['steps']} step(s) ({source}; "
              f"{s['distinct_ops']} HLO instructions): kernel time {s['kernel_ms_per_step']:.2f} ms/step, "
              f"busy {s['busy_ms_per_step']:.2f} ms/step{wall}", "",
              "| category | ms/step | share of kernel time |", "|---|---:|---:|"]

@@ -154,3 +154,17 @@ def test_summary_without_device_lines_uses_host_thunks(tmp_path):
 def test_missing_trace_names_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         ps.find_trace(tmp_path)
+
+
+def test_device_without_stream_lines_falls_back_to_its_xla_ops_line(tmp_path):
+    events = [{"ph": "M", "pid": 3, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+              {"ph": "M", "pid": 3, "tid": 1, "name": "thread_name", "args": {"name": "XLA Modules"}},
+              {"ph": "M", "pid": 3, "tid": 2, "name": "thread_name", "args": {"name": "XLA Ops"}},
+              {"ph": "X", "pid": 3, "tid": 1, "ts": 0.0, "dur": 50.0, "name": "jit_step(1)"},
+              {"ph": "X", "pid": 3, "tid": 2, "ts": 0.0, "dur": 20.0, "name": "cudnn-conv.1"},
+              {"ph": "X", "pid": 3, "tid": 2, "ts": 20.0, "dur": 20.0, "name": "loop_add_fusion"}]
+    _write_trace(tmp_path / "t.trace.json.gz", events)
+    s = ps.summarize(tmp_path, steps=1)
+    assert s["source"] == "device xla ops" and s["kernel_ms_per_step"] == pytest.approx(0.040)
+    assert s["categories"]["convolution"]["share"] == pytest.approx(0.5)
+    assert "(device xla ops;" in ps.format_summary(s)
