@@ -168,7 +168,14 @@ def load_events(trace_path: Path) -> tuple[list[dict], str]:
     def line(e):
         return threads.get((e["pid"], e.get("tid")), "").lower()
 
-    kernels = [e for e in on_device if line(e).startswith("stream")]
+    def stream(e):  # xprof: one process per device, a "Stream #N(...)" line per stream; older traces: one process
+        # per stream ("/device:GPU:0/stream:7 Compute"), beside an aggregate "stream:all" that repeats every kernel
+        name = processes.get(e["pid"], "")
+        if "/stream:" in name:
+            return "stream:all" not in name and "Tensors" not in name and "Memcpy" not in name
+        return line(e).startswith("stream")
+
+    kernels = [e for e in on_device if stream(e)]
     if kernels:
         return kernels, "gpu"
     if on_device:  # no per-stream kernel lines: the device's XLA op line, else whatever the device shows

@@ -168,3 +168,13 @@ def test_device_without_stream_lines_falls_back_to_its_xla_ops_line(tmp_path):
     assert s["source"] == "device xla ops" and s["kernel_ms_per_step"] == pytest.approx(0.040)
     assert s["categories"]["convolution"]["share"] == pytest.approx(0.5)
     assert "(device xla ops;" in ps.format_summary(s)
+
+
+def test_per_stream_processes_of_older_traces_skip_the_aggregate_stream(tmp_path):
+    meta = [{"ph": "M", "pid": p, "name": "process_name", "args": {"name": name}} for p, name in
+            [(1, "/device:GPU:0/stream:7 Compute"), (2, "/device:GPU:0/stream:all Compute"),
+             (3, "/device:GPU:0/stream:7 Tensors")]]
+    kernel = {"ph": "X", "tid": 0, "ts": 0.0, "dur": 30.0, "name": "loop_add_fusion", "args": {}}
+    _write_trace(tmp_path / "t.trace.json.gz", meta + [{**kernel, "pid": p} for p in (1, 2, 3)])
+    s = ps.summarize(tmp_path, steps=1)
+    assert s["source"] == "gpu" and s["kernel_ms_per_step"] == pytest.approx(0.030)
