@@ -1,13 +1,18 @@
 """Embedded road scenes, weak augmentation and the grain train loader."""
 
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from stpg_jax.config import base_config
 from stpg_jax.data import DataError, augment, build_data, make_train_loader, palettes, synthetic
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def data_config(**overrides):
@@ -154,6 +159,30 @@ def test_loader_is_the_same_with_worker_processes(bundle):
     for a, b in zip(base, with_workers):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
+    loader.close()  # twice is harmless
+    with pytest.raises(RuntimeError, match='closed'):
+        next(loader)
+
+
+def test_closed_worker_loader_exits_quietly(tmp_path):
+    # Collected only at interpreter exit, grain's worker iterator would close itself again after its modules are
+    # gone and print an ignored AttributeError; close() drops it while the interpreter is whole.
+    script = tmp_path / 'close_loader.py'
+    script.write_text(
+        'from stpg_jax.config import base_config\n'
+        'from stpg_jax.data import build_data, make_train_loader\n'
+        'if __name__ == "__main__":\n'
+        '    c = base_config().data\n'
+        '    c.update(dataset="synthetic", crop_size=32, batch_labeled=2, batch_unlabeled=2, workers=1)\n'
+        '    c.synthetic.update(num_labeled=4, num_unlabeled=4, num_val=2, height=32, width=48)\n'
+        '    loader = make_train_loader(build_data(c), c, 0)\n'
+        '    next(loader)\n'
+        '    loader.close()\n'
+        '    print("closed")\n'
+    )
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith('closed'), proc.stderr[-2000:]
+    assert 'Exception ignored' not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_process_shards_make_up_the_global_batch(bundle):

@@ -69,6 +69,8 @@ class TrainLoader:
         return self
 
     def __next__(self):
+        if self._iterator is None:
+            raise RuntimeError('the train loader is closed')
         return next(self._iterator)
 
     def get_state(self):
@@ -79,9 +81,13 @@ class TrainLoader:
         self._iterator.set_state(_from_jsonable(state))
 
     def close(self):
-        close = getattr(self._iterator, 'close', None)
+        iterator, self._iterator = self._iterator, None
+        close = getattr(iterator, 'close', None)
         if close is not None:
             close()
+        # Drop the iterator now, while the interpreter is whole: collected at exit instead, its __del__ closes it
+        # again after grain's modules are torn down and prints an ignored exception.
+        del iterator
 
 
 def _to_jsonable(obj):
