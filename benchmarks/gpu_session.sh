@@ -12,7 +12,8 @@
 # float32 runs with the allocator's pool capped at F32_POOL_GIB (default 37.25 GiB = 40 GB, the memory
 # target; 0 = no cap), so a run that completes shows the float32 VOC step fits in 40 GB; F32_REMAT=1 runs it with
 # model.remat=True (activations recomputed in the backward pass). Each run writes its JSON
-# after every phase, so a run stopped by its timeout keeps what it measured. BUDGET_S (default 225 s) bounds the
+# after every phase (the profile right after the timed steps), so a run stopped by its timeout keeps what it
+# measured; BF16_ARGS (default --breakdown) adds the optional phases. BUDGET_S (default 225 s) bounds the
 # whole script.
 set -uo pipefail
 START=$SECONDS
@@ -37,12 +38,13 @@ echo "setup took $((SECONDS - START))s"
 
 left() { echo $((BUDGET_S - (SECONDS - START))); }
 
+BF16_ARGS=${BF16_ARGS:---breakdown}  # e.g. "--parts none" for a short call that only needs the profile
 PROFILE_ARGS=()
 [ "${PROFILE:-1}" = 1 ] && PROFILE_ARGS=(--profile /tmp/stpg_profile --profile_steps 2)
 T=$(( $(left) - 80 )); [ "$T" -gt 170 ] && T=170
 echo "== bfloat16 (timeout ${T}s)"
 timeout -k 5 "$T" python3 benchmarks/step_time.py --config="$CONFIG" $STEP_ARGS --dtypes bfloat16 \
-  --steps 30 --warmup 5 --breakdown "${PROFILE_ARGS[@]}" --out "$OUT/step_time_bf16.json" 2>&1 | tee "$OUT/step_time_bf16.log"
+  --steps 30 --warmup 5 $BF16_ARGS "${PROFILE_ARGS[@]}" --out "$OUT/step_time_bf16.json" 2>&1 | tee "$OUT/step_time_bf16.log"
 if [ "${PROFILE_TGZ:-0}" = 1 ] && [ -d /tmp/stpg_profile ]; then
   tar -C /tmp -czf "$OUT/profile_bf16.tgz" stpg_profile && ls -la "$OUT/profile_bf16.tgz"
 fi

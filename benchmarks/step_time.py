@@ -509,6 +509,25 @@ def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
     }
     save(result)  # a later phase that runs out of time leaves these figures behind
 
+    if args.profile:  # before the optional phases: a run stopped by its timeout still has the trace
+        trace_dir = os.path.join(args.profile, dtype)
+        log(f"[{dtype}] profiling {args.profile_steps} steps into {trace_dir} ...")
+        with jax.profiler.trace(trace_dir):
+            for i in range(args.profile_steps):
+                with jax.profiler.StepTraceAnnotation("train_step", step_num=i):
+                    holder["state"], out = compiled(holder["state"], batches[i % len(batches)])
+                    jax.block_until_ready(out)
+        hlo_text = compiled.as_text()
+        Path(trace_dir, "step_hlo.txt").write_text(hlo_text)
+        try:
+            summary = profile_summary.summarize(trace_dir, hlo_text, steps=args.profile_steps)
+        except (OSError, ValueError, KeyError) as e:  # a trace the profiler could not write must not lose the timings
+            log(f"[{dtype}] no profile summary: {e}")
+        else:
+            result["profile"] = summary
+            log(f"[{dtype}] trace in {trace_dir}\n" + profile_summary.format_summary(summary))
+        save(result)
+
     # The losses part alone, at the step's sizes.
     variables = jax.eval_shape(
         lambda: b["model"].init(jax.random.PRNGKey(0), jnp.zeros((1, c.data.crop_size, c.data.crop_size, 3)),
@@ -546,24 +565,6 @@ def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
             log(f"[{dtype}]   {name}: {r['median_ms']:.2f} ms")
         save(result)
 
-    if args.profile:
-        trace_dir = os.path.join(args.profile, dtype)
-        log(f"[{dtype}] profiling {args.profile_steps} steps into {trace_dir} ...")
-        with jax.profiler.trace(trace_dir):
-            for i in range(args.profile_steps):
-                with jax.profiler.StepTraceAnnotation("train_step", step_num=i):
-                    holder["state"], out = compiled(holder["state"], batches[i % len(batches)])
-                    jax.block_until_ready(out)
-        hlo_text = compiled.as_text()
-        Path(trace_dir, "step_hlo.txt").write_text(hlo_text)
-        try:
-            summary = profile_summary.summarize(trace_dir, hlo_text, steps=args.profile_steps)
-        except (OSError, ValueError, KeyError) as e:  # a trace the profiler could not write must not lose the timings
-            log(f"[{dtype}] no profile summary: {e}")
-        else:
-            result["profile"] = summary
-            log(f"[{dtype}] trace in {trace_dir}\n" + profile_summary.format_summary(summary))
-        save(result)
     return result
 
 
