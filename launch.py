@@ -3,7 +3,7 @@
 A run started again with the same --workdir resumes from its latest checkpoint.
 """
 
-from stpg_jax.host import tune_malloc
+from stpg_jax.host import enable_compilation_cache, tune_malloc
 
 tune_malloc()  # before JAX allocates anything
 
@@ -23,6 +23,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, with the split and overrides after ':'.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Work directory: checkpoints, TensorBoard events, split record.")
+flags.DEFINE_string("compilation_cache", "default",
+                    "Persistent XLA compilation cache, so a restarted or resumed run skips its compiles: 'default' "
+                    "(<workdir>/xla_cache), another folder, or '' for none. JAX_COMPILATION_CACHE_DIR, if set, wins.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -63,6 +66,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     logging.get_absl_logger().addFilter(
         lambda record: record.levelno >= py_logging.ERROR or "tensorflow_datasets" not in record.pathname)
+    enable_compilation_cache(FLAGS.compilation_cache, FLAGS.workdir)
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (stpg_config.ConfigError, DataError, WeightsMismatchError, FileNotFoundError,

@@ -45,3 +45,14 @@ def test_unknown_override_key_is_named(tmp_path, override, key):
 def test_mistyped_split_names_the_allowed_splits(tmp_path):
     result = launch(tmp_path, f"--config={REPO}/configs/voc_blender.py:1_5", f"--workdir={tmp_path}/w")
     assert_one_clear_error(result, "1_5", "1_16", "1_8", "1_4", "1_2", "full")
+
+
+def test_compilation_cache_folder():
+    from stpg_jax.host import compilation_cache_dir
+
+    assert compilation_cache_dir("default", "runs/a", {}) == os.path.join("runs/a", "xla_cache")
+    assert compilation_cache_dir("/cache/xla", "runs/a", {}) == "/cache/xla"
+    assert compilation_cache_dir("", "runs/a", {}) is None
+    # JAX reads JAX_COMPILATION_CACHE_DIR itself; the flag does not override it.
+    env = {"JAX_COMPILATION_CACHE_DIR": "/shared/xla"}
+    assert compilation_cache_dir("default", "runs/a", env) == compilation_cache_dir("", "runs/a", env) == "/shared/xla"
