@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from step_time import git_commit, load_config  # noqa: E402  (the sibling script)
 
-from stpg_jax.data import build_data, make_train_loader  # noqa: E402
+from stpg_jax.config import ConfigError  # noqa: E402
+from stpg_jax.data import DataError, build_data, make_train_loader  # noqa: E402
 from stpg_jax.host import tune_malloc  # noqa: E402
 
 
@@ -134,4 +135,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (DataError, ConfigError, FileNotFoundError) as e:  # bad data or config: one line, as launch.py says it
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

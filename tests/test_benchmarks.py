@@ -209,3 +209,11 @@ def test_loader_throughput_on_the_demo_data(tmp_path, capsys):
     assert "| workers | first batch s | batches/s |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         lt.parse_args(["--workers", "two"])
+
+
+def test_loader_throughput_names_a_bad_config_key_in_one_line():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "loader_throughput.py"),
+                           "--config=configs/demo.py:data.nokey=1", "--workers", "0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown config key 'data.nokey'")
