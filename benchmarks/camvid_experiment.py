@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -49,7 +48,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step_time import git_commit  # noqa: E402  (the sibling script)
+from step_time import git_commit, load_config  # noqa: E402  (the sibling script)
 
 METHODS = ("supervised", "mean_teacher", "stpg")
 SPLIT_FILES = ("split_labeled.txt", "split_unlabeled.txt", "split.json")
@@ -67,15 +66,6 @@ SMOKE_OVERRIDES = (
     "data.batch_labeled=2,data.batch_unlabeled=2,data.workers=0,stpg.bank_capacity=32,stpg.anchor_steps=100,"
     "eval.window=64,eval.windows_per_batch=8,eval.max_images=4,log_every_steps=2"
 )
-
-
-def load_config(spec: str):
-    path, _, arg = spec.partition(":")
-    file = Path(path) if Path(path).is_file() else REPO / path
-    module_spec = importlib.util.spec_from_file_location(f"_camvid_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
 
 
 def parse_args(argv=None):
@@ -470,4 +460,10 @@ def run_experiment(args, commands) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from stpg_jax.config import ConfigError
+
+    try:
+        sys.exit(main())
+    except (ConfigError, FileNotFoundError) as e:  # a bad --config: one line, as launch.py says it
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

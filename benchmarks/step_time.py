@@ -684,6 +684,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     # Honest compile times: never read a persistent compilation cache.
     jax.config.update("jax_enable_compilation_cache", False)
+    load_config(args.config, TINY_OVERRIDES if args.tiny else "")  # a bad --config fails here, once
 
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -729,4 +730,10 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from stpg_jax.config import ConfigError
+
+    try:
+        main()
+    except (ConfigError, FileNotFoundError) as e:  # a bad --config: one line, as launch.py says it
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -217,3 +217,15 @@ def test_loader_throughput_names_a_bad_config_key_in_one_line():
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown config key 'data.nokey'")
+
+
+@pytest.mark.parametrize("script, args", [
+    ("step_time.py", ["--config=configs/demo.py:data.nokey=1", "--tiny"]),
+    ("camvid_experiment.py", ["--config=configs/no_such.py:1_8", "--workdir_root=unused", "--dry_run"]),
+])
+def test_benchmark_scripts_say_a_bad_config_in_one_line(script, args):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1, proc.stderr[-2000:]
+    assert ("data.nokey" if script == "step_time.py" else "no_such.py") in proc.stderr
