@@ -150,11 +150,15 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def load_events(trace_path: Path) -> tuple[list[dict], str]:
-    """The device's kernel events, and where they came from ('gpu', 'device xla ops', 'device' or 'host')."""
+def read_trace(trace_path: Path) -> list[dict]:
+    """All events of a ``*.trace.json.gz`` (Chrome trace format)."""
     with gzip.open(trace_path, "rt") as f:
         data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def device_events(events: list[dict]) -> tuple[list[dict], str]:
+    """The device's kernel events, and where they came from ('gpu', 'device xla ops', 'device' or 'host')."""
     processes, threads = {}, {}
     for e in events:
         if e.get("ph") == "M" and e.get("name") == "process_name":
@@ -186,20 +190,18 @@ def load_events(trace_path: Path) -> tuple[list[dict], str]:
     return host, "host"
 
 
-def step_walls(trace_path: Path) -> list[float]:
+def step_walls(events: list[dict]) -> list[float]:
     """Durations (µs) of the ``train_step`` annotations (``jax.profiler.StepTraceAnnotation``), if any."""
-    with gzip.open(trace_path, "rt") as f:
-        data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
     return [e["dur"] for e in events if e.get("ph") == "X" and e.get("name", "").startswith("train_step")
             and "dur" in e]
 
 
 def summarize(trace_dir: str | Path, hlo_text: str | None = None, steps: int | None = None, top: int = 20) -> dict:
     trace = find_trace(trace_dir)
-    events, source = load_events(trace)
+    all_events = read_trace(trace)
+    events, source = device_events(all_events)
     hlo = parse_hlo(hlo_text) if hlo_text else None
-    walls = step_walls(trace)
+    walls = step_walls(all_events)
     steps = steps or len(walls) or 1
     by_op = defaultdict(lambda: {"us": 0.0, "count": 0, "kernel": ""})
     intervals = []

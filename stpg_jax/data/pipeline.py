@@ -81,13 +81,12 @@ class TrainLoader:
         self._iterator.set_state(_from_jsonable(state))
 
     def close(self):
+        # The iterator is dropped here, while the interpreter is whole: collected at exit instead, its __del__ would
+        # close it again after grain's modules are torn down and print an ignored exception.
         iterator, self._iterator = self._iterator, None
         close = getattr(iterator, 'close', None)
         if close is not None:
             close()
-        # Drop the iterator now, while the interpreter is whole: collected at exit instead, its __del__ closes it
-        # again after grain's modules are torn down and prints an ignored exception.
-        del iterator
 
 
 def _to_jsonable(obj):
