@@ -23,6 +23,13 @@ SIGINT or SIGTERM stops every run (SIGTERM, then SIGKILL after a few seconds) an
 
 Results: ``camvid_results.md`` (rows = classes, columns = methods, IoU %, plus mIoU and wall time) and
 ``camvid_results.json`` in ``--out`` (default: the workdir root), read from the IoU table each run prints at its end.
+
+Repeats with other training seeds (``--overrides seed=1`` and another ``--workdir_root``) are summarised by
+
+    python benchmarks/camvid_experiment.py --combine ROOT0/camvid_results.json ROOT1/camvid_results.json --out DIR
+
+which writes ``camvid_results_combined.md`` (each cell: the mean over the repeats, then every repeat's value) after
+checking that the repeats ran the same config, steps, methods and labelled split and differ only in ``seed=``.
 """
 
 from __future__ import annotations
@@ -72,7 +79,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     p.add_argument("--steps", type=int, default=0, help="training steps of every run (default 300; smoke 4)")
-    p.add_argument("--workdir_root", required=True, help="each method trains in WORKDIR_ROOT/<method>")
+    p.add_argument("--workdir_root", help="each method trains in WORKDIR_ROOT/<method> (required to run)")
     p.add_argument("--config", default="configs/camvid.py:1_8", help="config file and split (no mode= here)")
     p.add_argument("--overrides", default="", help="extra comma-separated key=value overrides for every run")
     p.add_argument("--data_dir", default="", help="where the prepared dataset goes (default WORKDIR_ROOT/prepared)")
@@ -87,7 +94,15 @@ def parse_args(argv=None):
                         f"of {TOTAL_MEM_FRACTION} split between unnamed methods); default "
                         f"{TOTAL_MEM_FRACTION} / number of runs; ${MEM_FRACTION_ENV} set in the environment wins")
     p.add_argument("--dry_run", action="store_true", help="print the commands and stop")
+    p.add_argument("--combine", nargs="+", metavar="RESULTS_JSON",
+                   help="instead of training: summarise repeats (camvid_results.json of each) into --out")
     args = p.parse_args(argv)
+    if args.combine:
+        if not args.out:
+            p.error("--combine needs --out (the folder for camvid_results_combined.md)")
+        return args
+    if not args.workdir_root:
+        p.error("--workdir_root is required (each method trains in WORKDIR_ROOT/<method>)")
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in args.method_list:
         if m not in METHODS:
@@ -201,9 +216,15 @@ def parse_iou_table(log: str) -> dict | None:
     return None
 
 
-def _number_after(pattern: str, log: str):
+def _text_after(pattern: str, log: str) -> str | None:
+    """The first group of the last match of ``pattern`` in ``log``, or None."""
     found = re.findall(pattern, log)
-    return float(found[-1]) if found else None
+    return found[-1] if found else None
+
+
+def _number_after(pattern: str, log: str) -> float | None:
+    text = _text_after(pattern, log)
+    return None if text is None else float(text)
 
 
 _STDOUT = threading.Lock()
@@ -336,6 +357,7 @@ def run_info(method: str, argv: list[str], run: Run) -> dict:
         "first_step_s": _number_after(r"first step done in ([\d.]+)s", log),
         "eval_s": _number_after(r"evaluation took ([\d.]+)s", log),
         "last_images_per_s": _number_after(r"\| ([\d.]+) img/s", log),
+        "devices": _text_after(r"(\d+ device\(s\) \([^)]*\))", log),
         "result": result,
         "log": run.log_path,
     }
@@ -381,8 +403,85 @@ def config_spec(argv: list[str]) -> str:
     return next(a for a in argv if a.startswith("--config="))[len("--config="):]
 
 
+def _without_seed(overrides: str) -> str:
+    return ",".join(o for o in overrides.split(",") if o and not o.startswith("seed="))
+
+
+def _seed_of(overrides: str) -> str:
+    seeds = [o[len("seed="):] for o in overrides.split(",") if o.startswith("seed=")]
+    return seeds[-1] if seeds else "0 (config default)"
+
+
+def _comparable_fields(report: dict) -> dict:
+    """What repeats of one experiment must share."""
+    return {"config": report["config"], "steps": report["steps"],
+            "overrides without seed=": _without_seed(report["overrides"]), "methods": sorted(report["runs"]),
+            "labelled split": sorted(set(report["split"]["sha256_16"].values()))}
+
+
+def combine_results(reports: list[dict], names: list[str]) -> str:
+    """Markdown of repeats that differ only in the training seed: per cell the mean, then each repeat's value.
+
+    Raises ValueError naming the file and the field when two repeats are not comparable.
+    """
+    first = reports[0]
+    ref = _comparable_fields(first)
+    for name, report in zip(names[1:], reports[1:]):
+        for key, value in _comparable_fields(report).items():
+            if value != ref[key]:
+                raise ValueError(f"{name}: {key} is {value!r}, but {names[0]} has {ref[key]!r}; repeats must differ "
+                                 "only in seed=")
+    methods = [m for m in first["runs"] if all((r["runs"].get(m) or {}).get("result") for r in reports)]
+    if not methods:
+        raise ValueError("no method has an IoU table in every repeat")
+
+    def cell(values, digits=2):
+        if any(v is None for v in values):
+            return "n/a"
+        return f"{sum(values) / len(values):.{digits}f} ({' / '.join(f'{v:.{digits}f}' for v in values)})"
+
+    seeds = [_seed_of(r["overrides"]) for r in reports]
+    if len(set(seeds)) < len(seeds):
+        raise ValueError(f"two repeats have the same training seed ({', '.join(seeds)}): nothing to average")
+    lines = [f"CamVid {first['config']}, {first['steps']} steps per method, {len(reports)} repeats with training "
+             f"seeds {', '.join(seeds)} (same labelled split); commits {', '.join(r['commit'] for r in reports)}. "
+             "Each cell: mean over the repeats (each repeat's value, in seed order).", "",
+             "| class | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+    classes = list(first["runs"][methods[0]]["result"]["iou"])
+    for c in classes:
+        lines.append(f"| {c} | " + " | ".join(cell([r["runs"][m]["result"]["iou"].get(c) for r in reports])
+                                             for m in methods) + " |")
+    lines.append("| **mIoU** | " + " | ".join(f"**{cell([r['runs'][m]['result']['miou'] for r in reports])}**"
+                                            for m in methods) + " |")
+    lines.append("| wall time (train + eval), s | " + " | ".join(cell([r["runs"][m]["wall_s"] for r in reports], 0)
+                                                                for m in methods) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def combine_main(args) -> int:
+    reports = []
+    for path in args.combine:
+        try:
+            reports.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"error: --combine {path}: not a readable camvid_results.json ({e})", file=sys.stderr)
+            return 2
+    try:
+        text = combine_results(reports, args.combine)
+    except (ValueError, KeyError) as e:
+        print(f"error: --combine: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "camvid_results_combined.md"), "w") as f:
+        f.write(text)
+    print(text, end="")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.combine:
+        return combine_main(args)
     if not args.data_dir:
         args.data_dir = os.path.join(args.workdir_root, "prepared")
     commands = build_commands(args)
@@ -404,6 +503,7 @@ def main(argv=None) -> int:
 
 def run_experiment(args, commands) -> int:
     t0 = time.time()
+    commit = git_commit()  # now, before the runs: the code they run (a commit made meanwhile does not count)
     prepare_s = None
     prepare = prepare_command(config_spec(commands[0][1]))
     if prepare:
@@ -430,7 +530,9 @@ def run_experiment(args, commands) -> int:
     table = markdown_table(runs, concurrent=args.parallel)
     header = (f"CamVid {args.config}, {args.steps} steps per method{' (smoke)' if args.smoke else ''}, {date}; "
               f"labelled frames: {split.get('num_labeled', 'n/a')}, same split for every method: "
-              f"{split['identical']}")
+              f"{split['identical']}\n\nCommit {commit}; devices (as the runs reported them): "
+              f"{', '.join(sorted({r['devices'] for r in runs.values() if r.get('devices')})) or 'n/a'}; "
+              f"host CPUs: {os.cpu_count()}.")
     if args.parallel:
         shares = ", ".join(f"{m} {f:.3f}" for m, f in mem_fractions.items())
         header += (f"\n\nThe {len(jobs)} runs shared one device concurrently (started together; "
@@ -449,7 +551,8 @@ def run_experiment(args, commands) -> int:
     report = {"date": date, "config": args.config, "steps": args.steps, "smoke": args.smoke,
               "overrides": args.overrides, "parallel": args.parallel, "mem_fractions": mem_fractions,
               "total_wall_s": total_s, "prepare_s": prepare_s, "stopped_by": stopped_by, "split": split,
-              "runs": runs, "commit": git_commit()}
+              "runs": runs, "commit": commit,
+              "host_cpus": os.cpu_count()}
     with open(os.path.join(args.out, "camvid_results.json"), "w") as f:
         json.dump(report, f, indent=1)
     failed = [m for m, _ in commands if m not in runs or runs[m]["returncode"] != 0 or not runs[m]["result"]]

@@ -113,13 +113,21 @@ def peak_tflops(device_kind: str, dtype: str):
     return peaks[0] if dtype == "bfloat16" else peaks[1]
 
 
-def git_commit() -> str:
+def git_commit(repo: Path = REPO) -> str:
+    """The checkout's short commit, with ``-dirty`` when tracked files differ from it ($STPG_COMMIT wins).
+
+    A figure measured with uncommitted changes then says so instead of naming a commit that did not produce it.
+    """
     if os.environ.get("STPG_COMMIT"):
         return os.environ["STPG_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
                              timeout=10)
-        return out.stdout.strip() or "unknown"
+        commit = out.stdout.strip()
+        if not commit:
+            return "unknown"
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=repo, capture_output=True, timeout=30)
+        return commit + ("-dirty" if dirty.returncode == 1 else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

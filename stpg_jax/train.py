@@ -206,7 +206,11 @@ def _train(config, workdir, max_steps, stop) -> dict:
     log(f"stpg_jax: mode={c.mode} dataset={trainer.info.name} split={c.split} classes={trainer.num_classes} "
         f"labelled={len(trainer.bundle.labeled)} unlabelled={len(trainer.bundle.unlabeled)} "
         f"val={len(trainer.bundle.val)}")
-    log(f"  {trainer.mesh.devices.size} device(s) ({jax.devices()[0].platform}), {jax.process_count()} process(es); "
+    device = jax.devices()[0]
+    kind = device.platform
+    if device.device_kind.lower() != kind:  # a GPU names its card ('gpu, NVIDIA H200'); a CPU says 'cpu' twice
+        kind += f", {device.device_kind}"
+    log(f"  {trainer.mesh.devices.size} device(s) ({kind}), {jax.process_count()} process(es); "
         f"global batch {c.data.batch_labeled}+{c.data.batch_unlabeled}, crop {c.data.crop_size}; "
         f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps")
     if c.mode == "stpg":

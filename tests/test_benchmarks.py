@@ -67,6 +67,25 @@ def test_step_time_tiny_end_to_end(tmp_path):
     assert (tmp_path / "trace" / "float32" / "step_hlo.txt").stat().st_size > 10_000
 
 
+def test_git_commit_marks_uncommitted_changes(tmp_path, monkeypatch):
+    st = _load("step_time")
+    monkeypatch.delenv("STPG_COMMIT", raising=False)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(git + ["init", "-q"], check=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    subprocess.run(git + ["add", "a.py"], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "a"], check=True)
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert st.git_commit(tmp_path) == head
+    (tmp_path / "b.txt").write_text("untracked files do not count\n")
+    assert st.git_commit(tmp_path) == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert st.git_commit(tmp_path) == head + "-dirty"
+    assert st.git_commit(tmp_path / "missing") == "unknown"
+    monkeypatch.setenv("STPG_COMMIT", "abc1234")
+    assert st.git_commit(tmp_path) == "abc1234"
+
+
 def test_step_time_helpers():
     st = _load("step_time")
 
@@ -117,6 +136,41 @@ def test_camvid_experiment_commands_and_parsing(tmp_path):
         ce.parse_args(["--methods", "fixmatch", "--steps", "10", "--workdir_root", str(tmp_path)])
 
 
+def test_camvid_experiment_combines_seeds(tmp_path, capsys):
+    ce = _load("camvid_experiment")
+
+    def report(seed, miou, sky, split="d31e", steps=200):
+        result = {"miou": miou, "iou": {"sky": sky, "pole": None if seed == 2 else 0.0}}
+        return {"config": "configs/camvid.py:1_8", "steps": steps, "commit": "abc1234",
+                "overrides": f"seed={seed},data.crop_size=224" if seed else "data.crop_size=224",
+                "split": {"sha256_16": {"supervised": split, "stpg": split}},
+                "runs": {"supervised": {"result": result, "wall_s": 100.0 + seed},
+                         "stpg": {"result": result, "wall_s": 300.0}}}
+
+    paths = []
+    for i, r in enumerate([report(0, 40.0, 90.0), report(1, 41.0, 92.0)]):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(r))
+    assert ce.main(["--combine", *map(str, paths), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "camvid_results_combined.md").read_text()
+    assert "seeds 0 (config default), 1" in text
+    assert "| sky | 91.00 (90.00 / 92.00) | 91.00 (90.00 / 92.00) |" in text
+    assert "| **mIoU** | **40.50 (40.00 / 41.00)** |" in text and "| 100 (100 / 101) | 300 (300 / 300) |" in text
+    assert "n/a" in ce.combine_results([report(0, 40, 90), report(2, 41, 92)], ["a", "b"])
+
+    # Repeats that differ in more than the seed are refused, naming the file and the field.
+    for other, field in ((report(1, 41, 92, split="ffff"), "labelled split"), (report(1, 41, 92, steps=300), "steps"),
+                         (report(0, 41, 92), "same training seed")):
+        with pytest.raises(ValueError, match=field):
+            ce.combine_results([report(0, 40, 90), other], ["a.json", "b.json"])
+    assert ce.main(["--combine", str(paths[0]), str(tmp_path / "missing.json"), "--out", str(tmp_path)]) == 2
+    assert "missing.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ce.parse_args(["--combine", str(paths[0])])  # no --out
+    with pytest.raises(SystemExit):
+        ce.parse_args(["--steps", "10"])  # training needs --workdir_root
+
+
 def _alive(pid: int) -> bool:
     """Whether process ``pid`` exists and is not a zombie (Linux /proc)."""
     try:
@@ -156,7 +210,8 @@ def test_camvid_experiment_parallel_building_blocks(tmp_path, capsys, monkeypatc
     # Two fake runs at once: each writes its own log and prefixed stdout; the failing one is reported, the other
     # still finishes with its table.
     table = "class              IoU %\\nsky                90.50\\nmIoU               45.25"
-    ok = f"import os, time; time.sleep(0.5); print(os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION']); print('{table}')"
+    ok = (f"import os, time; time.sleep(0.5); print(os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION']); "
+          f"print('  1 device(s) (gpu, NVIDIA H200), 1 process(es); global batch 8+8'); print('{table}')")
     bad = "import sys; print('boom'); sys.exit(3)"
     jobs = [("supervised", ["python", "-c", ok], str(tmp_path / "supervised"), ce.child_env(0.3)),
             ("stpg", ["python", "-c", bad], str(tmp_path / "stpg"), ce.child_env(0.6))]
@@ -164,7 +219,8 @@ def test_camvid_experiment_parallel_building_blocks(tmp_path, capsys, monkeypatc
     assert stopped_by is None
     assert runs["supervised"]["returncode"] == 0 and runs["supervised"]["result"]["miou"] == pytest.approx(45.25)
     assert runs["stpg"]["returncode"] == 3 and runs["stpg"]["result"] is None
-    assert (tmp_path / "supervised" / "train.log").read_text().startswith("0.300\nclass")
+    assert runs["supervised"]["devices"] == "1 device(s) (gpu, NVIDIA H200)" and runs["stpg"]["devices"] is None
+    assert (tmp_path / "supervised" / "train.log").read_text().startswith("0.300\n  1 device(s)")
     assert (tmp_path / "stpg" / "train.log").read_text() == "boom\n"
     out = capsys.readouterr().out
     assert "[supervised] 0.300\n" in out and "[supervised] mIoU               45.25\n" in out
