@@ -29,7 +29,8 @@ Repeats with other training seeds (``--overrides seed=1`` and another ``--workdi
     python benchmarks/camvid_experiment.py --combine ROOT0/camvid_results.json ROOT1/camvid_results.json --out DIR
 
 which writes ``camvid_results_combined.md`` (each cell: the mean over the repeats, then every repeat's value) after
-checking that the repeats ran the same config, steps, methods and labelled split and differ only in ``seed=``.
+checking that the repeats ran the same config, steps, methods and labelled split, alike one after another or
+concurrently, and differ only in ``seed=``.
 """
 
 from __future__ import annotations
@@ -416,7 +417,8 @@ def _comparable_fields(report: dict) -> dict:
     """What repeats of one experiment must share."""
     return {"config": report["config"], "steps": report["steps"],
             "overrides without seed=": _without_seed(report["overrides"]), "methods": sorted(report["runs"]),
-            "labelled split": sorted(set(report["split"]["sha256_16"].values()))}
+            "labelled split": sorted(set(report["split"]["sha256_16"].values())),
+            "concurrent runs": report.get("parallel", False)}
 
 
 def combine_results(reports: list[dict], names: list[str]) -> str:
@@ -453,7 +455,8 @@ def combine_results(reports: list[dict], names: list[str]) -> str:
                                              for m in methods) + " |")
     lines.append("| **mIoU** | " + " | ".join(f"**{cell([r['runs'][m]['result']['miou'] for r in reports])}**"
                                             for m in methods) + " |")
-    lines.append("| wall time (train + eval), s | " + " | ".join(cell([r["runs"][m]["wall_s"] for r in reports], 0)
+    label = "wall time (train + eval, concurrent), s" if first.get("parallel") else "wall time (train + eval), s"
+    lines.append(f"| {label} | " + " | ".join(cell([r["runs"][m]["wall_s"] for r in reports], 0)
                                                                 for m in methods) + " |")
     return "\n".join(lines) + "\n"
 
@@ -468,8 +471,12 @@ def combine_main(args) -> int:
             return 2
     try:
         text = combine_results(reports, args.combine)
-    except (ValueError, KeyError) as e:
+    except ValueError as e:
         print(f"error: --combine: {e}", file=sys.stderr)
+        return 2
+    except KeyError as e:
+        print(f"error: --combine: a results file lacks the field {e}: give camvid_results.json files",
+              file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "camvid_results_combined.md"), "w") as f:

@@ -160,11 +160,15 @@ def test_camvid_experiment_combines_seeds(tmp_path, capsys):
 
     # Repeats that differ in more than the seed are refused, naming the file and the field.
     for other, field in ((report(1, 41, 92, split="ffff"), "labelled split"), (report(1, 41, 92, steps=300), "steps"),
-                         (report(0, 41, 92), "same training seed")):
+                         (report(0, 41, 92), "same training seed"),
+                         ({**report(1, 41, 92), "parallel": True}, "concurrent runs")):
         with pytest.raises(ValueError, match=field):
             ce.combine_results([report(0, 40, 90), other], ["a.json", "b.json"])
     assert ce.main(["--combine", str(paths[0]), str(tmp_path / "missing.json"), "--out", str(tmp_path)]) == 2
     assert "missing.json" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text(json.dumps({"config": "c"}))
+    assert ce.main(["--combine", str(paths[0]), str(tmp_path / "other.json"), "--out", str(tmp_path)]) == 2
+    assert "lacks the field 'steps'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ce.parse_args(["--combine", str(paths[0])])  # no --out
     with pytest.raises(SystemExit):
