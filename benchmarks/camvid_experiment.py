@@ -368,17 +368,33 @@ def run_info(method: str, argv: list[str], run: Run) -> dict:
 
 
 def markdown_table(runs: dict, concurrent: bool = False) -> str:
-    methods = [m for m in runs if runs[m].get("result")]
+    """One experiment's table: rows = classes, mIoU and wall time; columns = the methods with an IoU table."""
+    return iou_table([runs], concurrent) or "(no run produced an IoU table)"
+
+
+def iou_table(repeats: list[dict], concurrent: bool = False) -> str | None:
+    """The table of one or more repeats ({method: run_info} each) of the same experiment, or None if no method has
+    an IoU table in every repeat. With several repeats each cell is their mean, then each repeat's value."""
+    methods = [m for m in repeats[0] if all((runs.get(m) or {}).get("result") for runs in repeats)]
     if not methods:
-        return "(no run produced an IoU table)"
-    classes = list(runs[methods[0]]["result"]["iou"])
-    fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"  # noqa: E731
+        return None
+
+    def cell(values, digits=2):
+        if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
+            return "n/a"
+        mean = f"{sum(values) / len(values):.{digits}f}"
+        return mean if len(values) == 1 else f"{mean} ({' / '.join(f'{v:.{digits}f}' for v in values)})"
+
+    def row(label, value_of, digits=2, bold=False):
+        cells = (cell([value_of(runs[m]) for runs in repeats], digits) for m in methods)
+        return f"| {label} | " + " | ".join(f"**{c}**" if bold else c for c in cells) + " |"
+
     lines = ["| class | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
-    for name in classes:
-        lines.append(f"| {name} | " + " | ".join(fmt(runs[m]["result"]["iou"].get(name)) for m in methods) + " |")
-    lines.append("| **mIoU** | " + " | ".join(f"**{fmt(runs[m]['result']['miou'])}**" for m in methods) + " |")
+    for name in repeats[0][methods[0]]["result"]["iou"]:
+        lines.append(row(name, lambda r: r["result"]["iou"].get(name)))
+    lines.append(row("**mIoU**", lambda r: r["result"]["miou"], bold=True))
     label = "wall time (train + eval, concurrent), s" if concurrent else "wall time (train + eval), s"
-    lines.append(f"| {label} | " + " | ".join(f"{runs[m]['wall_s']:.0f}" for m in methods) + " |")
+    lines.append(row(label, lambda r: r["wall_s"], digits=0))
     return "\n".join(lines)
 
 
@@ -433,32 +449,15 @@ def combine_results(reports: list[dict], names: list[str]) -> str:
             if value != ref[key]:
                 raise ValueError(f"{name}: {key} is {value!r}, but {names[0]} has {ref[key]!r}; repeats must differ "
                                  "only in seed=")
-    methods = [m for m in first["runs"] if all((r["runs"].get(m) or {}).get("result") for r in reports)]
-    if not methods:
-        raise ValueError("no method has an IoU table in every repeat")
-
-    def cell(values, digits=2):
-        if any(v is None for v in values):
-            return "n/a"
-        return f"{sum(values) / len(values):.{digits}f} ({' / '.join(f'{v:.{digits}f}' for v in values)})"
-
     seeds = [_seed_of(r["overrides"]) for r in reports]
     if len(set(seeds)) < len(seeds):
         raise ValueError(f"two repeats have the same training seed ({', '.join(seeds)}): nothing to average")
-    lines = [f"CamVid {first['config']}, {first['steps']} steps per method, {len(reports)} repeats with training "
-             f"seeds {', '.join(seeds)} (same labelled split); commits {', '.join(r['commit'] for r in reports)}. "
-             "Each cell: mean over the repeats (each repeat's value, in seed order).", "",
-             "| class | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
-    classes = list(first["runs"][methods[0]]["result"]["iou"])
-    for c in classes:
-        lines.append(f"| {c} | " + " | ".join(cell([r["runs"][m]["result"]["iou"].get(c) for r in reports])
-                                             for m in methods) + " |")
-    lines.append("| **mIoU** | " + " | ".join(f"**{cell([r['runs'][m]['result']['miou'] for r in reports])}**"
-                                            for m in methods) + " |")
-    label = "wall time (train + eval, concurrent), s" if first.get("parallel") else "wall time (train + eval), s"
-    lines.append(f"| {label} | " + " | ".join(cell([r["runs"][m]["wall_s"] for r in reports], 0)
-                                                                for m in methods) + " |")
-    return "\n".join(lines) + "\n"
+    table = iou_table([r["runs"] for r in reports], concurrent=bool(first.get("parallel")))
+    if table is None:
+        raise ValueError("no method has an IoU table in every repeat")
+    return (f"CamVid {first['config']}, {first['steps']} steps per method, {len(reports)} repeats with training "
+            f"seeds {', '.join(seeds)} (same labelled split); commits {', '.join(r['commit'] for r in reports)}. "
+            "Each cell: mean over the repeats (each repeat's value, in seed order).\n\n" + table + "\n")
 
 
 def combine_main(args) -> int:
