@@ -229,6 +229,7 @@ def build(config, num_classes: int, num_devices: int):
     from stpg_jax import losses, sharding
     from stpg_jax.models import model_from_config
     from stpg_jax.state import create_train_state, init_network, make_optimizer
+    from stpg_jax.train import speculative_matching
     from stpg_jax.train_step import StepSettings, make_train_step
 
     devices = jax.devices()[:num_devices] if num_devices else jax.devices()
@@ -265,10 +266,12 @@ def build(config, num_classes: int, num_devices: int):
         state = state.replace(contrast=jax.device_put(contrast, replicated))
 
     step = make_train_step(model, tx, schedule, settings)
+    # Donated unless the run starts steps ahead of the host matching, as the Trainer decides.
     jitted = jax.jit(step, in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
-                     donate_argnums=0)
+                     donate_argnums=() if speculative_matching(c, mesh) else 0)
     return dict(model=model, settings=settings, mesh=mesh, devices=devices, state=state, jitted=jitted, step_fn=step,
-                batch_sharding=batch_sharding, start_step=start)
+                batch_sharding=batch_sharding, replicated=replicated, start_step=start,
+                speculates=speculative_matching(c, mesh))
 
 
 def random_batches(config, num_classes: int, batch_sharding, count: int = 2, seed: int = 0):
@@ -416,6 +419,27 @@ def network_breakdown(b, state, batch, config, steps: int) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------------
 # One dtype
+
+
+def time_matching_loop(compiled, state, batches, steps: int, b, speculate: bool):
+    """Mean ms per step of ``steps`` back-to-back steps with the Hungarian matching on the host after each
+    (stpg_jax.host_matching, as train.py runs it), after two untimed ones (which compile the state copy)."""
+    from stpg_jax.host_matching import HostMatching
+
+    anchors = jax.device_get(state.contrast.anchors)
+    warm = HostMatching(anchors, b["replicated"], speculate)
+    matching = HostMatching(anchors, b["replicated"], speculate)
+    t0 = None
+    for i in range(2 + steps):
+        if i == 2:
+            state = jax.block_until_ready(warm.resolve(state))
+            t0 = time.perf_counter()
+        m = warm if i < 2 else matching
+        state, _ = m.step(compiled, state, batches[i % len(batches)])
+        m.pending = True
+    state = jax.block_until_ready(matching.resolve(state))
+    mean_ms = (time.perf_counter() - t0) / steps * 1e3
+    return state, {"mean_ms": mean_ms, "steps": steps, "ahead": matching.ahead, "reruns": matching.reruns}
 
 
 def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
@@ -566,6 +590,17 @@ def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
             f"{100 * result['losses_part_share']:.1f}% of the step")
         save(result)
 
+    if b["speculates"] and args.matching_loop:
+        log(f"[{dtype}] timing {args.steps} back-to-back steps with the host matching after each, as train.py runs "
+            "the matching phase: waiting for each matching, then starting each step ahead of it...")
+        result["matching_loop"] = {}
+        for speculate in (False, True):
+            holder["state"], timing = time_matching_loop(compiled, holder["state"], batches, args.steps, b, speculate)
+            result["matching_loop"]["speculative" if speculate else "plain"] = timing
+            log(f"[{dtype}]   {'speculative' if speculate else 'plain'}: {timing['mean_ms']:.2f} ms/step "
+                f"({timing['reruns']} of {timing['ahead']} steps started ahead were run again)")
+        save(result)
+
     if args.breakdown:
         log(f"[{dtype}] timing one network's passes at the step's batch sizes (breakdown)...")
         result["breakdown"] = network_breakdown(b, holder["state"], batches[0], c, args.steps)
@@ -614,6 +649,17 @@ def markdown_tables(report: dict) -> str:
             lines.append(f"| {r['dtype']} | " + " | ".join(_fmt(r["losses_part"][n]["median_ms"], ".3f")
                                                           for n in names) + " |")
         out += "\n".join(lines)
+    looped = [r for r in report["results"].values() if r.get("matching_loop")]
+    if looped:
+        lines = ["", "", "Back-to-back steps with the Hungarian matching on the host after each (ms/step, the same "
+                 "compiled step; plain: each step waits for the matching, speculative: it starts ahead, "
+                 "stpg_jax.host_matching)", "",
+                 "| dtype | no matching | plain | speculative | steps run again |", "|---|---:|---:|---:|---:|"]
+        for r in looped:
+            plain, spec = r["matching_loop"]["plain"], r["matching_loop"]["speculative"]
+            lines.append(f"| {r['dtype']} | {_fmt(r['pipelined_mean_ms'])} | {_fmt(plain['mean_ms'])} "
+                         f"| {_fmt(spec['mean_ms'])} | {spec['reruns']} of {spec['ahead']} |")
+        out += "\n".join(lines)
     broken = [r for r in report["results"].values() if r.get("breakdown")]
     if broken:
         lines = ["", "", "One network's passes at the step's batch sizes (median ms; STPG runs two teachers and two "
@@ -649,6 +695,8 @@ def parse_args(argv=None):
                    help="losses part: time each piece and the whole ('each'), only the whole, or skip it")
     p.add_argument("--breakdown", action="store_true",
                    help="also time one teacher forward and one student forward+backward at the step's batch sizes")
+    p.add_argument("--no_matching_loop", dest="matching_loop", action="store_false",
+                   help="skip timing the loop with the host matching after every step (STPG with contrastive)")
     p.add_argument("--num_classes", type=int, default=0, help="for 'folder' datasets (others know theirs)")
     p.add_argument("--num_devices", type=int, default=0, help="use the first N devices (0 = all)")
     p.add_argument("--in_process", action="store_true",

@@ -104,6 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
     t.contrastive_start_epoch = 11
     t.proximity_start_epoch = 16
     t.matching_freeze_epoch = 20  # -1: matching never frozen (Cityscapes)
+    # Start each step while the host still matches the previous step's prototypes, and run it again only when the
+    # assignment changed (same trajectory, bit for bit; costs one copy of the train state on the device). False:
+    # the device waits for every matching. See stpg_jax/host_matching.py.
+    t.speculative_matching = True
 
     c.eval = e = ml_collections.ConfigDict()
     e.window = 512  # sliding window side (crop size of the dataset's protocol)
@@ -215,6 +219,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.model.output_stride must be 8 or 16, got {c.model.output_stride}")
     if c.model.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"config.model.dtype must be 'float32' or 'bfloat16', got {c.model.dtype!r}")
+    if not isinstance(c.stpg.speculative_matching, bool):
+        raise ConfigError(f"config.stpg.speculative_matching must be True or False, got {c.stpg.speculative_matching!r}")
     if not isinstance(c.model.remat, bool):
         raise ConfigError(f"config.model.remat must be True or False, got {c.model.remat!r}")
     if not c.model.stage_blocks and c.model.depth not in (50, 101):

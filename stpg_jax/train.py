@@ -24,6 +24,7 @@ from tensorboardX import SummaryWriter
 from stpg_jax import checkpoint, evaluate, export, losses, sharding
 from stpg_jax.config import validate
 from stpg_jax.data import build_data, make_train_loader
+from stpg_jax.host_matching import HostMatching
 from stpg_jax.models import model_from_config
 from stpg_jax.models.pretrained import load_backbone_weights_for
 from stpg_jax.state import TrainState, create_train_state, init_network, make_optimizer
@@ -57,14 +58,13 @@ def needs_matching(step: int, sched: dict) -> bool:
     return step >= sched["bank_start"] and (sched["matching_freeze"] < 0 or step < sched["matching_freeze"])
 
 
-def match_on_host(state: TrainState, anchors_host: np.ndarray, replicated) -> TrainState:
-    """Hungarian matching of prototypes to anchors on the host; the result goes back as a (C,) int32 array."""
-    assignment = losses.hungarian_assignment(np.asarray(jax.device_get(state.contrast.prototypes)), anchors_host)
-    contrast = state.contrast.replace(
-        assignment=jax.device_put(np.asarray(assignment, np.int32), replicated),
-        matched=jax.device_put(np.asarray(True), replicated),
-    )
-    return state.replace(contrast=contrast)
+def speculative_matching(config, mesh) -> bool:
+    """Whether a run starts steps ahead of their host matching (stpg_jax.host_matching), which needs a step that
+    keeps its input state. Not on several CPU devices: there, a step that keeps its input can hang in XLA's CPU
+    collectives (seen with virtual devices on 2 cores), and the host shares the cores anyway."""
+    if not (config.mode == "stpg" and config.stpg.contrastive and config.stpg.speculative_matching):
+        return False
+    return mesh.devices.size == 1 or mesh.devices.flat[0].platform != "cpu"
 
 
 def load_pretrained(model_config):
@@ -131,13 +131,18 @@ class Trainer:
         )
         return jax.device_put(state, self.replicated)
 
+    @property
+    def speculates(self) -> bool:
+        """Whether steps start ahead of the host matching (stpg_jax.host_matching); the step then keeps its input."""
+        return speculative_matching(self.config, self.mesh)
+
     def compile_step(self):
         step = make_train_step(self.model, self.tx, self.lr_schedule, self.settings)
         return jax.jit(
             step,
             in_shardings=(self.replicated, self.batch_sharding),
             out_shardings=(self.replicated, self.replicated),
-            donate_argnums=0,
+            donate_argnums=() if self.speculates else 0,
         )
 
     def evaluate(self, state: TrainState) -> dict:
@@ -216,7 +221,8 @@ def _train(config, workdir, max_steps, stop) -> dict:
     if c.mode == "stpg":
         log(f"  schedule (steps): bank/prototypes/matching from {trainer.sched['bank_start']}, contrastive from "
             f"{trainer.sched['contrastive_start']}, proximity from {trainer.sched['proximity_start']}, matching "
-            f"frozen from {trainer.sched['matching_freeze'] if trainer.sched['matching_freeze'] >= 0 else 'never'}")
+            f"frozen from {trainer.sched['matching_freeze'] if trainer.sched['matching_freeze'] >= 0 else 'never'}; "
+            f"{'steps start ahead of the host matching' if trainer.speculates else 'each step waits for the matching'}")
 
     state = trainer.init_state()
     ckpt = checkpoint.Checkpointer(workdir, c.keep_checkpoints)
@@ -229,7 +235,11 @@ def _train(config, workdir, max_steps, stop) -> dict:
         loader.set_state(meta["loader"])
         start_step = int(meta["step"])
         log(f"  resumed from {ckpt.directory}/{start_step} (step {start_step})")
-    anchors_host = np.asarray(jax.device_get(state.contrast.anchors)) if state.contrast is not None else None
+    matching_on = c.mode == "stpg" and c.stpg.contrastive
+    matching = HostMatching(
+        jax.device_get(state.contrast.anchors) if state.contrast is not None else None,
+        trainer.replicated, speculate=trainer.speculates,
+    )
 
     writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else None
 
@@ -248,13 +258,12 @@ def _train(config, workdir, max_steps, stop) -> dict:
             if step == start_step:
                 log("  compiling the train step (the first step includes XLA compilation)...", flush=True)
                 t0 = time.time()
-            state, metrics = step_fn(state, batch)
+            state, metrics = matching.step(step_fn, state, batch)
             if step == start_step:
                 jax.block_until_ready(metrics)
                 log(f"  first step done in {time.time() - t0:.1f}s (compile + run)", flush=True)
                 t_log, step_log = time.time(), step + 1
-            if c.mode == "stpg" and c.stpg.contrastive and needs_matching(step, trainer.sched):
-                state = match_on_host(state, anchors_host, trainer.replicated)
+            matching.pending = matching_on and needs_matching(step, trainer.sched)
 
             done = step + 1
             is_last = done == trainer.total_steps
@@ -285,16 +294,23 @@ def _train(config, workdir, max_steps, stop) -> dict:
                         writer.add_scalar("train/images_per_second", rate, done)
                 t_log, step_log = now, done
                 if want_ckpt:
+                    state = matching.resolve(state)  # a checkpoint holds the matching its next step uses
                     save(done, state)
                     last_good = done
             if c.eval.every_steps and done % c.eval.every_steps == 0 and not is_last:
                 results = _run_eval(trainer, state, writer, done, log)
             if stop["signal"] is not None:
+                if matching.ahead:
+                    log(f"  {matching.summary()}")
                 log(f"stopping ({stop['signal']}): checkpoint saved at step {done}; run again to resume")
                 ckpt.wait()
                 return {"stopped_at": done}
         ckpt.wait()
+        if matching.ahead:
+            log(f"  {matching.summary()}")
         results = _run_eval(trainer, state, writer, trainer.total_steps, log)
+        if matching_on:
+            results["matching"] = {"ahead": matching.ahead, "reruns": matching.reruns}
         if is_main:
             path = export.export_model(
                 os.path.join(workdir, "export"), model_config=c.model, num_classes=trainer.num_classes,
