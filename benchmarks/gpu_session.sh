@@ -8,7 +8,8 @@
 #
 # Writes into $OUT: nvidia_smi.txt, step_time_bf16.{json,log}, step_time_f32.{json,log}, and profile_bf16.tgz with
 # PROFILE_TGZ=1. bfloat16 runs first, with the losses-part pieces, the per-network breakdown and (PROFILE=1, the
-# default) a jax.profiler trace of 2 steps summarised by benchmarks/profile_summary.py into the log and the JSON.
+# default) a jax.profiler trace of 2 steps summarised by benchmarks/profile_summary.py into the log and the JSON,
+# then the loop with the host matching after each step, waiting for it and started ahead (a few seconds).
 # float32 runs with the allocator's pool capped at F32_POOL_GIB (default 37.25 GiB = 40 GB, the memory
 # target; 0 = no cap), so a run that completes shows the float32 VOC step fits in 40 GB; F32_REMAT=1 runs it with
 # model.remat=True (activations recomputed in the backward pass). Each run writes its JSON

@@ -4,7 +4,8 @@
     python benchmarks/step_time.py --tiny --steps 3 --warmup 1 --dtypes float32     # CPU smoke test, < 1 min
 
 For each compute dtype it builds the step of the config's mode exactly as the trainer does (same model, optimiser,
-settings, jit shardings and state donation) on random batches of the config's shapes, with the state's step counter
+settings, jit shardings and state donation: the STPG step keeps its input when the trainer would start steps ahead
+of the host matching) on random batches of the config's shapes, with the state's step counter
 set past the bank / contrastive / proximity starts so that the timed step runs the whole method. It reports:
 
 - compile time: ``lower`` and ``compile`` timed separately (the persistent compilation cache is switched off);
@@ -18,7 +19,9 @@ set past the bank / contrastive / proximity starts so that the timed step runs t
   bfloat16 compute, tf32 for float32 compute, which is what XLA uses for float32 convolutions on Hopper);
 - the selection + weighted-CE + contrastive + prototype/memory-bank part alone, jitted on its own at the step's
   sizes, and its share of the step. Inside the step XLA may fuse it with its neighbours, so the share is a close
-  estimate, not an exact slice of the step.
+  estimate, not an exact slice of the step;
+- for STPG, back-to-back steps with the Hungarian matching on the host after each, as in the matching phase of
+  training: waiting for every matching, and starting each step ahead of it (``stpg_jax.host_matching``).
 
 Nothing here reads data or weights: the backbone is randomly initialised (its cost does not depend on the values).
 """
@@ -560,6 +563,17 @@ def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
             log(f"[{dtype}] trace in {trace_dir}\n" + profile_summary.format_summary(summary))
         save(result)
 
+    if b["speculates"] and args.matching_loop:
+        log(f"[{dtype}] timing {args.steps} back-to-back steps with the host matching after each, as train.py runs "
+            "the matching phase: waiting for each matching, then starting each step ahead of it...")
+        result["matching_loop"] = {}
+        for speculate in (False, True):
+            holder["state"], timing = time_matching_loop(compiled, holder["state"], batches, args.steps, b, speculate)
+            result["matching_loop"]["speculative" if speculate else "plain"] = timing
+            log(f"[{dtype}]   {'speculative' if speculate else 'plain'}: {timing['mean_ms']:.2f} ms/step "
+                f"({timing['reruns']} of {timing['ahead']} steps started ahead were run again)")
+        save(result)
+
     # The losses part alone, at the step's sizes.
     variables = jax.eval_shape(
         lambda: b["model"].init(jax.random.PRNGKey(0), jnp.zeros((1, c.data.crop_size, c.data.crop_size, 3)),
@@ -588,17 +602,6 @@ def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
         result["losses_part_share"] = parts_result["all"]["median_ms"] / stats["median_ms"]
         log(f"[{dtype}] losses part {parts_result['all']['median_ms']:.3f} ms, "
             f"{100 * result['losses_part_share']:.1f}% of the step")
-        save(result)
-
-    if b["speculates"] and args.matching_loop:
-        log(f"[{dtype}] timing {args.steps} back-to-back steps with the host matching after each, as train.py runs "
-            "the matching phase: waiting for each matching, then starting each step ahead of it...")
-        result["matching_loop"] = {}
-        for speculate in (False, True):
-            holder["state"], timing = time_matching_loop(compiled, holder["state"], batches, args.steps, b, speculate)
-            result["matching_loop"]["speculative" if speculate else "plain"] = timing
-            log(f"[{dtype}]   {'speculative' if speculate else 'plain'}: {timing['mean_ms']:.2f} ms/step "
-                f"({timing['reruns']} of {timing['ahead']} steps started ahead were run again)")
         save(result)
 
     if args.breakdown:
