@@ -7,9 +7,11 @@ next one, so the device idles while the prototypes travel, the matching runs and
 ``HostMatching(speculate=True)`` instead starts the next step with the assignment the state already carries, then
 runs the matching while that step computes. When the matching gives the same assignment (the common case once the
 prototypes settle) the step was exactly the one the plain loop would have run; when it does not, the step is run
-again from its input with the new assignment. Either way the trajectory is bitwise the plain loop's. The cost: the
-step must not donate its input state, so the device holds two train states instead of one, and one step is wasted
-per change of assignment (``reruns``).
+again from its input with the new assignment. Either way the trajectory is bitwise the plain loop's. After a
+matching that changed the assignment the next step waits for its matching instead (changes come in runs early in
+the matching phase), so a run of changes wastes one step, not one per change. The cost: the step must not donate
+its input state, so the device holds two train states instead of one, and one step is wasted per run of changes
+(``reruns``).
 """
 
 from __future__ import annotations
@@ -55,30 +57,41 @@ class HostMatching:
         self.pending = False  # the state's prototypes have not been matched yet
         self.ahead = 0  # steps started before the matching they depend on was known
         self.reruns = 0  # of those, the ones run again because the assignment changed
+        self.last_changed = True  # did the last matching change the assignment (the first one always does)
+        self.matchings = 0
+        self.changes = 0  # matchings that changed the assignment
 
     def resolve(self, state):
         """The state with its pending matching applied (waits for the state); unchanged when none is pending."""
         if self.pending:
-            state = match_on_host(state, self.anchors_host, self.replicated)
             self.pending = False
+            new, self.last_changed = self._match(state)
+            state = with_assignment(state, new, self.replicated)
         return state
 
-    def step(self, step_fn, state, batch):
-        """``step_fn(state, batch)`` after the pending matching, if any; returns its (state, metrics)."""
-        if not self.pending:
-            return step_fn(state, batch)
-        if not self.speculate:
-            return step_fn(self.resolve(state), batch)
-        self.pending = False
-        guess = step_fn(state, batch)  # with the assignment the state carries
+    def _match(self, state):
+        """(assignment of the state's prototypes, whether it differs from the one the state carries)."""
         read = (state.contrast.prototypes, state.contrast.assignment, state.contrast.matched)
         if any(x.is_deleted() for x in read):
             raise ValueError("HostMatching(speculate=True) needs a step that does not donate its state "
                              "(jax.jit without donate_argnums)")
         prototypes, assignment, matched = jax.device_get(read)
         new = losses.hungarian_assignment(np.asarray(prototypes), self.anchors_host)
+        changed = not (bool(matched) and np.array_equal(new, assignment))
+        self.matchings += 1
+        self.changes += changed
+        return new, changed
+
+    def step(self, step_fn, state, batch):
+        """``step_fn(state, batch)`` after the pending matching, if any; returns its (state, metrics)."""
+        # Right after a change the next matching often changes again (early in the phase): wait for it then.
+        if not self.pending or not self.speculate or self.last_changed:
+            return step_fn(self.resolve(state), batch)
+        self.pending = False
+        guess = step_fn(state, batch)  # with the assignment the state carries
+        new, self.last_changed = self._match(state)
         self.ahead += 1
-        if bool(matched) and np.array_equal(new, assignment):
+        if not self.last_changed:
             return guess
         self.reruns += 1
         # The guess and the rerun both read only ``state``, so nothing orders them: let the guess finish first, or a
@@ -88,7 +101,7 @@ class HostMatching:
         return step_fn(with_assignment(state, new, self.replicated), batch)
 
     def summary(self) -> str:
-        if not self.ahead:
-            return "matching: no step was started ahead of its matching"
-        return (f"matching: {self.ahead} step(s) started ahead of their matching, {self.reruns} run again "
-                f"because the assignment changed")
+        text = f"matching: {self.matchings} run(s), {self.changes} changed the assignment"
+        if self.speculate:
+            text += f"; {self.ahead} step(s) started ahead of their matching, {self.reruns} run again"
+        return text

@@ -300,17 +300,18 @@ def _train(config, workdir, max_steps, stop) -> dict:
             if c.eval.every_steps and done % c.eval.every_steps == 0 and not is_last:
                 results = _run_eval(trainer, state, writer, done, log)
             if stop["signal"] is not None:
-                if matching.ahead:
+                if matching.matchings:
                     log(f"  {matching.summary()}")
                 log(f"stopping ({stop['signal']}): checkpoint saved at step {done}; run again to resume")
                 ckpt.wait()
                 return {"stopped_at": done}
         ckpt.wait()
-        if matching.ahead:
+        if matching.matchings:
             log(f"  {matching.summary()}")
         results = _run_eval(trainer, state, writer, trainer.total_steps, log)
         if matching_on:
-            results["matching"] = {"ahead": matching.ahead, "reruns": matching.reruns}
+            results["matching"] = {"runs": matching.matchings, "changes": matching.changes, "ahead": matching.ahead,
+                                   "reruns": matching.reruns}
         if is_main:
             path = export.export_model(
                 os.path.join(workdir, "export"), model_config=c.model, num_classes=trainer.num_classes,

@@ -52,8 +52,8 @@ def test_step_time_tiny_end_to_end(tmp_path):
     assert _positive(r["losses_part"]["all"]["median_ms"])
     # The loop with the host matching after each step, plain and started ahead (one device: the trainer speculates).
     loop = r["matching_loop"]
-    assert loop["plain"]["ahead"] == 0 and loop["speculative"]["ahead"] == 2 - 1  # the first timed step has none
-    assert 0 <= loop["speculative"]["reruns"] <= 1 and _positive(loop["speculative"]["mean_ms"])
+    assert loop["plain"]["ahead"] == 0 and 1 <= loop["speculative"]["ahead"] <= 2
+    assert 0 <= loop["speculative"]["reruns"] <= loop["speculative"]["ahead"] and _positive(loop["speculative"]["mean_ms"])
     assert "| dtype | no matching | plain | speculative | steps run again |" in proc.stdout
     assert r["losses_part"]["sizes"]["N_labeled"] == 2 * 16 * 16  # Bl · (S/4)²
     # No dense-peak figure for a CPU: MFU is n/a, and the peak memory is n/a or a positive count.

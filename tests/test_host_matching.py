@@ -63,13 +63,15 @@ def test_steps_see_the_assignment_of_the_step_before(steps):
 
     state, seen, matching = run(steps[True], perms, speculate=True)
     assert seen == plain_seen
-    assert matching.ahead == 6
-    # Run again: step 1 (the state was not matched yet) and the first step to see each new permutation (3, 6).
-    assert matching.reruns == 3
+    # Steps 1 and 2 wait (the first matching changes the unmatched state; so the next waits too); step 3 starts
+    # ahead and runs again (A -> B), step 4 waits after that change, steps 5 and 6 start ahead, 6 runs again (B -> A).
+    assert (matching.ahead, matching.reruns) == (3, 2)
     for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(plain_state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert np.asarray(state.contrast.assignment).tolist() == PERM_A.tolist()
-    assert "6 step(s) started ahead of their matching, 3 run again" in matching.summary()
+    assert matching.summary() == ("matching: 7 run(s), 3 changed the assignment; 3 step(s) started ahead of their "
+                                  "matching, 2 run again")
+    assert (plain.matchings, plain.changes) == (7, 3)
 
 
 def test_nothing_pending_runs_the_step_as_is(steps):
@@ -81,6 +83,6 @@ def test_nothing_pending_runs_the_step_as_is(steps):
 
 def test_speculating_with_a_donating_step_is_refused(steps):
     matching = HostMatching(ANCHORS, None, speculate=True)
-    matching.pending = True
+    matching.pending, matching.last_changed = True, False
     with pytest.raises(ValueError, match="does not donate"):
         matching.step(steps[False], initial_state(), jnp.asarray(ANCHORS[PERM_A]))

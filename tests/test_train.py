@@ -75,9 +75,9 @@ def test_interrupted_run_resumes_the_same_trajectory(uninterrupted, tmp_path):
 
 
 def test_speculative_matching_follows_the_plain_loop_bit_for_bit(tmp_path, monkeypatch):
-    # One device: on several CPU devices the trainer does not speculate. Matching after each of the 4 steps: steps
-    # 1-3 start before it is known; the first always runs again (the state was not matched yet), later ones only when
-    # the assignment changed.
+    # One device: on several CPU devices the trainer does not speculate. Matching after each of the 4 steps: step 1
+    # waits (the first matching always changes the state), later steps start ahead unless the last matching changed
+    # the assignment; the comparison means something only if one did.
     import jax
 
     from stpg_jax import sharding
@@ -85,16 +85,19 @@ def test_speculative_matching_follows_the_plain_loop_bit_for_bit(tmp_path, monke
     make_mesh = sharding.make_mesh
     monkeypatch.setattr(sharding, "make_mesh", lambda devices=None: make_mesh(jax.devices()[:1]))
     ahead = train.train_and_evaluate(loop_config(), str(tmp_path / "ahead"))
-    assert ahead["matching"]["ahead"] == 3 and 1 <= ahead["matching"]["reruns"] <= 3
+    assert 1 <= ahead["matching"]["ahead"] <= 2 and ahead["matching"]["reruns"] <= ahead["matching"]["ahead"]
     plain = train.train_and_evaluate(loop_config(**{"stpg.speculative_matching": False}), str(tmp_path / "plain"))
-    assert plain["matching"] == {"ahead": 0, "reruns": 0}
+    assert plain["matching"]["ahead"] == plain["matching"]["reruns"] == 0
+    # The same trajectory: the same matchings (after each step, the last one before the final checkpoint).
+    assert plain["matching"]["runs"] == ahead["matching"]["runs"] == 4
+    assert plain["matching"]["changes"] == ahead["matching"]["changes"] >= 1
     for a, b in zip(flat(gen_params(tmp_path / "ahead")), flat(gen_params(tmp_path / "plain"))):
         np.testing.assert_array_equal(a, b)
 
 
 def test_several_cpu_devices_match_plainly(uninterrupted):
     _, result = uninterrupted
-    assert result["matching"] == {"ahead": 0, "reruns": 0}
+    assert result["matching"]["runs"] == 4 and result["matching"]["ahead"] == result["matching"]["reruns"] == 0
 
 
 def test_resume_refuses_another_config(uninterrupted):
