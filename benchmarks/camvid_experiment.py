@@ -359,6 +359,7 @@ def run_info(method: str, argv: list[str], run: Run) -> dict:
         "eval_s": _number_after(r"evaluation took ([\d.]+)s", log),
         "last_images_per_s": _number_after(r"\| ([\d.]+) img/s", log),
         "devices": _text_after(r"(\d+ device\(s\) \([^)]*\))", log),
+        "matching": _text_after(r"matching: ([^\n]*)", log),  # STPG's host matching: runs, changes, steps run twice
         "result": result,
         "log": run.log_path,
     }
@@ -550,6 +551,9 @@ def run_experiment(args, commands) -> int:
     header += f", of which {prepare_s:.0f} s preparing the data once before the runs." if prepare_s is not None else "."
     if stopped_by:
         header += f" Stopped by {stopped_by}: a run without a column did not finish."
+    for method, r in runs.items():
+        if r.get("matching"):
+            header += f"\n\n{method}'s host matching: {r['matching']}."
     text = header + "\n\n" + table + "\n\nCommands:\n" + "".join(f"    {r['command']}\n" for r in runs.values())
     print("\n" + text, flush=True)
     with open(os.path.join(args.out, "camvid_results.md"), "w") as f:

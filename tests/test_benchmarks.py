@@ -220,7 +220,8 @@ def test_camvid_experiment_parallel_building_blocks(tmp_path, capsys, monkeypatc
     # still finishes with its table.
     table = "class              IoU %\\nsky                90.50\\nmIoU               45.25"
     ok = (f"import os, time; time.sleep(0.5); print(os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION']); "
-          f"print('  1 device(s) (gpu, NVIDIA H200), 1 process(es); global batch 8+8'); print('{table}')")
+          f"print('  1 device(s) (gpu, NVIDIA H200), 1 process(es); global batch 8+8'); "
+          f"print('  matching: 3 run(s), 1 changed the assignment'); print('{table}')")
     bad = "import sys; print('boom'); sys.exit(3)"
     jobs = [("supervised", ["python", "-c", ok], str(tmp_path / "supervised"), ce.child_env(0.3)),
             ("stpg", ["python", "-c", bad], str(tmp_path / "stpg"), ce.child_env(0.6))]
@@ -229,6 +230,7 @@ def test_camvid_experiment_parallel_building_blocks(tmp_path, capsys, monkeypatc
     assert runs["supervised"]["returncode"] == 0 and runs["supervised"]["result"]["miou"] == pytest.approx(45.25)
     assert runs["stpg"]["returncode"] == 3 and runs["stpg"]["result"] is None
     assert runs["supervised"]["devices"] == "1 device(s) (gpu, NVIDIA H200)" and runs["stpg"]["devices"] is None
+    assert runs["supervised"]["matching"] == "3 run(s), 1 changed the assignment" and runs["stpg"]["matching"] is None
     assert (tmp_path / "supervised" / "train.log").read_text().startswith("0.300\n  1 device(s)")
     assert (tmp_path / "stpg" / "train.log").read_text() == "boom\n"
     out = capsys.readouterr().out
