@@ -8,8 +8,8 @@ next one, so the device idles while the prototypes travel, the matching runs and
 runs the matching while that step computes. When the matching gives the same assignment (the common case once the
 prototypes settle) the step was exactly the one the plain loop would have run; when it does not, the step is run
 again from its input with the new assignment. Either way the trajectory is bitwise the plain loop's. After a
-matching that changed the assignment the next step waits for its matching instead (changes come in runs early in
-the matching phase), so a run of changes wastes one step, not one per change. The cost: the step must not donate
+matching that changed the assignment the next step waits for its matching instead (an assignment that has just
+changed may change again), so a run of changes wastes one step, not one per change. The cost: the step must not donate
 its input state, so the device holds two train states instead of one, and one step is wasted per run of changes
 (``reruns``).
 """
@@ -22,15 +22,8 @@ import numpy as np
 from stpg_jax import losses
 
 
-def match_on_host(state, anchors_host: np.ndarray, replicated, prototypes=None):
-    """The state with the Hungarian assignment of its prototypes (or of ``prototypes`` given on the host)."""
-    if prototypes is None:
-        prototypes = jax.device_get(state.contrast.prototypes)
-    assignment = losses.hungarian_assignment(np.asarray(prototypes), anchors_host)
-    return with_assignment(state, assignment, replicated)
-
-
 def with_assignment(state, assignment: np.ndarray, replicated):
+    """The state with ``assignment`` (host array, (C,)) as its matching, placed as ``replicated``."""
     contrast = state.contrast.replace(
         assignment=jax.device_put(np.asarray(assignment, np.int32), replicated),
         matched=jax.device_put(np.asarray(True), replicated),
@@ -84,7 +77,7 @@ class HostMatching:
 
     def step(self, step_fn, state, batch):
         """``step_fn(state, batch)`` after the pending matching, if any; returns its (state, metrics)."""
-        # Right after a change the next matching often changes again (early in the phase): wait for it then.
+        # Right after a change, wait for the matching rather than guess again.
         if not self.pending or not self.speculate or self.last_changed:
             return step_fn(self.resolve(state), batch)
         self.pending = False
