@@ -269,12 +269,11 @@ def build(config, num_classes: int, num_devices: int):
         state = state.replace(contrast=jax.device_put(contrast, replicated))
 
     step = make_train_step(model, tx, schedule, settings)
-    # Donated unless the run starts steps ahead of the host matching, as the Trainer decides.
+    speculates = speculative_matching(c, mesh)  # then the step keeps its input, as the Trainer compiles it
     jitted = jax.jit(step, in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
-                     donate_argnums=() if speculative_matching(c, mesh) else 0)
+                     donate_argnums=() if speculates else 0)
     return dict(model=model, settings=settings, mesh=mesh, devices=devices, state=state, jitted=jitted, step_fn=step,
-                batch_sharding=batch_sharding, replicated=replicated, start_step=start,
-                speculates=speculative_matching(c, mesh))
+                batch_sharding=batch_sharding, replicated=replicated, start_step=start, speculates=speculates)
 
 
 def random_batches(config, num_classes: int, batch_sharding, count: int = 2, seed: int = 0):

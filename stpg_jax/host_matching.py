@@ -59,7 +59,8 @@ class HostMatching:
         if self.pending:
             self.pending = False
             new, self.last_changed = self._match(state)
-            state = with_assignment(state, new, self.replicated)
+            if self.last_changed:  # otherwise the state already carries it: nothing to send to the device
+                state = with_assignment(state, new, self.replicated)
         return state
 
     def _match(self, state):

@@ -58,11 +58,16 @@ def needs_matching(step: int, sched: dict) -> bool:
     return step >= sched["bank_start"] and (sched["matching_freeze"] < 0 or step < sched["matching_freeze"])
 
 
+def uses_matching(config) -> bool:
+    """Whether a run matches prototypes to anchors on the host (STPG with the contrastive part)."""
+    return config.mode == "stpg" and config.stpg.contrastive
+
+
 def speculative_matching(config, mesh) -> bool:
     """Whether a run starts steps ahead of their host matching (stpg_jax.host_matching), which needs a step that
     keeps its input state. Not on several CPU devices: there, a step that keeps its input can hang in XLA's CPU
     collectives (seen with virtual devices on 2 cores), and the host shares the cores anyway."""
-    if not (config.mode == "stpg" and config.stpg.contrastive and config.stpg.speculative_matching):
+    if not (uses_matching(config) and config.stpg.speculative_matching):
         return False
     return mesh.devices.size == 1 or mesh.devices.flat[0].platform != "cpu"
 
@@ -235,7 +240,7 @@ def _train(config, workdir, max_steps, stop) -> dict:
         loader.set_state(meta["loader"])
         start_step = int(meta["step"])
         log(f"  resumed from {ckpt.directory}/{start_step} (step {start_step})")
-    matching_on = c.mode == "stpg" and c.stpg.contrastive
+    matching_on = uses_matching(c)
     matching = HostMatching(
         jax.device_get(state.contrast.anchors) if state.contrast is not None else None,
         trainer.replicated, speculate=trainer.speculates,
