@@ -231,7 +231,7 @@ def build(config, num_classes: int, num_devices: int):
     """Model, optimiser, settings, mesh, jitted step and an initial state past every schedule start."""
     from stpg_jax import losses, sharding
     from stpg_jax.models import model_from_config
-    from stpg_jax.state import create_train_state, init_network, make_optimizer
+    from stpg_jax.state import init_train_state, make_optimizer
     from stpg_jax.train import speculative_matching
     from stpg_jax.train_step import StepSettings, make_train_step
 
@@ -252,12 +252,9 @@ def build(config, num_classes: int, num_devices: int):
     # Random unit anchors: the same shape as the optimised ones, without the 10k-step optimisation.
     anchors = losses.init_prototypes(jax.random.PRNGKey(1), num_classes, dim) if c.mode == "stpg" else None
 
-    crop = min(c.data.crop_size, 64)
-    init_net = jax.jit(lambda key, pretrained: init_network(model, key, crop, pretrained))  # as the Trainer does
-    state = create_train_state(model, tx, jax.random.PRNGKey(c.seed), mode=c.mode, num_classes=num_classes,
-                               crop_size=crop, proj_dim=dim, anchors=anchors, bank_capacity=c.stpg.bank_capacity,
-                               init_net=init_net)
-    state = jax.device_put(state, replicated)
+    state = init_train_state(model, tx, jax.random.PRNGKey(c.seed), replicated, anchors=anchors,  # as the Trainer
+                             mode=c.mode, num_classes=num_classes, crop_size=min(c.data.crop_size, 64), proj_dim=dim,
+                             bank_capacity=c.stpg.bank_capacity)
     start = max(settings.bank_start_step, settings.contrastive_start_step, settings.proximity_start_step)
     state = state.replace(step=jax.device_put(jnp.asarray(start, jnp.int32), replicated))
     if state.contrast is not None:  # a full, matched bank: the contrastive terms see every row

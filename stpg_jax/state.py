@@ -93,21 +93,22 @@ def init_network(model, key, crop_size: int, pretrained=None) -> Network:
 
 
 def create_train_state(model, tx, key, *, mode: str, num_classes: int, crop_size: int, proj_dim: int,
-                       anchors=None, bank_capacity: int = 256, pretrained=None, init_net=None) -> TrainState:
+                       anchors=None, bank_capacity: int = 256, pretrained=None) -> TrainState:
     """Builds the initial state. Students differ by init key; each teacher starts equal to its student.
 
-    ``init_net(key, pretrained) -> Network`` replaces `init_network`, e.g. with a jitted version that compiles
-    the network's initialisers once for both students.
+    Pure, so it can be compiled whole (`init_train_state`). Both students come from one initialiser vmapped over
+    their keys, so the network's random initialisers (most of the start-up compile time) are traced and compiled
+    once; the values are those of `init_network` called with each key.
     """
-    if init_net is None:
-        init_net = functools.partial(init_network, model, crop_size=crop_size)
     k_gen, k_pro, k_proto, k_init_anchor, k_run = jax.random.split(key, 5)
-    gen = init_net(k_gen, pretrained=pretrained)
+    keys = jnp.stack([k_gen, k_pro]) if mode == "stpg" else k_gen[None]
+    nets = jax.vmap(lambda k: init_network(model, k, crop_size, pretrained))(keys)
+    gen = jax.tree_util.tree_map(lambda x: x[0], nets)
+    pro = jax.tree_util.tree_map(lambda x: x[1], nets) if mode == "stpg" else None
     state = TrainState(step=jnp.zeros((), jnp.int32), rng=k_run, gen_student=gen, gen_opt_state=tx.init(gen.params))
     if mode in ("mean_teacher", "stpg"):
         state = state.replace(gen_teacher=jax.tree_util.tree_map(jnp.copy, gen))
     if mode == "stpg":
-        pro = init_net(k_pro, pretrained=pretrained)
         dim = proj_dim
         if anchors is None:
             raise ValueError("stpg mode needs the anchors (losses.make_anchors)")
@@ -126,6 +127,21 @@ def create_train_state(model, tx, key, *, mode: str, num_classes: int, crop_size
             contrast=contrast,
         )
     return state
+
+
+def init_train_state(model, tx, key, sharding, *, anchors=None, pretrained=None, **kwargs) -> TrainState:
+    """`create_train_state` compiled as one XLA program whose outputs are placed with ``sharding`` (the replicated
+    sharding of the training mesh); ``kwargs`` are its keyword arguments.
+
+    Run op by op, building the state costs one small compilation per operation and array shape (about a hundred for
+    STPG's four networks and two optimisers), each a separate GPU kernel build; compiled whole it is one.
+    """
+    fn = jax.jit(functools.partial(create_train_state, model, tx, **kwargs), out_shardings=sharding)
+
+    def put(tree):
+        return None if tree is None else jax.device_put(tree, sharding)
+
+    return fn(put(key), anchors=put(anchors), pretrained=put(pretrained))
 
 
 def ema(teacher: Network, student: Network, decay: float) -> Network:

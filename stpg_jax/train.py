@@ -27,7 +27,7 @@ from stpg_jax.data import build_data, make_train_loader
 from stpg_jax.host_matching import HostMatching
 from stpg_jax.models import model_from_config
 from stpg_jax.models.pretrained import load_backbone_weights_for
-from stpg_jax.state import TrainState, create_train_state, init_network, make_optimizer
+from stpg_jax.state import TrainState, init_train_state, make_optimizer
 from stpg_jax.train_step import StepSettings, make_train_step
 
 
@@ -125,16 +125,13 @@ class Trainer:
             c.optim, self.total_steps, abstract, train_projection_head=c.stpg.train_projection_head
         )
 
-        crop = min(c.data.crop_size, 64)
-        # One compiled initialiser serves both students (the random initialisers of a ResNet are most of the
-        # start-up compile time); the weights enter as an argument, not as constants baked into the program.
-        init_net = jax.jit(lambda key, pretrained: init_network(self.model, key, crop, pretrained))
-        state = create_train_state(
-            self.model, self.tx, jax.random.PRNGKey(c.seed), mode=c.mode, num_classes=self.num_classes,
-            crop_size=crop, proj_dim=c.model.proj_dim or c.model.decoder_channels, anchors=anchors,
-            bank_capacity=c.stpg.bank_capacity, pretrained=pretrained, init_net=init_net,
+        # One compiled program builds the whole state on the devices; the weights enter as an argument, not as
+        # constants baked into it. The dummy forward of the initialiser needs no more than a 64-pixel crop.
+        return init_train_state(
+            self.model, self.tx, jax.random.PRNGKey(c.seed), self.replicated, anchors=anchors, pretrained=pretrained,
+            mode=c.mode, num_classes=self.num_classes, crop_size=min(c.data.crop_size, 64),
+            proj_dim=c.model.proj_dim or c.model.decoder_channels, bank_capacity=c.stpg.bank_capacity,
         )
-        return jax.device_put(state, self.replicated)
 
     @property
     def speculates(self) -> bool:

@@ -12,7 +12,7 @@ from stpg_jax import checkpoint, losses, sharding
 from stpg_jax.config import base_config
 from stpg_jax.data.augment import normalize
 from stpg_jax.models import model_from_config
-from stpg_jax.state import create_train_state, make_optimizer
+from stpg_jax.state import init_network, init_train_state, make_optimizer
 from stpg_jax.train_step import StepSettings, make_train_step
 
 C, D, S, B = 5, 16, 32, 4
@@ -59,11 +59,8 @@ class Setup:
         self.mode = mode
 
     def init(self, seed=0):
-        return jax.device_put(
-            create_train_state(self.model, self.tx, jax.random.PRNGKey(seed), mode=self.mode, num_classes=C,
-                               crop_size=S, proj_dim=D, anchors=self.anchors, bank_capacity=8),
-            self.rep,
-        )
+        return init_train_state(self.model, self.tx, jax.random.PRNGKey(seed), self.rep, anchors=self.anchors,
+                                mode=self.mode, num_classes=C, crop_size=S, proj_dim=D, bank_capacity=8)
 
     def run(self, state, batch):
         return self.step(state, sharding.shard_batch(batch, self.bat))
@@ -197,6 +194,28 @@ def test_sharded_step_equals_single_device(setup):
         np.testing.assert_allclose(multi_metrics[k], single_metrics[k], rtol=1e-4, atol=1e-5, err_msg=k)
     assert max_abs_diff(host(single_state.gen_student.params), host(multi_state.gen_student.params)) < 1e-4
     assert max_abs_diff(host(single_state.pro_teacher.params), host(multi_state.pro_teacher.params)) < 1e-4
+
+
+def test_initial_state_is_one_program_on_the_mesh_with_each_students_own_init(setup):
+    mesh = sharding.make_mesh(jax.devices())
+    rep = sharding.replicated(mesh)
+    key = jax.random.PRNGKey(5)
+    state = init_train_state(setup.model, setup.tx, key, rep, anchors=setup.anchors, mode="stpg", num_classes=C,
+                             crop_size=S, proj_dim=D, bank_capacity=8)
+    for leaf in jax.tree_util.tree_leaves(state):
+        assert len(leaf.sharding.device_set) == 4 and leaf.sharding.is_fully_replicated
+    # Each student holds what init_network gives for its key (the vmapped initialiser changes no value).
+    k_gen, k_pro = jax.random.split(key, 5)[:2]
+    reference = jax.jit(lambda k: init_network(setup.model, k, S))
+    for net, k in ((state.gen_student, k_gen), (state.pro_student, k_pro)):
+        assert max_abs_diff(host(net.variables), host(reference(k).variables)) < 1e-6
+    assert max_abs_diff(host(state.gen_student.params), host(state.pro_student.params)) > 1e-2
+    # Teachers equal their students but own their buffers (a donated step may overwrite either).
+    for teacher, student in ((state.gen_teacher, state.gen_student), (state.pro_teacher, state.pro_student)):
+        assert max_abs_diff(host(teacher.variables), host(student.variables)) == 0
+        for t, s in zip(jax.tree_util.tree_leaves(teacher), jax.tree_util.tree_leaves(student)):
+            assert (t.addressable_shards[0].data.unsafe_buffer_pointer()
+                    != s.addressable_shards[0].data.unsafe_buffer_pointer())
 
 
 def test_save_restore_continues_the_same_trajectory(setup, tmp_path):
