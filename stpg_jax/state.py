@@ -93,32 +93,42 @@ def init_network(model, key, crop_size: int, pretrained=None) -> Network:
 
 
 def create_train_state(model, tx, key, *, mode: str, num_classes: int, crop_size: int, proj_dim: int,
-                       anchors=None, bank_capacity: int = 256, pretrained=None) -> TrainState:
+                       anchors=None, bank_capacity: int = 256, pretrained=None, init_net=None) -> TrainState:
     """Builds the initial state. Students differ by init key; each teacher starts equal to its student.
 
-    Pure, so it can be compiled whole (`init_train_state`). Both students come from one initialiser vmapped over
-    their keys, so the network's random initialisers (most of the start-up compile time) are traced and compiled
-    once; the values are those of `init_network` called with each key.
+    ``init_net(key, pretrained) -> Network`` replaces `init_network` (`init_train_state` passes a compiled one).
     """
-    k_gen, k_pro, k_proto, k_init_anchor, k_run = jax.random.split(key, 5)
-    keys = jnp.stack([k_gen, k_pro]) if mode == "stpg" else k_gen[None]
-    nets = jax.vmap(lambda k: init_network(model, k, crop_size, pretrained))(keys)
-    gen = jax.tree_util.tree_map(lambda x: x[0], nets)
-    pro = jax.tree_util.tree_map(lambda x: x[1], nets) if mode == "stpg" else None
+    if init_net is None:
+        init_net = functools.partial(init_network, model, crop_size=crop_size)
+    k_gen, k_pro = _student_keys(key)
+    gen = init_net(k_gen, pretrained)
+    pro = init_net(k_pro, pretrained) if mode == "stpg" else None
+    return assemble_train_state(tx, key, gen, pro, mode=mode, num_classes=num_classes, proj_dim=proj_dim,
+                                anchors=anchors, bank_capacity=bank_capacity)
+
+
+def _student_keys(key):
+    return tuple(jax.random.split(key, 5)[:2])
+
+
+def assemble_train_state(tx, key, gen: Network, pro: Optional[Network], *, mode: str, num_classes: int,
+                         proj_dim: int, anchors=None, bank_capacity: int = 256) -> TrainState:
+    """The initial state around initialised students (``pro`` only for 'stpg'): teachers, optimisers, the
+    contrastive state and the run's RNG."""
+    _, _, k_proto, k_init_anchor, k_run = jax.random.split(key, 5)
     state = TrainState(step=jnp.zeros((), jnp.int32), rng=k_run, gen_student=gen, gen_opt_state=tx.init(gen.params))
     if mode in ("mean_teacher", "stpg"):
         state = state.replace(gen_teacher=jax.tree_util.tree_map(jnp.copy, gen))
     if mode == "stpg":
-        dim = proj_dim
         if anchors is None:
             raise ValueError("stpg mode needs the anchors (losses.make_anchors)")
         contrast = ContrastState(
             anchors=jnp.array(anchors, jnp.float32),  # a copy: the state is donated
-            prototypes=losses.init_prototypes(k_proto, num_classes, dim),
+            prototypes=losses.init_prototypes(k_proto, num_classes, proj_dim),
             assignment=jnp.arange(num_classes, dtype=jnp.int32),
-            initial_anchors=losses.init_prototypes(k_init_anchor, num_classes, dim),
+            initial_anchors=losses.init_prototypes(k_init_anchor, num_classes, proj_dim),
             matched=jnp.zeros((), bool),
-            bank=losses.init_memory_bank(num_classes, bank_capacity, dim),
+            bank=losses.init_memory_bank(num_classes, bank_capacity, proj_dim),
         )
         state = state.replace(
             pro_student=pro,
@@ -129,19 +139,28 @@ def create_train_state(model, tx, key, *, mode: str, num_classes: int, crop_size
     return state
 
 
-def init_train_state(model, tx, key, sharding, *, anchors=None, pretrained=None, **kwargs) -> TrainState:
-    """`create_train_state` compiled as one XLA program whose outputs are placed with ``sharding`` (the replicated
-    sharding of the training mesh); ``kwargs`` are its keyword arguments.
+def init_train_state(model, tx, key, sharding, *, mode: str, crop_size: int, anchors=None, pretrained=None,
+                     **kwargs) -> TrainState:
+    """`create_train_state` in two compiled programs whose outputs are placed with ``sharding`` (the replicated
+    sharding of the training mesh): one network initialiser, run once per student, then the rest of the state
+    around them. ``kwargs``: the other keyword arguments of `create_train_state`.
 
     Run op by op, building the state costs one small compilation per operation and array shape (about a hundred for
-    STPG's four networks and two optimisers), each a separate GPU kernel build; compiled whole it is one.
+    STPG's four networks and two optimisers), each a kernel build on a GPU. Compiling the whole state as one program
+    would trace the initialiser once per student, and the random initialisers are most of its compile time.
     """
-    fn = jax.jit(functools.partial(create_train_state, model, tx, **kwargs), out_shardings=sharding)
-
     def put(tree):
         return None if tree is None else jax.device_put(tree, sharding)
 
-    return fn(put(key), anchors=put(anchors), pretrained=put(pretrained))
+    key, pretrained = put(key), put(pretrained)
+    init_net = jax.jit(lambda k, weights: init_network(model, k, crop_size, weights), out_shardings=sharding)
+    k_gen, k_pro = jax.jit(_student_keys, out_shardings=sharding)(key)
+    gen = init_net(k_gen, pretrained)
+    pro = init_net(k_pro, pretrained) if mode == "stpg" else None
+    # The students are donated: the state's student buffers are theirs, and each teacher gets a copy.
+    assemble = jax.jit(functools.partial(assemble_train_state, tx, mode=mode, **kwargs), out_shardings=sharding,
+                       donate_argnums=(1, 2))
+    return assemble(key, gen, pro, anchors=put(anchors))
 
 
 def ema(teacher: Network, student: Network, decay: float) -> Network:

@@ -196,7 +196,7 @@ def test_sharded_step_equals_single_device(setup):
     assert max_abs_diff(host(single_state.pro_teacher.params), host(multi_state.pro_teacher.params)) < 1e-4
 
 
-def test_initial_state_is_one_program_on_the_mesh_with_each_students_own_init(setup):
+def test_initial_state_is_compiled_onto_the_mesh_with_each_students_own_init(setup):
     mesh = sharding.make_mesh(jax.devices())
     rep = sharding.replicated(mesh)
     key = jax.random.PRNGKey(5)
@@ -204,7 +204,7 @@ def test_initial_state_is_one_program_on_the_mesh_with_each_students_own_init(se
                              crop_size=S, proj_dim=D, bank_capacity=8)
     for leaf in jax.tree_util.tree_leaves(state):
         assert len(leaf.sharding.device_set) == 4 and leaf.sharding.is_fully_replicated
-    # Each student holds what init_network gives for its key (the vmapped initialiser changes no value).
+    # Each student holds what init_network gives for its key.
     k_gen, k_pro = jax.random.split(key, 5)[:2]
     reference = jax.jit(lambda k: init_network(setup.model, k, S))
     for net, k in ((state.gen_student, k_gen), (state.pro_student, k_pro)):
