@@ -96,10 +96,12 @@ def create_train_state(model, tx, key, *, mode: str, num_classes: int, crop_size
                        anchors=None, bank_capacity: int = 256, pretrained=None, init_net=None) -> TrainState:
     """Builds the initial state. Students differ by init key; each teacher starts equal to its student.
 
-    ``init_net(key, pretrained) -> Network`` replaces `init_network` (`init_train_state` passes a compiled one).
+    Run as it is, each operation compiles on its own; `init_train_state` builds the same state from two compiled
+    programs. ``init_net(key, pretrained) -> Network`` replaces `init_network`.
     """
     if init_net is None:
-        init_net = functools.partial(init_network, model, crop_size=crop_size)
+        def init_net(k, weights):
+            return init_network(model, k, crop_size, weights)
     k_gen, k_pro = _student_keys(key)
     gen = init_net(k_gen, pretrained)
     pro = init_net(k_pro, pretrained) if mode == "stpg" else None

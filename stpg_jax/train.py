@@ -125,8 +125,8 @@ class Trainer:
             c.optim, self.total_steps, abstract, train_projection_head=c.stpg.train_projection_head
         )
 
-        # One compiled program builds the whole state on the devices; the weights enter as an argument, not as
-        # constants baked into it. The dummy forward of the initialiser needs no more than a 64-pixel crop.
+        # Built by compiled programs straight onto the devices; the weights enter as an argument, not as constants
+        # baked into a program. The dummy forward of the initialiser needs no more than a 64-pixel crop.
         return init_train_state(
             self.model, self.tx, jax.random.PRNGKey(c.seed), self.replicated, anchors=anchors, pretrained=pretrained,
             mode=c.mode, num_classes=self.num_classes, crop_size=min(c.data.crop_size, 64),
