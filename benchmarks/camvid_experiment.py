@@ -28,9 +28,10 @@ Repeats with other training seeds (``--overrides seed=1`` and another ``--workdi
 
     python benchmarks/camvid_experiment.py --combine ROOT0/camvid_results.json ROOT1/camvid_results.json --out DIR
 
-which writes ``camvid_results_combined.md`` (each cell: the mean over the repeats, then every repeat's value) after
-checking that the repeats ran the same config, steps, methods and labelled split, alike one after another or
-concurrently, and differ only in ``seed=``.
+which writes ``camvid_results_combined.md`` (each cell: the mean over the repeats, then every repeat's value; then
+the mIoU difference of each pair of methods within each seed, with its mean, sd and 95 % t-interval) after checking
+that the repeats ran the same config, steps, methods and labelled split, alike one after another or concurrently, and
+differ only in ``seed=``.
 """
 
 from __future__ import annotations
@@ -399,6 +400,31 @@ def iou_table(repeats: list[dict], concurrent: bool = False) -> str | None:
     return "\n".join(lines)
 
 
+def paired_differences(repeats: list[dict]) -> str | None:
+    """Markdown of the mIoU differences between methods within each repeat (same seed, so same split, data order
+    and initialisation of the shared parts): per pair the per-repeat differences, their mean, sample standard
+    deviation, a two-sided 95 % Student-t interval of the mean and how many repeats the first method is ahead in.
+    None with fewer than two repeats or two methods."""
+    from scipy import stats
+
+    methods = [m for m in METHODS if all((runs.get(m) or {}).get("result") for runs in repeats)]
+    n = len(repeats)
+    if n < 2 or len(methods) < 2:
+        return None
+    t = float(stats.t.ppf(0.975, n - 1))
+    lines = ["| mIoU difference | per repeat | mean | sd | 95 % interval of the mean | repeats ahead |",
+             "|---|---|---:|---:|---|---:|"]
+    for i, base in enumerate(methods):
+        for other in methods[i + 1:]:
+            d = [runs[other]["result"]["miou"] - runs[base]["result"]["miou"] for runs in repeats]
+            mean = sum(d) / n
+            sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+            half = t * sd / math.sqrt(n)
+            lines.append(f"| {other} − {base} | {' / '.join(f'{x:+.2f}' for x in d)} | {mean:+.2f} | {sd:.2f} | "
+                         f"{mean - half:+.2f} to {mean + half:+.2f} | {sum(x > 0 for x in d)} of {n} |")
+    return "\n".join(lines)
+
+
 def collect_split(args, runs: dict) -> dict:
     """Copies the split files of the first run next to the results; checks every run used the same one."""
     digests = {}
@@ -456,9 +482,14 @@ def combine_results(reports: list[dict], names: list[str]) -> str:
     table = iou_table([r["runs"] for r in reports], concurrent=bool(first.get("parallel")))
     if table is None:
         raise ValueError("no method has an IoU table in every repeat")
-    return (f"CamVid {first['config']}, {first['steps']} steps per method, {len(reports)} repeats with training "
+    text = (f"CamVid {first['config']}, {first['steps']} steps per method, {len(reports)} repeats with training "
             f"seeds {', '.join(seeds)} (same labelled split); commits {', '.join(r['commit'] for r in reports)}. "
             "Each cell: mean over the repeats (each repeat's value, in seed order).\n\n" + table + "\n")
+    paired = paired_differences([r["runs"] for r in reports])
+    if paired:
+        text += ("\nPaired by seed (each difference between two methods trained with the same seed; the interval "
+                 "is mean ± t(0.975, n−1) · sd / √n):\n\n" + paired + "\n")
+    return text
 
 
 def combine_main(args) -> int:

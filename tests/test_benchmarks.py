@@ -176,6 +176,17 @@ def test_camvid_experiment_combines_seeds(tmp_path, capsys):
     assert "lacks the field 'steps'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ce.parse_args(["--combine", str(paths[0])])  # no --out
+    assert "Paired by seed" not in ce.combine_results([report(0, 40, 90)], ["a"])  # one repeat: nothing to pair
+
+    # Seed-paired mIoU differences: per repeat, mean, sample sd, Student-t 95 % interval, repeats ahead.
+    def runs(sup, mt, stpg):
+        return {m: {"result": {"miou": v, "iou": {"sky": v}}, "wall_s": 1.0}
+                for m, v in (("stpg", stpg), ("mean_teacher", mt), ("supervised", sup))}
+    paired = ce.paired_differences([runs(40, 41, 43), runs(42, 42, 43), runs(41, 43, 42)])
+    assert "| mean_teacher − supervised | +1.00 / +0.00 / +2.00 | +1.00 | 1.00 | -1.48 to +3.48 | 2 of 3 |" in paired
+    assert "| stpg − supervised | +3.00 / +1.00 / +1.00 | +1.67 | 1.15 | -1.20 to +4.54 | 3 of 3 |" in paired
+    assert "| stpg − mean_teacher | +2.00 / +1.00 / -1.00 |" in paired
+    assert ce.paired_differences([runs(40, 41, 43)]) is None
     with pytest.raises(SystemExit):
         ce.parse_args(["--steps", "10"])  # training needs --workdir_root
 
