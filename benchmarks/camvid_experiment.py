@@ -46,6 +46,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -377,7 +378,7 @@ def markdown_table(runs: dict, concurrent: bool = False) -> str:
 def iou_table(repeats: list[dict], concurrent: bool = False) -> str | None:
     """The table of one or more repeats ({method: run_info} each) of the same experiment, or None if no method has
     an IoU table in every repeat. With several repeats each cell is their mean, then each repeat's value."""
-    methods = [m for m in repeats[0] if all((runs.get(m) or {}).get("result") for runs in repeats)]
+    methods = _methods_with_result(repeats, repeats[0])
     if not methods:
         return None
 
@@ -400,6 +401,11 @@ def iou_table(repeats: list[dict], concurrent: bool = False) -> str | None:
     return "\n".join(lines)
 
 
+def _methods_with_result(repeats: list[dict], order) -> list[str]:
+    """The methods of ``order`` that have an IoU table in every repeat ({method: run_info} each)."""
+    return [m for m in order if all((runs.get(m) or {}).get("result") for runs in repeats)]
+
+
 def paired_differences(repeats: list[dict]) -> str | None:
     """Markdown of the mIoU differences between methods within each repeat (same seed, so same split, data order
     and initialisation of the shared parts): per pair the per-repeat differences, their mean, sample standard
@@ -407,7 +413,7 @@ def paired_differences(repeats: list[dict]) -> str | None:
     None with fewer than two repeats or two methods."""
     from scipy import stats
 
-    methods = [m for m in METHODS if all((runs.get(m) or {}).get("result") for runs in repeats)]
+    methods = _methods_with_result(repeats, METHODS)
     n = len(repeats)
     if n < 2 or len(methods) < 2:
         return None
@@ -417,8 +423,7 @@ def paired_differences(repeats: list[dict]) -> str | None:
     for i, base in enumerate(methods):
         for other in methods[i + 1:]:
             d = [runs[other]["result"]["miou"] - runs[base]["result"]["miou"] for runs in repeats]
-            mean = sum(d) / n
-            sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+            mean, sd = statistics.mean(d), statistics.stdev(d)
             half = t * sd / math.sqrt(n)
             lines.append(f"| {other} − {base} | {' / '.join(f'{x:+.2f}' for x in d)} | {mean:+.2f} | {sd:.2f} | "
                          f"{mean - half:+.2f} to {mean + half:+.2f} | {sum(x > 0 for x in d)} of {n} |")
