@@ -385,7 +385,7 @@ def iou_table(repeats: list[dict], concurrent: bool = False) -> str | None:
     def cell(values, digits=2):
         if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
             return "n/a"
-        mean = f"{sum(values) / len(values):.{digits}f}"
+        mean = f"{statistics.mean(values):.{digits}f}"
         return mean if len(values) == 1 else f"{mean} ({' / '.join(f'{v:.{digits}f}' for v in values)})"
 
     def row(label, value_of, digits=2, bold=False):
