@@ -15,7 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from stpg_jax import config as stpg_config
-from stpg_jax import train
+from stpg_jax import sharding, train
 from stpg_jax.data import DataError
 from stpg_jax.models.pretrained import WeightsMismatchError
 
@@ -70,7 +70,7 @@ def main(argv):
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (stpg_config.ConfigError, DataError, WeightsMismatchError, FileNotFoundError,
-            train.NonFiniteLossError) as e:
+            train.NonFiniteLossError, sharding.LaunchError) as e:
         fail(e)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from stpg_jax.config import ConfigError
@@ -119,12 +120,17 @@ def load_gen_student(workdir: str):
     step = ckpt.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {ckpt.directory}")
-    # Restore without a target: plain nested dicts of numpy arrays, then pick the Gen-Student.
-    restored = ckpt.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
-    )
-    state, meta = restored["state"], restored["meta"]
-    gen = state["gen_student"]
+    # The Gen-Student alone, as host NumPy arrays: no target shardings, so a checkpoint written on any number of
+    # devices or processes loads on this machine's.
+    path = os.path.join(ckpt.directory, str(step), "state")
+    with ocp.PyTreeCheckpointer() as reader:
+        tree = reader.metadata(path).item_metadata.tree
+        wanted = {"gen_student": {k: tree["gen_student"][k] for k in ("params", "batch_stats")}}
+        as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        gen = reader.restore(
+            path, args=ocp.args.PyTreeRestore(item=wanted, restore_args=as_numpy, partial_restore=True)
+        )["gen_student"]
+    meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     variables = {"params": gen["params"], "batch_stats": gen["batch_stats"]}
     ckpt.close()
     return config, variables, int(meta["num_classes"])

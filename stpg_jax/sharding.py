@@ -8,16 +8,50 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-# Environment variables whose presence means the run was launched on several hosts.
-_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+class LaunchError(ValueError):
+    """A multi-process launch described by the environment in a way that cannot work."""
+
+
+def _env_int(name: str) -> int:
+    value = os.environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise LaunchError(f"environment variable {name} = {value!r}: expected an integer") from None
 
 
 def maybe_initialize_distributed() -> None:
-    """Calls jax.distributed.initialize() when a multi-host launch is detected (explicit coordinator variables, or
-    SLURM / Open MPI with more than one task). Must run before any other JAX call."""
+    """Calls jax.distributed.initialize() when the run was launched on several processes. Must run before any other
+    JAX call that touches a device.
+
+    Two ways to say so: ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID`` set for every process (optionally ``JAX_LOCAL_DEVICE_IDS``), or a SLURM / Open MPI launch
+    with more than one task, whose variables JAX reads itself.
+    """
+    if jax.distributed.is_initialized():
+        return
     multi_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
     multi_mpi = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-    if any(v in os.environ for v in _MULTIHOST_ENV) or multi_slurm or multi_mpi:
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if address:
+        given = [n for n in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if n in os.environ]
+        if len(given) == 2:
+            num, pid = _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID")
+            if num < 1 or not 0 <= pid < num:
+                raise LaunchError(
+                    f"JAX_NUM_PROCESSES = {num} and JAX_PROCESS_ID = {pid}: expected JAX_NUM_PROCESSES >= 1 and "
+                    "0 <= JAX_PROCESS_ID < JAX_NUM_PROCESSES"
+                )
+            jax.distributed.initialize(address, num, pid)
+            return
+        if not (multi_slurm or multi_mpi):
+            missing = sorted({"JAX_NUM_PROCESSES", "JAX_PROCESS_ID"} - set(given))
+            raise LaunchError(
+                f"JAX_COORDINATOR_ADDRESS = {address!r} is set but {' and '.join(missing)} not: a multi-process "
+                "launch outside SLURM / Open MPI needs JAX_NUM_PROCESSES (the number of processes) and "
+                "JAX_PROCESS_ID (0 .. JAX_NUM_PROCESSES - 1) in every process"
+            )
+    if address or multi_slurm or multi_mpi:
         jax.distributed.initialize()
 
 

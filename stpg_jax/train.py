@@ -84,6 +84,19 @@ def load_pretrained(model_config):
     return load_backbone_weights_for(model_config)
 
 
+def _build_data_in_turn(data_config, workdir):
+    """``build_data`` in every process, process 0 first: it prepares the dataset if it is not prepared yet (and
+    writes the split record), so that processes sharing a file system do not prepare it side by side; the others
+    read it once it is there (or, on hosts without that file system, prepare their own copy)."""
+    if jax.process_count() == 1:
+        return build_data(data_config, workdir=workdir)
+    from jax.experimental import multihost_utils
+
+    bundle = build_data(data_config, workdir=workdir) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("stpg_jax: dataset ready")
+    return bundle if bundle is not None else build_data(data_config, workdir=None)
+
+
 class Trainer:
     """Everything a run needs, built once: data, model, optimiser, compiled step, mesh and checkpointer."""
 
@@ -95,7 +108,7 @@ class Trainer:
         self.replicated = sharding.replicated(self.mesh)
         self.batch_sharding = sharding.batch_sharded(self.mesh)
 
-        self.bundle = build_data(config.data, workdir=workdir if jax.process_index() == 0 else None)
+        self.bundle = _build_data_in_turn(config.data, workdir)
         self.info = self.bundle.info
         self.num_classes = self.info.num_classes
         self.steps_per_epoch = config.schedule.steps_per_epoch or self.bundle.steps_per_epoch(
@@ -238,6 +251,7 @@ def _train(config, workdir, max_steps, stop) -> dict:
         start_step = int(meta["step"])
         log(f"  resumed from {ckpt.directory}/{start_step} (step {start_step})")
     matching_on = uses_matching(c)
+    multi_process = jax.process_count() > 1
     matching = HostMatching(
         jax.device_get(state.contrast.anchors) if state.contrast is not None else None,
         trainer.replicated, speculate=trainer.speculates,
@@ -269,9 +283,19 @@ def _train(config, workdir, max_steps, stop) -> dict:
 
             done = step + 1
             is_last = done == trainer.total_steps
-            if max_steps and done - start_step >= max_steps and not is_last:
+            hit_max = bool(max_steps) and done - start_step >= max_steps and not is_last
+            stopping = hit_max or stop["signal"] is not None
+            agree_now = done % c.log_every_steps == 0 or is_last
+            if multi_process and not hit_max and (stopping or agree_now):
+                # Saving and evaluating are collective: every process must stop after the same step. A signal
+                # reaches the processes at different steps, so they agree at each log step and at the last
+                # (max_steps is the same everywhere).
+                stopping = agree_now and _any_process(stopping)
+                if stopping and stop["signal"] is None:
+                    stop["signal"] = "signal received by another process"
+            if hit_max:
                 stop["signal"] = stop["signal"] or "max_steps"
-            want_ckpt = done % c.checkpoint_every_steps == 0 or is_last or stop["signal"] is not None
+            want_ckpt = done % c.checkpoint_every_steps == 0 or is_last or stopping
             if done % c.log_every_steps == 0 or want_ckpt:
                 scalars = _scalar_metrics(jax.device_get(metrics))
                 if not math.isfinite(scalars["loss"]):
@@ -301,7 +325,7 @@ def _train(config, workdir, max_steps, stop) -> dict:
                     last_good = done
             if c.eval.every_steps and done % c.eval.every_steps == 0 and not is_last:
                 results = _run_eval(trainer, state, writer, done, log)
-            if stop["signal"] is not None:
+            if stopping:
                 if matching.matchings:
                     log(f"  {matching.summary()}")
                 log(f"stopping ({stop['signal']}): checkpoint saved at step {done}; run again to resume")
@@ -330,6 +354,12 @@ def _train(config, workdir, max_steps, stop) -> dict:
             loader.close()
         if writer is not None:
             writer.close()
+
+
+def _any_process(flag: bool) -> bool:
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
 
 
 def _run_eval(trainer: Trainer, state: TrainState, writer, step: int, log) -> dict:

@@ -56,3 +56,30 @@ def test_compilation_cache_folder():
     # JAX reads JAX_COMPILATION_CACHE_DIR itself; the flag does not override it.
     env = {"JAX_COMPILATION_CACHE_DIR": "/shared/xla"}
     assert compilation_cache_dir("default", "runs/a", env) == compilation_cache_dir("", "runs/a", env) == "/shared/xla"
+
+
+def test_incomplete_multi_process_environment_is_named(tmp_path):
+    # JAX itself reads only the address from the environment; the process count and index must come with it.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS="localhost:1", JAX_NUM_PROCESSES="2")
+    env.pop("XLA_FLAGS", None)
+    env.pop("JAX_PROCESS_ID", None)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), f"--config={REPO}/configs/demo.py", f"--workdir={tmp_path}/w"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert_one_clear_error(result, "JAX_COORDINATOR_ADDRESS", "JAX_PROCESS_ID")
+    assert not (tmp_path / "w").exists()  # nothing written
+
+
+def test_malformed_process_variables_are_named(monkeypatch):
+    from stpg_jax import sharding
+
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    with pytest.raises(sharding.LaunchError, match="JAX_NUM_PROCESSES = 'two': expected an integer"):
+        sharding.maybe_initialize_distributed()
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    with pytest.raises(sharding.LaunchError, match="0 <= JAX_PROCESS_ID < JAX_NUM_PROCESSES"):
+        sharding.maybe_initialize_distributed()

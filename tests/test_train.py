@@ -195,3 +195,56 @@ def test_predict_from_the_work_directory_and_from_its_export(uninterrupted, tmp_
         assert (tmp_path / source / "frame_overlay.jpg").exists()
         masks[source] = mask
     np.testing.assert_array_equal(masks["work"], masks["export"])
+
+
+def _two_processes(workdir, *args):
+    """Runs tests/multiprocess_worker.py as processes 0 and 1 of one jax.distributed job; their RESULT lines."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_worker.py")
+    cache = os.environ.get(
+        "STPG_TEST_COMPILATION_CACHE", os.path.join(os.path.dirname(os.path.dirname(worker)), ".jax_cache")
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, worker, str(workdir), *args],
+            env={**os.environ, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+                 "JAX_PROCESS_ID": str(i), "STPG_TEST_COMPILATION_CACHE": cache},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    results = [json.loads(line[len("RESULT "):]) for out in outputs for line in out.splitlines()
+               if line.startswith("RESULT ")]
+    return results, outputs
+
+
+def test_two_processes_stop_together_resume_and_follow_the_one_process_run(uninterrupted, tmp_path):
+    # jax.distributed on the CPU: 2 processes x 2 devices, the same global batch as the 4-device run. Process 1
+    # alone receives SIGTERM while drawing the batch of step 2; saving is collective, so both must stop after step
+    # 2. Both then resume to the end, evaluate, and process 0 alone exports.
+    full_dir, full = uninterrupted
+    results, outputs = _two_processes(tmp_path, "--sigterm_at_batch", "2", "--resume")
+    assert [(r["process_index"], r["process_count"], r.get("stopped_at")) for r in results] == [
+        (0, 2, 2.0), (0, 2, None), (1, 2, 2.0), (1, 2, None)]
+    assert "stopping (signal received by another process): checkpoint saved at step 2" in outputs[0]
+    assert "resumed from" in outputs[0] and (tmp_path / "export" / "model.json").exists()
+    assert "step 1/4" in outputs[0] and "step 1/4" not in outputs[1]  # progress from process 0 only
+    assert results[1]["miou"] == results[3]["miou"] == pytest.approx(float(full["miou"]), abs=1e-6)
+    # Same trajectory as one process on 4 devices, up to the order of the cross-process sums.
+    for a, b in zip(flat(gen_params(full_dir)), flat(gen_params(tmp_path))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
