@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from stpg_jax.data.augment import MEAN_RGB_UINT8, normalize
 
@@ -30,13 +31,18 @@ def make_window_predictor(model, window: int, windows_per_batch: int = 4, stride
     """Returns ``predictor(variables, image_uint8 (H, W, 3)) -> summed logits (H, W, C) float32 numpy``.
 
     ``sharding``: optional NamedSharding splitting the window batch over devices (its size must divide
-    ``windows_per_batch``).
+    ``windows_per_batch``), those of every process in a multi-process run: each process then cuts the same windows
+    and hands its devices their part; the logits come back whole to every process.
     """
     stride = max(1, int(math.ceil(window * stride_rate)))
 
-    @jax.jit
-    def forward(variables, windows):
+    def apply(variables, windows):
         return model.apply(variables, normalize(windows), train=False)["logits"]
+
+    if sharding is None:
+        forward = jax.jit(apply)
+    else:
+        forward = jax.jit(apply, out_shardings=NamedSharding(sharding.mesh, PartitionSpec()))
 
     def predictor(variables, image):
         image = np.asarray(image, np.uint8)
@@ -52,7 +58,8 @@ def make_window_predictor(model, window: int, windows_per_batch: int = 4, stride
             batch = np.zeros((windows_per_batch, window, window, 3), np.uint8)
             for i, (y, x) in enumerate(chunk):
                 batch[i] = padded[y:y + window, x:x + window]
-            batch = jax.device_put(batch, sharding) if sharding is not None else batch
+            if sharding is not None:
+                batch = jax.make_array_from_callback(batch.shape, sharding, lambda index, b=batch: b[index])
             logits = np.asarray(forward(variables, batch))
             if total is None:
                 total = np.zeros((ph, pw, logits.shape[-1]), np.float32)

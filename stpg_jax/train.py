@@ -165,7 +165,7 @@ class Trainer:
         if self._predictor is None:  # built once: its jitted forward then compiles once per run
             n_dev = self.mesh.devices.size
             per_batch = c.eval.windows_per_batch
-            shard = self.batch_sharding if per_batch % n_dev == 0 and jax.process_count() == 1 else None
+            shard = self.batch_sharding if per_batch % n_dev == 0 else None
             self._predictor = evaluate.make_window_predictor(
                 self.model, c.eval.window, per_batch, c.eval.stride_rate, sharding=shard
             )
