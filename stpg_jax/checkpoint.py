@@ -68,12 +68,26 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     os.replace(tmp, path)
 
 
+def this_process_options() -> "ocp.options.MultiprocessingOptions":
+    """Orbax options for reading or writing by the calling process alone (no barriers with the other processes)."""
+    me = jax.process_index()
+    return ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"stpg_process_{me}"
+    )
+
+
 class Checkpointer:
-    def __init__(self, workdir: str, max_to_keep: int = 2):
+    """The work directory's checkpoints. In a multi-process run every process takes part in saving and restoring;
+    ``this_process_only`` makes one for reading by the calling process alone (no barriers with the others)."""
+
+    def __init__(self, workdir: str, max_to_keep: int = 2, this_process_only: bool = False):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        multiprocessing = this_process_options() if this_process_only else ocp.options.MultiprocessingOptions()
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=not this_process_only, multiprocessing_options=multiprocessing
+            ),
             item_names=("state", "meta"),
         )
 
@@ -116,14 +130,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def load_gen_student(workdir: str):
     """(config, variables, num_classes) of the Gen-Student in the latest checkpoint of a training work directory."""
     config = load_config(workdir)
-    ckpt = Checkpointer(workdir)
+    ckpt = Checkpointer(workdir, this_process_only=True)
     step = ckpt.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {ckpt.directory}")
     # The Gen-Student alone, as host NumPy arrays: no target shardings, so a checkpoint written on any number of
     # devices or processes loads on this machine's.
     path = os.path.join(ckpt.directory, str(step), "state")
-    with ocp.PyTreeCheckpointer() as reader:
+    local = this_process_options()
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=local),
+                          multiprocessing_options=local) as reader:
         tree = reader.metadata(path).item_metadata.tree
         wanted = {"gen_student": {k: tree["gen_student"][k] for k in ("params", "batch_stats")}}
         as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)

@@ -88,14 +88,11 @@ def export_model(
     os.makedirs(out_dir, exist_ok=True)
     tree = {c: jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x), np.float32), _to_dict(variables[c]))
             for c in COLLECTIONS}
+    from stpg_jax.checkpoint import this_process_options
+
     # Written by the calling process alone: in a multi-process run only process 0 exports, and Orbax would otherwise
     # wait at a barrier for the others.
-    me = jax.process_index()
-    checkpointer = ocp.StandardCheckpointer(
-        multiprocessing_options=ocp.options.MultiprocessingOptions(
-            primary_host=me, active_processes={me}, barrier_sync_key_prefix="stpg_export"
-        )
-    )
+    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=this_process_options())
     checkpointer.save(os.path.join(out_dir, VARIABLES_DIR), tree)
     checkpointer.wait_until_finished()
     with open(os.path.join(out_dir, META_FILE), "w") as f:

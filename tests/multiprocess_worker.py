@@ -1,15 +1,15 @@
 """One process of a two-process CPU run of the trainer (tests/test_train.py starts two of these).
 
-    python tests/multiprocess_worker.py WORKDIR [--sigterm_at_batch N] [--resume]
+    python tests/multiprocess_worker.py WORKDIR SIGTERM_AT_BATCH
 
 The multi-process set-up comes from the environment, as for launch.py (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
-JAX_PROCESS_ID); each process gets 2 virtual CPU devices. With --sigterm_at_batch N, process 1 alone sends itself
-SIGTERM when it draws its N-th batch: both processes must still stop after the same step; with --resume both then
-call train_and_evaluate again on the same work directory. Prints a line ``RESULT <json>`` for each call with what it
+JAX_PROCESS_ID); each process gets 2 virtual CPU devices. The run is tests/test_train.py's loop config with an
+evaluation every 2 steps; process 1 alone sends itself SIGTERM when it draws batch SIGTERM_AT_BATCH, and both
+processes must still stop after the same step. Then process 0 alone exports the Gen-Student of the checkpoint, as
+the trainer does at the end of a run, while process 1 exits. Prints ``RESULT <json>`` with what train_and_evaluate
 returned.
 """
 
-import argparse
 import json
 import os
 import signal
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from stpg_jax import train  # noqa: E402
+from stpg_jax import checkpoint, export, train  # noqa: E402
 from test_train import loop_config  # noqa: E402
 
 
@@ -43,26 +43,25 @@ class _SignalAt:
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("workdir")
-    p.add_argument("--sigterm_at_batch", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="after a stop, run train_and_evaluate again")
-    args = p.parse_args()
+    workdir, at = sys.argv[1], int(sys.argv[2])
     cache = os.environ.get("STPG_TEST_COMPILATION_CACHE")
     if cache:
         jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    make_loader = train.make_train_loader
-    if args.sigterm_at_batch and os.environ.get("JAX_PROCESS_ID") == "1":
-        train.make_train_loader = lambda *a, **k: _SignalAt(make_loader(*a, **k), args.sigterm_at_batch)
-    while True:
-        result = train.train_and_evaluate(loop_config(), args.workdir)
-        summary = {k: float(result[k]) for k in ("miou", "stopped_at") if k in result}
-        summary.update(process_index=jax.process_index(), process_count=jax.process_count())
-        print("RESULT " + json.dumps(summary), flush=True)
-        if "stopped_at" not in result or not args.resume:
-            break
-        train.make_train_loader = make_loader  # resume in the same processes (their compiled programs kept)
+    if os.environ.get("JAX_PROCESS_ID") == "1":
+        make_loader = train.make_train_loader
+        train.make_train_loader = lambda *a, **k: _SignalAt(make_loader(*a, **k), at)
+    config = loop_config(**{"eval.every_steps": 2})
+    result = train.train_and_evaluate(config, workdir)
+    summary = {k: float(result[k]) for k in ("miou", "stopped_at") if k in result}
+    summary.update(process_index=jax.process_index(), process_count=jax.process_count())
+    if jax.process_index() == 0:
+        _, variables, num_classes = checkpoint.load_gen_student(workdir)
+        export.export_model(os.path.join(workdir, "export_by_process_0"), model_config=config.model,
+                            num_classes=num_classes, dataset_name="synthetic", class_names=(), variables=variables,
+                            eval_window=config.eval.window)
+    print("RESULT " + json.dumps(summary), flush=True)
+
 
 if __name__ == "__main__":
     main()
