@@ -8,6 +8,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from stpg_jax.config import ConfigError
+
+
 class LaunchError(ValueError):
     """A multi-process launch described by the environment in a way that cannot work."""
 
@@ -74,7 +77,7 @@ def check_divisible(config, mesh: Mesh) -> None:
     for name in ("batch_labeled", "batch_unlabeled"):
         value = config.data[name]
         if value % n:
-            raise ValueError(
+            raise ConfigError(
                 f"config.data.{name} = {value} is a global batch size and must be divisible by the {n} devices in "
                 f"use; choose a multiple of {n} (the learning rate stays the config's, for the global batch)"
             )

@@ -83,3 +83,13 @@ def test_malformed_process_variables_are_named(monkeypatch):
     monkeypatch.setenv("JAX_PROCESS_ID", "2")
     with pytest.raises(sharding.LaunchError, match="0 <= JAX_PROCESS_ID < JAX_NUM_PROCESSES"):
         sharding.maybe_initialize_distributed()
+
+
+def test_batch_not_divisible_by_the_devices_is_one_line(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), f"--config={REPO}/configs/demo.py:1_8,data.batch_labeled=3",
+         f"--workdir={tmp_path}/w"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert_one_clear_error(result, "config.data.batch_labeled = 3", "2 devices")
