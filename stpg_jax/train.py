@@ -23,7 +23,7 @@ from tensorboardX import SummaryWriter
 
 from stpg_jax import checkpoint, evaluate, export, losses, sharding
 from stpg_jax.config import validate
-from stpg_jax.data import build_data, make_train_loader
+from stpg_jax.data import DataError, build_data, make_train_loader
 from stpg_jax.host_matching import HostMatching
 from stpg_jax.models import model_from_config
 from stpg_jax.models.pretrained import load_backbone_weights_for
@@ -93,7 +93,13 @@ def _build_data_in_turn(data_config, workdir):
     from jax.experimental import multihost_utils
 
     bundle = build_data(data_config, workdir=workdir) if jax.process_index() == 0 else None
-    multihost_utils.sync_global_devices("stpg_jax: dataset ready")
+    try:
+        multihost_utils.sync_global_devices("stpg_jax: dataset ready")
+    except Exception as e:  # process 0 failed (its output names the cause) or the job lost a process
+        raise DataError(
+            f"process {jax.process_index()}: the processes did not meet once process 0 had built the data "
+            f"(see process 0's output for the cause): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
     return bundle if bundle is not None else build_data(data_config, workdir=None)
 
 
