@@ -28,14 +28,26 @@ def maybe_initialize_distributed() -> None:
     JAX call that touches a device.
 
     Two ways to say so: ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES`` and
-    ``JAX_PROCESS_ID`` set for every process (optionally ``JAX_LOCAL_DEVICE_IDS``), or a SLURM / Open MPI launch
-    with more than one task, whose variables JAX reads itself.
+    ``JAX_PROCESS_ID`` set for every process (optionally ``JAX_LOCAL_DEVICE_IDS``), or an ``srun`` step / Open MPI
+    (ORTE) launch with more than one task, whose variables JAX reads itself.
     """
     if jax.distributed.is_initialized():
         return
-    multi_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    multi_mpi = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
     address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    # Only what JAX's own detection can complete: SLURM with the variables of an srun step (SLURM_STEP_NODELIST;
+    # a plain `python launch.py` in a batch script that allocated several tasks stays one process instead of
+    # failing), Open MPI through its ORTE launcher's URI (which Open MPI 5 / PRRTE no longer sets).
+    slurm_tasks = os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1"))
+    multi_slurm = "SLURM_STEP_NODELIST" in os.environ and int(slurm_tasks) > 1
+    mpi_size = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))
+    multi_mpi = mpi_size > 1 and "OMPI_MCA_orte_hnp_uri" in os.environ
+    if mpi_size > 1 and not multi_mpi and not address:
+        raise LaunchError(
+            f"Open MPI started {mpi_size} processes, but JAX finds their coordinator only through "
+            "OMPI_MCA_orte_hnp_uri, which this Open MPI does not set; set "
+            "JAX_COORDINATOR_ADDRESS=<host of rank 0>:<free port>, JAX_NUM_PROCESSES=$OMPI_COMM_WORLD_SIZE and "
+            "JAX_PROCESS_ID=$OMPI_COMM_WORLD_RANK instead"
+        )
     if address:
         given = [n for n in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if n in os.environ]
         if len(given) == 2:

@@ -93,3 +93,40 @@ def test_batch_not_divisible_by_the_devices_is_one_line(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert_one_clear_error(result, "config.data.batch_labeled = 3", "2 devices")
+
+
+@pytest.mark.parametrize("env,initialized", [
+    # An sbatch script's own shell: several tasks allocated, but no srun step: one process.
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}, False),
+    # Inside `srun -n 4`: JAX's SLURM detection takes over.
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NODELIST": "node[1-2]",
+      "SLURM_PROCID": "1", "SLURM_LOCALID": "1"}, True),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "1", "SLURM_STEP_NODELIST": "node1",
+      "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}, False),
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0", "OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:5"}, True),
+    ({}, False),
+])
+def test_scheduler_environments_decide_whether_to_initialize(monkeypatch, env, initialized):
+    import jax
+
+    from stpg_jax import sharding
+
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append(a))
+    sharding.maybe_initialize_distributed()
+    assert calls == ([()] if initialized else [])
+
+
+def test_open_mpi_without_its_orte_uri_asks_for_the_jax_variables(monkeypatch):
+    from stpg_jax import sharding
+
+    for name in ("JAX_COORDINATOR_ADDRESS", "OMPI_MCA_orte_hnp_uri"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    with pytest.raises(sharding.LaunchError, match="JAX_PROCESS_ID=\\$OMPI_COMM_WORLD_RANK"):
+        sharding.maybe_initialize_distributed()
