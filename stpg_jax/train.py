@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
 from stpg_jax import checkpoint, evaluate, export, losses, sharding
@@ -90,8 +91,6 @@ def _build_data_in_turn(data_config, workdir):
     read it once it is there (or, on hosts without that file system, prepare their own copy)."""
     if jax.process_count() == 1:
         return build_data(data_config, workdir=workdir)
-    from jax.experimental import multihost_utils
-
     bundle = build_data(data_config, workdir=workdir) if jax.process_index() == 0 else None
     try:
         multihost_utils.sync_global_devices("stpg_jax: dataset ready")
@@ -363,8 +362,6 @@ def _train(config, workdir, max_steps, stop) -> dict:
 
 
 def _any_process(flag: bool) -> bool:
-    from jax.experimental import multihost_utils
-
     return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
 
 

@@ -10,9 +10,15 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def launch(tmp_path, *args):
+def launch(tmp_path, *args, **extra_env):
+    """launch.py in a subprocess on one CPU device; ``extra_env`` adds (or, with None, removes) variables."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
+    for name, value in extra_env.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     # Run from an empty directory so the config's relative data.root (data/voc) cannot exist.
     return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -60,13 +66,8 @@ def test_compilation_cache_folder():
 
 def test_incomplete_multi_process_environment_is_named(tmp_path):
     # JAX itself reads only the address from the environment; the process count and index must come with it.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS="localhost:1", JAX_NUM_PROCESSES="2")
-    env.pop("XLA_FLAGS", None)
-    env.pop("JAX_PROCESS_ID", None)
-    result = subprocess.run(
-        [sys.executable, str(REPO / "launch.py"), f"--config={REPO}/configs/demo.py", f"--workdir={tmp_path}/w"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
+    result = launch(tmp_path, f"--config={REPO}/configs/demo.py", f"--workdir={tmp_path}/w",
+                    JAX_COORDINATOR_ADDRESS="localhost:1", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=None)
     assert_one_clear_error(result, "JAX_COORDINATOR_ADDRESS", "JAX_PROCESS_ID")
     assert not (tmp_path / "w").exists()  # nothing written
 
@@ -86,12 +87,8 @@ def test_malformed_process_variables_are_named(monkeypatch):
 
 
 def test_batch_not_divisible_by_the_devices_is_one_line(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    result = subprocess.run(
-        [sys.executable, str(REPO / "launch.py"), f"--config={REPO}/configs/demo.py:1_8,data.batch_labeled=3",
-         f"--workdir={tmp_path}/w"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
+    result = launch(tmp_path, f"--config={REPO}/configs/demo.py:1_8,data.batch_labeled=3", f"--workdir={tmp_path}/w",
+                    XLA_FLAGS="--xla_force_host_platform_device_count=2")
     assert_one_clear_error(result, "config.data.batch_labeled = 3", "2 devices")
 
 
