@@ -299,6 +299,7 @@ def test_loader_throughput_names_a_bad_config_key_in_one_line():
 
 @pytest.mark.parametrize("script, args", [
     ("step_time.py", ["--config=configs/demo.py:data.nokey=1", "--tiny"]),
+    ("compile_for_gpu.py", ["--config=configs/demo.py:data.nokey=1"]),
     ("camvid_experiment.py", ["--config=configs/no_such.py:1_8", "--workdir_root=unused", "--dry_run"]),
 ])
 def test_benchmark_scripts_say_a_bad_config_in_one_line(script, args):
@@ -306,4 +307,4 @@ def test_benchmark_scripts_say_a_bad_config_in_one_line(script, args):
                           text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1, proc.stderr[-2000:]
-    assert ("data.nokey" if script == "step_time.py" else "no_such.py") in proc.stderr
+    assert ("no_such.py" if script == "camvid_experiment.py" else "data.nokey") in proc.stderr
