@@ -22,6 +22,7 @@ RESUME_SAFE_PREFIXES = (
     "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval.", "data.workers", "data.prefetch",
     "data.root", "data.sbd_root", "data.data_dir", "data.prepare_if_missing", "model.pretrained",
     "model.remat",  # recomputes the same values in the backward pass instead of keeping them
+    "model.bn_backward",  # the same variables and BatchNorm gradients, up to float rounding
     "stpg.speculative_matching",  # the same steps in another order on the host
 )
 

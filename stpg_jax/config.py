@@ -64,6 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.proj_dim = 256
     m.dtype = "float32"  # compute dtype; parameters stay float32
     m.remat = False  # recompute block activations in the backward pass: less memory, more compute; same parameters
+    # BatchNorm's backward pass: 'autodiff' (nn.BatchNorm differentiated by JAX) or 'closed_form' (written out, with
+    # the following ReLU's; same parameters and forward values, fewer passes over the activations).
+    m.bn_backward = "autodiff"
     m.pretrained = ""  # ImageNet backbone weights (.npz / .pth / converted); '' = random init
 
     c.optim = o = ml_collections.ConfigDict()
@@ -223,6 +226,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.stpg.speculative_matching must be True or False, got {c.stpg.speculative_matching!r}")
     if not isinstance(c.model.remat, bool):
         raise ConfigError(f"config.model.remat must be True or False, got {c.model.remat!r}")
+    if c.model.bn_backward not in ("autodiff", "closed_form"):
+        raise ConfigError(f"config.model.bn_backward must be 'autodiff' or 'closed_form', got {c.model.bn_backward!r}")
     if not c.model.stage_blocks and c.model.depth not in (50, 101):
         raise ConfigError(f"config.model.depth must be 50 or 101 (or set model.stage_blocks), got {c.model.depth}")
     for name in ("batch_labeled", "batch_unlabeled", "crop_size"):

@@ -167,3 +167,13 @@ def test_remat_is_a_checked_switch_that_a_resume_accepts(tmp_path):
     check_config(str(tmp_path), get("voc_blender", "1_4,model.remat=True"))
     with pytest.raises(ConfigError, match=r"model\.dtype"):
         check_config(str(tmp_path), get("voc_blender", "1_4,model.dtype=bfloat16"))
+
+
+def test_bn_backward_is_a_checked_choice_that_a_resume_accepts(tmp_path):
+    from stpg_jax.checkpoint import check_config, write_config
+
+    assert get("voc_blender").model.bn_backward == "autodiff"
+    with pytest.raises(ConfigError, match=r"model\.bn_backward must be 'autodiff' or 'closed_form', got 'fused'"):
+        get("voc_blender", "1_4,model.bn_backward=fused")
+    write_config(str(tmp_path), get("voc_blender"))
+    check_config(str(tmp_path), get("voc_blender", "1_4,model.bn_backward=closed_form"))

@@ -175,9 +175,9 @@ KEEP_REMAT_BARRIERS = {"xla_disable_hlo_passes": "cse_barrier_expander", "xla_ba
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_train_gradients(remat):
+def tiny_train_gradients(remat, bn_backward="autodiff"):
     """Init variables, the compiled value_and_grad of a train-mode loss, and its results, with remat off or on."""
-    model = DeepLabV3Plus(num_classes=5, remat=remat, **TINY)
+    model = DeepLabV3Plus(num_classes=5, remat=remat, bn_backward=bn_backward, **TINY)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 48, 3))
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0), x)
 
@@ -220,3 +220,38 @@ def test_model_from_config_passes_remat_and_reads_configs_without_it():
     assert model_from_config(model, 21).remat is True
     older = ml_collections.ConfigDict({k: v for k, v in model.to_dict().items() if k != "remat"})  # older exports
     assert model_from_config(older, 21).remat is False
+
+
+def test_closed_form_batchnorm_keeps_variables_outputs_statistics_and_gradients():
+    (ref_vars, _, ((loss_ref, aux_ref), grads_ref)) = tiny_train_gradients(False)
+    (vars_cf, _, ((loss_cf, aux_cf), grads_cf)) = tiny_train_gradients(False, "closed_form")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, vars_cf, ref_vars)  # same names, shapes, initial values
+    np.testing.assert_allclose(loss_cf, loss_ref, rtol=1e-6)
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+    jax.tree_util.tree_map(close, aux_cf, aux_ref)  # logits, features and the updated batch_stats
+    jax.tree_util.tree_map(functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=2e-6), grads_cf, grads_ref)
+
+
+def test_closed_form_batchnorm_has_fewer_kernels_and_bytes_in_the_compiled_backward():
+    """The point of the closed form: XLA's program for the train-mode gradient makes fewer passes over activations."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import hlo_traffic
+
+    totals = {}
+    for backward in ("autodiff", "closed_form"):
+        rows = hlo_traffic.kernels(tiny_train_gradients(False, backward)[1].as_text())
+        totals[backward] = (len(rows), sum(r["bytes"] for r in rows))
+    assert totals["closed_form"][0] < totals["autodiff"][0], totals
+    assert totals["closed_form"][1] < totals["autodiff"][1], totals
+
+
+def test_model_from_config_passes_bn_backward():
+    model = base_config().model
+    assert model_from_config(model, 21).bn_backward == "autodiff"
+    model.bn_backward = "closed_form"
+    assert model_from_config(model, 21).bn_backward == "closed_form"
+    older = ml_collections.ConfigDict({k: v for k, v in model.to_dict().items() if k != "bn_backward"})
+    assert model_from_config(older, 21).bn_backward == "autodiff"

@@ -49,11 +49,12 @@ class ConvBNReLU(nn.Module):
     kernel: int = 1
     dilation: int = 1
     dtype: Any = jnp.float32
+    bn_backward: str = "autodiff"
 
     @nn.compact
     def __call__(self, x, train: bool):
         x = conv(self.features, self.kernel, 1, self.dilation, dtype=self.dtype, name="conv")(x)
-        return nn.relu(batch_norm(train, self.dtype, "bn")(x))
+        return batch_norm(train, self.dtype, "bn", self.bn_backward, relu=True)(x)
 
 
 class ASPP(nn.Module):
@@ -63,17 +64,19 @@ class ASPP(nn.Module):
     rates: Sequence[int] = (6, 12, 18)
     dtype: Any = jnp.float32
     remat: bool = False
+    bn_backward: str = "autodiff"
 
     @nn.compact
     def __call__(self, x, train: bool):
         conv_bn_relu = maybe_remat(ConvBNReLU, self.remat)
-        branches = [conv_bn_relu(self.features, 1, dtype=self.dtype, name="branch0")(x, train)]
+        kw = dict(dtype=self.dtype, bn_backward=self.bn_backward)
+        branches = [conv_bn_relu(self.features, 1, **kw, name="branch0")(x, train)]
         for i, rate in enumerate(self.rates):
-            branches.append(conv_bn_relu(self.features, 3, rate, dtype=self.dtype, name=f"branch{i + 1}")(x, train))
+            branches.append(conv_bn_relu(self.features, 3, rate, **kw, name=f"branch{i + 1}")(x, train))
         pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
-        pooled = conv_bn_relu(self.features, 1, dtype=self.dtype, name="image_pool")(pooled, train)
+        pooled = conv_bn_relu(self.features, 1, **kw, name="image_pool")(pooled, train)
         branches.append(jnp.broadcast_to(pooled, branches[0].shape))
-        return conv_bn_relu(self.features, 1, dtype=self.dtype, name="project")(jnp.concatenate(branches, -1), train)
+        return conv_bn_relu(self.features, 1, **kw, name="project")(jnp.concatenate(branches, -1), train)
 
 
 class DeepLabV3Plus(nn.Module):
@@ -84,7 +87,9 @@ class DeepLabV3Plus(nn.Module):
     Parameters are float32; ``dtype`` sets the compute dtype (bfloat16 for mixed precision). ``remat`` recomputes
     the activations inside the stem, every bottleneck, ASPP branch and decoder conv in the backward pass instead of
     keeping them (for the R50 train step, less than half of XLA's temporary memory for ~21 % more FLOPs); the
-    variables are the same. The projection head is left out: recomputing it saved nothing.
+    variables are the same. The projection head is left out: recomputing it saved nothing. ``bn_backward``
+    'closed_form' computes every BatchNorm's (and following ReLU's) backward pass in closed form instead of by
+    automatic differentiation (``batchnorm.BatchNorm``): same variables, same forward values.
     """
 
     num_classes: int
@@ -100,6 +105,7 @@ class DeepLabV3Plus(nn.Module):
     proj_dim: int = 256
     dtype: Any = jnp.float32
     remat: bool = False
+    bn_backward: str = "autodiff"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -108,24 +114,25 @@ class DeepLabV3Plus(nn.Module):
         x = x.astype(self.dtype)
         low, high = ResNet(
             blocks, self.width, self.stem, self.stride_in_1x1, self.output_stride, self.dtype, self.remat,
-            name="backbone",
+            self.bn_backward, name="backbone",
         )(x, train)
 
         conv_bn_relu = maybe_remat(ConvBNReLU, self.remat)
         rates = (6, 12, 18) if self.output_stride == 16 else (12, 24, 36)
-        y = ASPP(self.aspp_channels, rates, self.dtype, self.remat, name="aspp")(high, train)
-        low = conv_bn_relu(self.low_level_channels, 1, dtype=self.dtype, name="low_level")(low, train)
+        kw = dict(dtype=self.dtype, bn_backward=self.bn_backward)
+        y = ASPP(self.aspp_channels, rates, self.dtype, self.remat, self.bn_backward, name="aspp")(high, train)
+        low = conv_bn_relu(self.low_level_channels, 1, **kw, name="low_level")(low, train)
         y = resize_bilinear_align_corners(y, low.shape[1:3])
         y = jnp.concatenate([y, low], axis=-1)
-        y = conv_bn_relu(self.decoder_channels, 3, dtype=self.dtype, name="decoder1")(y, train)
-        y = conv_bn_relu(self.decoder_channels, 3, dtype=self.dtype, name="decoder2")(y, train)
+        y = conv_bn_relu(self.decoder_channels, 3, **kw, name="decoder1")(y, train)
+        y = conv_bn_relu(self.decoder_channels, 3, **kw, name="decoder2")(y, train)
 
         logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="classifier")(y)
         logits = resize_bilinear_align_corners(logits.astype(jnp.float32), (in_h, in_w))
 
         if self.proj_dim:
             f = conv(self.decoder_channels, 3, dtype=self.dtype, name="proj_conv1")(y)
-            f = nn.relu(batch_norm(train, self.dtype, "proj_bn")(f))
+            f = batch_norm(train, self.dtype, "proj_bn", self.bn_backward, relu=True)(f)
             f = nn.Dropout(0.1, deterministic=not train)(f)
             f = nn.Conv(self.proj_dim, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="proj_conv2")(f)
         else:
@@ -154,4 +161,5 @@ def model_from_config(model_config, num_classes: int) -> DeepLabV3Plus:
         proj_dim=model_config.proj_dim,
         dtype=dtypes[model_config.dtype],
         remat=bool(model_config.get("remat", False)),  # absent from configs and exports written before it existed
+        bn_backward=model_config.get("bn_backward", "autodiff"),  # likewise
     )

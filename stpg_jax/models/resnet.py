@@ -12,17 +12,29 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from stpg_jax.models.batchnorm import BatchNorm
+
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 # Layer-4 multi-grid of the dilated ResNets used by DeepLabV3+ (DESIGN.md §4: dilations 2/4/8 at OS16).
 MULTI_GRID = (1, 2, 4)
 
 
-def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
-    # PyTorch defaults: running stats updated with momentum 0.1 (flax momentum 0.9), eps 1e-5.
-    return nn.BatchNorm(
+BN_BACKWARDS = ("autodiff", "closed_form")
+
+
+def batch_norm(train: bool, dtype: Any, name: str, backward: str = "autodiff", relu: bool = False):
+    """BatchNorm (then ReLU if ``relu``) with PyTorch's defaults: running stats updated with momentum 0.1 (flax
+    momentum 0.9), eps 1e-5. ``backward``: 'autodiff' is ``nn.BatchNorm`` differentiated by JAX; 'closed_form' is
+    ``batchnorm.BatchNorm``, same variables and forward values, its backward pass (with the ReLU's) written out."""
+    if backward == "closed_form":
+        return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, relu=relu, name=name)
+    if backward != "autodiff":
+        raise ValueError(f"model.bn_backward must be one of {BN_BACKWARDS}, got {backward!r}")
+    bn = nn.BatchNorm(
         use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, name=name
     )
+    return (lambda x: nn.relu(bn(x))) if relu else bn
 
 
 def conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, dtype: Any = jnp.float32, name=None, use_bias=False):
@@ -57,10 +69,10 @@ def resnet_stem(net: ResNet, x, train: bool):
     if net.stem == "deep":
         for i, ch in enumerate((net.width, net.width, 2 * net.width)):
             x = conv(ch, 3, 2 if i == 0 else 1, dtype=net.dtype, name=f"stem_conv{i + 1}")(x)
-            x = nn.relu(batch_norm(train, net.dtype, f"stem_bn{i + 1}")(x))
+            x = batch_norm(train, net.dtype, f"stem_bn{i + 1}", net.bn_backward, relu=True)(x)
     elif net.stem == "standard":
         x = conv(net.width, 7, 2, dtype=net.dtype, name="conv1")(x)
-        x = nn.relu(batch_norm(train, net.dtype, "bn1")(x))
+        x = batch_norm(train, net.dtype, "bn1", net.bn_backward, relu=True)(x)
     else:
         raise ValueError(f"model.stem must be 'deep' or 'standard', got {net.stem!r}")
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -79,19 +91,20 @@ class Bottleneck(nn.Module):
     downsample: bool = False
     stride_in_1x1: bool = False
     dtype: Any = jnp.float32
+    bn_backward: str = "autodiff"
 
     @nn.compact
     def __call__(self, x, train: bool):
         s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
         y = conv(self.planes, 1, s1, dtype=self.dtype, name="conv1")(x)
-        y = nn.relu(batch_norm(train, self.dtype, "bn1")(y))
+        y = batch_norm(train, self.dtype, "bn1", self.bn_backward, relu=True)(y)
         y = conv(self.planes, 3, s3, self.dilation, dtype=self.dtype, name="conv2")(y)
-        y = nn.relu(batch_norm(train, self.dtype, "bn2")(y))
+        y = batch_norm(train, self.dtype, "bn2", self.bn_backward, relu=True)(y)
         y = conv(self.planes * 4, 1, dtype=self.dtype, name="conv3")(y)
-        y = batch_norm(train, self.dtype, "bn3")(y)
+        y = batch_norm(train, self.dtype, "bn3", self.bn_backward)(y)
         if self.downsample:
             x = conv(self.planes * 4, 1, self.stride, dtype=self.dtype, name="downsample_conv")(x)
-            x = batch_norm(train, self.dtype, "downsample_bn")(x)
+            x = batch_norm(train, self.dtype, "downsample_bn", self.bn_backward)(x)
         return nn.relu(y + x)
 
 
@@ -105,6 +118,7 @@ class ResNet(nn.Module):
       output_stride: 16 (layer4 dilated) or 8 (layers 3 and 4 dilated).
       remat: recompute the activations inside the stem and each bottleneck in the backward pass instead of keeping
         them (``nn.remat``); the variables are the same either way.
+      bn_backward: 'autodiff' or 'closed_form' (see ``batch_norm``); the variables are the same either way.
     """
 
     stage_blocks: Sequence[int] = STAGE_BLOCKS[50]
@@ -114,6 +128,7 @@ class ResNet(nn.Module):
     output_stride: int = 16
     dtype: Any = jnp.float32
     remat: bool = False
+    bn_backward: str = "autodiff"
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -144,6 +159,7 @@ class ResNet(nn.Module):
                     downsample=(i == 0 and (stride != 1 or in_ch != planes * 4)),
                     stride_in_1x1=self.stride_in_1x1,
                     dtype=self.dtype,
+                    bn_backward=self.bn_backward,
                     name=f"layer{stage + 1}_{i}",
                 )(x, train)
                 in_ch = planes * 4
