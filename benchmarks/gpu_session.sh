@@ -14,8 +14,9 @@
 # target; 0 = no cap), so a run that completes shows the float32 VOC step fits in 40 GB; F32_REMAT=1 runs it with
 # model.remat=True (activations recomputed in the backward pass). Each run writes its JSON
 # after every phase (the profile right after the timed steps), so a run stopped by its timeout keeps what it
-# measured; BF16_ARGS (default --breakdown) adds the optional phases. BUDGET_S (default 225 s) bounds the
-# whole script.
+# measured; BF16_ARGS (default --breakdown) adds the optional phases. AB_OVERRIDES (e.g.
+# model.bn_backward=closed_form) times bfloat16 once more with those config overrides (no profile), before float32.
+# BUDGET_S (default 225 s) bounds the whole script.
 set -uo pipefail
 START=$SECONDS
 BUDGET_S=${BUDGET_S:-225}
@@ -48,6 +49,18 @@ timeout -k 5 "$T" python3 benchmarks/step_time.py --config="$CONFIG" $STEP_ARGS 
   --steps 30 --warmup 5 $BF16_ARGS "${PROFILE_ARGS[@]}" --out "$OUT/step_time_bf16.json" 2>&1 | tee "$OUT/step_time_bf16.log"
 if [ "${PROFILE_TGZ:-0}" = 1 ] && [ -d /tmp/stpg_profile ]; then
   tar -C /tmp -czf "$OUT/profile_bf16.tgz" stpg_profile && ls -la "$OUT/profile_bf16.tgz"
+fi
+
+if [ -n "${AB_OVERRIDES:-}" ]; then
+  T=$(( $(left) - 80 )); [ "$T" -gt 150 ] && T=150
+  if [ "$T" -gt 90 ]; then
+    echo "== bfloat16 with $AB_OVERRIDES (timeout ${T}s)"
+    timeout -k 5 "$T" python3 benchmarks/step_time.py --config="$CONFIG,$AB_OVERRIDES" $STEP_ARGS --dtypes bfloat16 \
+      --steps 30 --warmup 5 --parts none --no_matching_loop --out "$OUT/step_time_bf16_ab.json" 2>&1 \
+      | tee "$OUT/step_time_bf16_ab.log"
+  else
+    echo "== bfloat16 with $AB_OVERRIDES skipped: ${T}s left for it"
+  fi
 fi
 
 # The float32 pool: F32_POOL_GIB of the card's memory, as the fraction XLA's allocator takes.

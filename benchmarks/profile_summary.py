@@ -20,7 +20,9 @@ The category comes from the instruction in the optimised HLO when ``--hlo`` is g
 target, and what the fused computation holds), else from the instruction's and the kernel's names. Times are device
 busy time per step: the sum of kernel durations over the profiled steps divided by their number, and the union of
 the kernels' intervals (overlapping streams counted once), set against the steps' wall time when the trace holds
-``train_step`` annotations.
+``train_step`` annotations. With the HLO, each category also gets the bytes its instructions read and write per step
+(``hlo_traffic.py``: operands and results, once each) and the rate that implies, to set against the device's memory
+bandwidth.
 """
 
 from __future__ import annotations
@@ -215,15 +217,31 @@ def summarize(trace_dir: str | Path, hlo_text: str | None = None, steps: int | N
             entry["kernel"] = e["name"]
         intervals.append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
     total_us = sum(v["us"] for v in by_op.values())
+    traffic = _traffic_by_instruction(hlo_text) if hlo_text else {}
     categories = {c: 0.0 for c in CATEGORIES}
+    category_bytes = defaultdict(float)
     ops = []
     for name, v in by_op.items():
         cat = categorize(name, v["kernel"], hlo)
         categories[cat] += v["us"]
-        ops.append({"op": name, "category": cat, "ms_per_step": v["us"] / steps / 1e3,
-                    "share": v["us"] / total_us if total_us else 0.0, "kernels_per_step": v["count"] / steps,
-                    "kernel": v["kernel"][:90]})
+        op = {"op": name, "category": cat, "ms_per_step": v["us"] / steps / 1e3,
+              "share": v["us"] / total_us if total_us else 0.0, "kernels_per_step": v["count"] / steps,
+              "kernel": v["kernel"][:90]}
+        if name in traffic:
+            category_bytes[cat] += traffic[name]
+            op["gb_per_step"] = traffic[name] / 1e9
+            op["achieved_gb_s"] = traffic[name] / (v["us"] / steps / 1e6) / 1e9 if v["us"] else None
+        ops.append(op)
     ops.sort(key=lambda o: -o["ms_per_step"])
+    summary_categories = {}
+    for c, us in sorted(categories.items(), key=lambda kv: -kv[1]):
+        if us <= 0:
+            continue
+        entry = {"ms_per_step": us / steps / 1e3, "share": us / total_us if total_us else 0.0}
+        if traffic:  # bytes the category's profiled instructions read and write per step, and the rate achieved
+            entry["gb_per_step"] = category_bytes[c] / 1e9
+            entry["achieved_gb_s"] = category_bytes[c] / (us / steps / 1e6) / 1e9
+        summary_categories[c] = entry
     return {
         "trace": str(trace),
         "source": source,
@@ -231,11 +249,27 @@ def summarize(trace_dir: str | Path, hlo_text: str | None = None, steps: int | N
         "kernel_ms_per_step": total_us / steps / 1e3,
         "busy_ms_per_step": _union_length(intervals) / steps / 1e3,
         "step_wall_ms": [w / 1e3 for w in walls],
-        "categories": {c: {"ms_per_step": us / steps / 1e3, "share": us / total_us if total_us else 0.0}
-                       for c, us in sorted(categories.items(), key=lambda kv: -kv[1]) if us > 0},
+        "categories": summary_categories,
         "top_ops": ops[:top],
         "distinct_ops": len(ops),
     }
+
+
+def _traffic_by_instruction(hlo_text: str) -> dict:
+    """{instruction: bytes read + written per step} from ``hlo_traffic`` (empty if the HLO cannot be read)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import hlo_traffic  # the sibling script; imported here, as it imports this module
+
+    try:
+        rows = hlo_traffic.kernels(hlo_text)
+    except ValueError:
+        return {}
+    out = defaultdict(float)
+    for r in rows:
+        out[r["name"]] += r["bytes"]
+    return dict(out)
 
 
 def format_summary(s: dict) -> str:
@@ -244,15 +278,24 @@ def format_summary(s: dict) -> str:
     source = {"gpu": "device kernels", "host": "host XLA thunks"}.get(s["source"], s["source"])
     lines = [f"Profile of {s['steps']} step(s) ({source}; "
              f"{s['distinct_ops']} HLO instructions): kernel time {s['kernel_ms_per_step']:.2f} ms/step, "
-             f"busy {s['busy_ms_per_step']:.2f} ms/step{wall}", "",
-             "| category | ms/step | share of kernel time |", "|---|---:|---:|"]
+             f"busy {s['busy_ms_per_step']:.2f} ms/step{wall}", ""]
+    traffic = any("gb_per_step" in c for c in s["categories"].values())
+    if traffic:
+        lines += ["| category | ms/step | share of kernel time | GB read + written / step | GB/s achieved |",
+                  "|---|---:|---:|---:|---:|"]
+    else:
+        lines += ["| category | ms/step | share of kernel time |", "|---|---:|---:|"]
     for name, c in s["categories"].items():
-        lines.append(f"| {name} | {c['ms_per_step']:.2f} | {100 * c['share']:.1f} % |")
-    lines += ["", "| HLO instruction | category | ms/step | share | kernels/step | first kernel |",
-              "|---|---|---:|---:|---:|---|"]
+        row = f"| {name} | {c['ms_per_step']:.2f} | {100 * c['share']:.1f} % |"
+        if traffic:
+            row += f" {c['gb_per_step']:.2f} | {c['achieved_gb_s']:.0f} |"
+        lines.append(row)
+    lines += ["", "| HLO instruction | category | ms/step | share | kernels/step | GB/s | first kernel |",
+              "|---|---|---:|---:|---:|---:|---|"]
     for o in s["top_ops"]:
+        rate = f"{o['achieved_gb_s']:.0f}" if o.get("achieved_gb_s") else ""
         lines.append(f"| {o['op']} | {o['category']} | {o['ms_per_step']:.3f} | {100 * o['share']:.1f} % "
-                     f"| {o['kernels_per_step']:.0f} | {o['kernel'].replace('|', '/')} |")
+                     f"| {o['kernels_per_step']:.0f} | {rate} | {o['kernel'].replace('|', '/')} |")
     return "\n".join(lines)
 
 

@@ -127,8 +127,14 @@ def test_summary_of_a_gpu_trace(tmp_path):
     assert s["categories"]["scatter"]["ms_per_step"] == pytest.approx(0.020)
     assert list(s["categories"])[0] == "convolution"
     assert s["top_ops"][0]["op"] == "cudnn-conv.12" and s["top_ops"][0]["kernels_per_step"] == 1
+    # Bytes from the HLO (operands defined in the computation, and results): the convolution writes
+    # bf16[8,64,64,256] = 16 MiB per step in 40 µs.
+    conv_bytes = 8 * 64 * 64 * 256 * 2
+    assert s["categories"]["convolution"]["gb_per_step"] == pytest.approx(conv_bytes / 1e9)
+    assert s["categories"]["convolution"]["achieved_gb_s"] == pytest.approx(conv_bytes / 40e-6 / 1e9)
+    assert s["top_ops"][0]["achieved_gb_s"] == pytest.approx(conv_bytes / 40e-6 / 1e9)
     text = ps.format_summary(s)
-    assert "| convolution | 0.04 | 50.0 % |" in text and "busy 0.07 ms/step" in text
+    assert "| convolution | 0.04 | 50.0 % | 0.02 | 419 |" in text and "busy 0.07 ms/step" in text
 
     # The command-line entry point finds step_hlo.txt beside the trace and writes the JSON.
     out = tmp_path / "summary.json"
