@@ -2,6 +2,7 @@
 rematerialisation."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -86,6 +87,36 @@ def test_resize_matches_align_corners_reference(in_hw, out_hw):
     x = np.random.default_rng(0).standard_normal((2, *in_hw, 3))
     got = np.asarray(resize_bilinear_align_corners(jnp.asarray(x, jnp.float32), out_hw))
     np.testing.assert_allclose(got, reference_resize(x, *out_hw), atol=1e-5, rtol=0)
+
+
+def interpolation_matrix(in_size, out_size):
+    """(out, in) float64 matrix of align_corners=True linear interpolation, from the reference formula."""
+    a = np.zeros((out_size, in_size))
+    for i in range(out_size):
+        s = 0.0 if out_size == 1 else i * (in_size - 1) / (out_size - 1)
+        lo = min(int(np.floor(s)), in_size - 1)
+        a[i, lo] += 1 - (s - lo)
+        a[i, min(lo + 1, in_size - 1)] += s - lo
+    return a
+
+
+@pytest.mark.parametrize("in_hw,out_hw", [((4, 5), (16, 20)), ((33, 17), (10, 5)), ((1, 3), (4, 9)), ((6, 6), (1, 7))])
+def test_resize_gradient_is_the_transposed_interpolation_without_scatter(in_hw, out_hw):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, *in_hw, 3)), jnp.float32)
+    w = rng.standard_normal((2, *out_hw, 3))
+    # The upstream gradient is an argument, so that XLA cannot fold the (linear) gradient into a constant.
+    grad = jax.jit(jax.grad(lambda a, v: jnp.sum(resize_bilinear_align_corners(a, out_hw) * v)))
+    expected = np.einsum("oh,pw,bopc->bhwc", interpolation_matrix(in_hw[0], out_hw[0]),
+                         interpolation_matrix(in_hw[1], out_hw[1]), w)
+    np.testing.assert_allclose(np.asarray(grad(x, jnp.asarray(w, jnp.float32))), expected, atol=1e-5, rtol=0)
+    # Gathers, not scatter-adds: on a GPU those are atomics, whose summation order changes from run to run.
+    text = grad.lower(x, jnp.asarray(w, jnp.float32)).compile().as_text()
+    assert re.search(r"\sgather\(", text) and not re.search(r"\sscatter\(", text)
+    g16 = jax.grad(lambda a: jnp.sum(resize_bilinear_align_corners(a, out_hw).astype(jnp.float32) * w))(
+        x.astype(jnp.bfloat16))
+    assert g16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g16, np.float32), expected, rtol=2e-2, atol=2e-2)
 
 
 def test_resize_keeps_corners():

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -27,21 +29,67 @@ def _axis_weights(in_size: int, out_size: int):
     return lo, hi, frac
 
 
+@functools.lru_cache(maxsize=None)
+def _transpose_taps(in_size: int, out_size: int):
+    """The transpose of ``_axis_weights``' interpolation as fixed taps: input index h receives
+    Σ_k weight[h, k] · grad[index[h, k]], the shorter lists padded with weight 0 (NumPy, static)."""
+    lo, hi, frac = _axis_weights(in_size, out_size)
+    taps = [{} for _ in range(in_size)]
+    for i in range(out_size):
+        taps[lo[i]][i] = taps[lo[i]].get(i, 0.0) + 1.0 - frac[i]
+        taps[hi[i]][i] = taps[hi[i]].get(i, 0.0) + frac[i]
+    k = max(len(t) for t in taps)
+    index, weight = np.zeros((in_size, k), np.int32), np.zeros((in_size, k))
+    for h, t in enumerate(taps):
+        for j, (i, w) in enumerate(sorted(t.items())):
+            index[h, j], weight[h, j] = i, w
+    return index, weight
+
+
+def _take(x, index, axis: int):
+    return x[(slice(None),) * axis + (index,)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _resize_axis(x, axis: int, in_size: int, out_size: int):
+    """align_corners=True linear interpolation of ``x`` along ``axis`` from ``in_size`` to ``out_size``."""
+    lo, hi, t = _axis_weights(in_size, out_size)
+    shape = [1] * x.ndim
+    shape[axis] = out_size
+    t = jnp.asarray(t, x.dtype).reshape(shape)
+    return _take(x, lo, axis) * (1 - t) + _take(x, hi, axis) * t
+
+
+def _resize_axis_forward(x, axis, in_size, out_size):
+    return _resize_axis(x, axis, in_size, out_size), None
+
+
+def _resize_axis_backward(axis, in_size, out_size, _, g):
+    # The gradient gathers each input position's few contributions instead of scatter-adding every output's two:
+    # no atomics (the same sums in a fixed order on a GPU, run to run), accumulated in float32.
+    index, weight = _transpose_taps(in_size, out_size)
+    shape = [1] * g.ndim
+    shape[axis] = in_size
+    gf = g.astype(jnp.float32)
+    dx = sum(_take(gf, index[:, k], axis) * jnp.asarray(weight[:, k], jnp.float32).reshape(shape)
+             for k in range(index.shape[1]))
+    return (dx.astype(g.dtype),)
+
+
+_resize_axis.defvjp(_resize_axis_forward, _resize_axis_backward)
+
+
 def resize_bilinear_align_corners(x, size: Sequence[int]):
     """Bilinear resize of (B, H, W, C) to ``size`` = (H', W') with align_corners=True semantics.
 
-    Separable gathers and lerps (exact, no interpolation matrix), so memory stays O(output).
+    Separable gathers and lerps (exact, no interpolation matrix), so memory stays O(output); the backward pass
+    gathers too (see ``_resize_axis_backward``).
     """
     out_h, out_w = size
     in_h, in_w = x.shape[1], x.shape[2]
     if (in_h, in_w) == (out_h, out_w):
         return x
-    lo, hi, t = _axis_weights(in_h, out_h)
-    t = jnp.asarray(t, x.dtype)[None, :, None, None]
-    x = x[:, lo] * (1 - t) + x[:, hi] * t
-    lo, hi, t = _axis_weights(in_w, out_w)
-    t = jnp.asarray(t, x.dtype)[None, None, :, None]
-    return x[:, :, lo] * (1 - t) + x[:, :, hi] * t
+    return _resize_axis(_resize_axis(x, 1, in_h, out_h), 2, in_w, out_w)
 
 
 class ConvBNReLU(nn.Module):
