@@ -17,7 +17,9 @@ With ``--bandwidth_tbs`` and, optionally, the step's FLOPs and the chip's peak, 
 step time for kernels run one after another (as XLA runs them on one stream): the time to move the non-convolution,
 non-matmul traffic at the full memory bandwidth, and the time of the convolutions and matmuls at the peak (or at
 the bandwidth, where their own traffic takes longer). Their sum bounds the step from below, so FLOPs / peak over it
-bounds the MFU from above. These are properties of the compiled program, not measurements of it running.
+bounds the MFU from above. Collectives of a multi-device program count with the memory-bound kernels, at the memory
+bandwidth: less time than their transfers between devices take. These are properties of the compiled program, not
+measurements of it running.
 """
 
 from __future__ import annotations
