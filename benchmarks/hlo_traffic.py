@@ -266,13 +266,14 @@ def main(argv=None) -> int:
     if not path.is_file():
         print(f"error: {path} is not a file (expected optimised HLO text)", file=sys.stderr)
         return 2
+    cache_bytes = int(args.cache_mib * 2**20)
     try:
-        rows = kernels(path.read_text(), int(args.cache_mib * 2**20))
+        rows = kernels(path.read_text(), cache_bytes)
     except ValueError as e:
         print(f"error: {path}: {e}", file=sys.stderr)
         return 2
     summary = summarize(rows, args.bandwidth_tbs or None, args.tflop or None, args.peak_tflops or None, args.top,
-                        int(args.cache_mib * 2**20))
+                        cache_bytes)
     print(format_summary(summary))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))

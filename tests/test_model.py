@@ -261,6 +261,10 @@ def test_closed_form_batchnorm_keeps_variables_outputs_statistics_and_gradients(
     close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
     jax.tree_util.tree_map(close, aux_cf, aux_ref)  # logits, features and the updated batch_stats
     jax.tree_util.tree_map(functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=2e-6), grads_cf, grads_ref)
+    # With remat too (the custom backward passes inside nn.remat).
+    (_, _, ((loss_both, _), grads_both)) = tiny_train_gradients(True, "closed_form")
+    np.testing.assert_allclose(loss_both, loss_ref, rtol=1e-6)
+    jax.tree_util.tree_map(functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=2e-6), grads_both, grads_ref)
 
 
 def test_closed_form_batchnorm_has_fewer_kernels_and_bytes_in_the_compiled_backward():

@@ -10,7 +10,8 @@ with x̂ = (x − mean) · rstd and g the incoming gradient: one reduction over 
 module computes that, with the same variables (``params/scale``, ``params/bias``, ``batch_stats/mean``,
 ``batch_stats/var``, all float32), the same statistics (float32, variance as E[x²] − E[x]² clipped at 0, the
 biased variance in the running average), the same running-average update (skipped while initialising) and the same
-output dtype. Checkpoints and converted weights load into either.
+output dtype. Checkpoints and converted weights load into either. With ``relu=True`` the ReLU that follows is part of
+the same passes: its mask is recomputed from x in the backward pass instead of being read from memory.
 """
 
 from __future__ import annotations
