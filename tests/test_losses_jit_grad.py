@@ -107,3 +107,16 @@ def test_bfloat16_contrastive_and_prototypes():
     up = protos(p, jnp.asarray(feats, jnp.bfloat16), labels, np.ones(64), 0.9)
     assert up.dtype == jnp.float32
     np.testing.assert_allclose(up, protos(p, feats, labels, np.ones(64), 0.9), atol=1e-2)
+
+
+def test_loss_gradients_hold_no_scatter():
+    """The label's log-probability is selected, not gathered: on a GPU a gather's gradient is a scatter-add (atomics,
+    summation order varying run to run), while a select's is elementwise."""
+    import re
+
+    logits, labels = _inputs(False)
+    feats = jnp.asarray(np.random.default_rng(1).standard_normal((B * H * W, D)), jnp.float32)
+    bank = losses.init_memory_bank(C, K, D)
+    for fn, args in ((_supervised, (logits, labels)), (_contrastive, (feats, labels, bank))):
+        text = jax.jit(jax.grad(fn)).lower(*args).compile().as_text()
+        assert not re.search(r"\sscatter\(", text), fn.__name__

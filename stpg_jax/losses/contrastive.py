@@ -37,7 +37,7 @@ def dual_contrastive_loss(features, labels, assigned_anchors, bank_features, ban
     logits = jnp.matmul(f, anchors.T, precision=jax.lax.Precision.HIGHEST) / temperature  # (N, C)
     logp = jax.nn.log_softmax(logits, axis=-1)
     safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-    nll = -jnp.take_along_axis(logp, safe[:, None], axis=1)[:, 0]  # (N,)
+    nll = -jnp.sum(jnp.where(safe[:, None] == jnp.arange(logp.shape[1]), logp, 0.0), axis=1)  # (N,), no scatter
 
     onehot = class_onehot(labels, valid, num_classes)  # (N, C)
     counts = jnp.sum(onehot, axis=0)
