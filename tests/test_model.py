@@ -119,6 +119,22 @@ def test_resize_gradient_is_the_transposed_interpolation_without_scatter(in_hw, 
     np.testing.assert_allclose(np.asarray(g16, np.float32), expected, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("shape", [(2, 9, 8, 3), (1, 16, 16, 4), (2, 7, 5, 2)])
+def test_stem_max_pool_gradient_matches_autodiff_without_scatter(shape):
+    from stpg_jax.models.resnet import max_pool_3x3_s2
+
+    reference = functools.partial(nn.max_pool, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    rng = np.random.default_rng(4)
+    # After a ReLU, and rounded: many ties, which must go where the select-and-scatter sends them.
+    x = jnp.asarray(np.maximum(rng.standard_normal(shape), 0).round(1), jnp.float32)
+    g = jnp.asarray(rng.standard_normal(reference(x).shape), jnp.float32)
+    np.testing.assert_array_equal(max_pool_3x3_s2(x), reference(x))
+    grad = jax.jit(lambda a, v: jax.vjp(max_pool_3x3_s2, a)[1](v)[0])
+    np.testing.assert_allclose(grad(x, g), jax.vjp(reference, x)[1](g)[0], rtol=0, atol=1e-6)
+    text = grad.lower(x, g).compile().as_text()
+    assert not re.search(r"\s(scatter|select-and-scatter)\(", text)
+
+
 def test_resize_keeps_corners():
     x = np.random.default_rng(1).standard_normal((1, 9, 13, 2)).astype(np.float32)
     got = np.asarray(resize_bilinear_align_corners(jnp.asarray(x), (31, 45)))

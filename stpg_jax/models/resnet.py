@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from stpg_jax.models.batchnorm import BatchNorm
@@ -63,6 +64,44 @@ def maybe_remat(target, remat: bool):
     return nn.remat(target, static_argnums=(2,)) if remat else target
 
 
+@jax.custom_vjp
+def max_pool_3x3_s2(x):
+    """The stem's 3×3 max-pool, stride 2, padding 1 (NHWC), with a backward pass that holds no scatter.
+
+    Automatic differentiation of ``nn.max_pool`` gives a select-and-scatter, which on a GPU adds the overlapping
+    windows' gradients with atomics (an order that varies from run to run). Here each of the nine window offsets
+    routes its outputs' gradients to the positions it selected, by strided padding, in a fixed order. Ties go to the
+    first maximum in row-major window order, as the select-and-scatter does.
+    """
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def _max_pool_forward(x):
+    y = max_pool_3x3_s2(x)
+    return y, (x, y)
+
+
+def _max_pool_backward(residuals, g):
+    x, y = residuals
+    h, w = x.shape[1:3]
+    out_h, out_w = y.shape[1:3]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    g = g.astype(jnp.float32)
+    taken = jnp.zeros(y.shape, bool)
+    dx = jnp.zeros(padded.shape, jnp.float32)
+    for dh in range(3):
+        for dw in range(3):
+            window = padded[:, dh:dh + 2 * out_h - 1:2, dw:dw + 2 * out_w - 1:2]  # offset (dh, dw) of each window
+            hit = (window == y) & ~taken
+            taken = taken | hit
+            dx = dx + jax.lax.pad(jnp.where(hit, g, 0.0), 0.0, (
+                (0, 0, 0), (dh, h + 2 - dh - (2 * out_h - 1), 1), (dw, w + 2 - dw - (2 * out_w - 1), 1), (0, 0, 0)))
+    return (dx[:, 1:h + 1, 1:w + 1].astype(x.dtype),)
+
+
+max_pool_3x3_s2.defvjp(_max_pool_forward, _max_pool_backward)
+
+
 def resnet_stem(net: ResNet, x, train: bool):
     """The ResNet's stem convs and max-pool (stride 4). A function of the ResNet rather than a submodule, so that
     its variables sit directly under the backbone, where pretrained weights map them, with or without remat."""
@@ -75,7 +114,7 @@ def resnet_stem(net: ResNet, x, train: bool):
         x = batch_norm(train, net.dtype, "bn1", net.bn_backward, relu=True)(x)
     else:
         raise ValueError(f"model.stem must be 'deep' or 'standard', got {net.stem!r}")
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    return max_pool_3x3_s2(x)
 
 
 class Bottleneck(nn.Module):
