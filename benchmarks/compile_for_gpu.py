@@ -16,7 +16,7 @@ are not in the figures. For each compute dtype it prints:
   imply at the target's bandwidth and dense peak (``benchmarks/hlo_traffic.py``; properties of the program, not
   timings), with the step's FLOPs from XLA's cost analysis of the step lowered for the CPU, as in ``step_time.py``.
 
-``--target`` is ``h100`` or ``h200`` (``benchmarks/gpu_targets/*.txtpb``) or the path of another XLA GPU target
+``--target`` is ``h100``, ``h200`` or ``a100`` (``benchmarks/gpu_targets/*.txtpb``, SXM models) or the path of another XLA GPU target
 description (text proto). ``--num_devices N`` compiles for N such GPUs on one host, the batch split over them.
 """
 
@@ -40,7 +40,8 @@ import step_time  # noqa: E402  (puts the repository on sys.path)
 
 import jax  # noqa: E402
 
-TARGETS = {"h100": HERE / "gpu_targets" / "h100_sxm.txtpb", "h200": HERE / "gpu_targets" / "h200_sxm.txtpb"}
+TARGETS = {"h100": HERE / "gpu_targets" / "h100_sxm.txtpb", "h200": HERE / "gpu_targets" / "h200_sxm.txtpb",
+           "a100": HERE / "gpu_targets" / "a100_sxm.txtpb"}
 GIB = 2**30
 
 
@@ -52,8 +53,8 @@ def read_target(spec: str) -> tuple[str, dict]:
     """The target's text proto and the figures this script uses from it (name, bandwidth, L2, memory)."""
     path = TARGETS.get(spec.lower(), Path(spec))
     if not path.is_file():
-        raise TargetError(f"--target {spec!r}: expected h100, h200 or the path of an XLA GPU target description "
-                          f"(text proto), and {path} is not a file")
+        raise TargetError(f"--target {spec!r}: expected {', '.join(TARGETS)} or the path of an XLA GPU target "
+                          f"description (text proto), and {path} is not a file")
     text = path.read_text()
 
     def field(name, cast=float):
@@ -163,7 +164,7 @@ def parse_args(argv=None):
     p.add_argument("--config", default="configs/voc_blender.py:1_4",
                    help="config file, with the split and overrides after ':' (as launch.py takes it)")
     p.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated compute dtypes")
-    p.add_argument("--target", default="h100", help="h100, h200, or an XLA GPU target description file")
+    p.add_argument("--target", default="h100", help="h100, h200, a100, or an XLA GPU target description file")
     p.add_argument("--num_devices", type=int, default=1, help="GPUs on the one host the batch is split over")
     p.add_argument("--num_classes", type=int, default=0, help="for 'folder' datasets (others know theirs)")
     p.add_argument("--top", type=int, default=15, help="rows of the largest-traffic sources")

@@ -123,11 +123,13 @@ def test_cli_errors_name_the_file(tmp_path):
 
 def test_gpu_targets_and_the_missing_plugin_message(monkeypatch):
     cg = _load("compile_for_gpu")
-    for name, kind, bandwidth in (("h100", "NVIDIA H100 80GB HBM3", 3.35232e12), ("h200", "NVIDIA H200", 4.8e12)):
+    for name, kind, bandwidth, l2, peak in (("h100", "NVIDIA H100 80GB HBM3", 3.35232e12, 50, 989.4),
+                                            ("h200", "NVIDIA H200", 4.8e12, 50, 989.4),
+                                            ("a100", "NVIDIA A100-SXM4-80GB", 2.039e12, 40, 312.0)):
         text, info = cg.read_target(name)
-        assert (info["device_kind"], info["memory_bandwidth"], info["l2_cache_size"]) == (kind, bandwidth, 50 * 2**20)
-        assert "cuda_compute_capability" in text and cg.step_time.peak_tflops(kind, "bfloat16") == 989.4
-    with pytest.raises(cg.TargetError, match="expected h100, h200 or the path"):
+        assert (info["device_kind"], info["memory_bandwidth"], info["l2_cache_size"]) == (kind, bandwidth, l2 * 2**20)
+        assert "cuda_compute_capability" in text and cg.step_time.peak_tflops(kind, "bfloat16") == peak
+    with pytest.raises(cg.TargetError, match="expected h100, h200, a100 or the path"):
         cg.read_target("h300")
     from jax.experimental import topologies
 
