@@ -172,6 +172,12 @@ def kernels(text: str, cache_bytes: int = 0) -> list[dict]:
     return walk(entry, 1)
 
 
+def scope_of(op_name: str) -> str:
+    """The transformation scope of an instruction: its op_name's second part ('jvp(DeepLabV3Plus)', ...)."""
+    parts = op_name.split("/")
+    return parts[1] if len(parts) > 2 else "(other)"
+
+
 def summarize(rows: list[dict], bandwidth_tbs: float | None = None, tflop: float | None = None,
               peak_tflops: float | None = None, top: int = 20, cache_bytes: int = 0) -> dict:
     categories = defaultdict(lambda: {"kernels": 0, "bytes": 0, "bytes_beyond_cache": 0})
@@ -195,6 +201,16 @@ def summarize(rows: list[dict], bandwidth_tbs: float | None = None, tflop: float
         groups[key]["bytes"] += r["bytes"]
     out["top_sources"] = [{"category": c, "source": s, **v}
                           for (c, s), v in sorted(groups.items(), key=lambda kv: -kv[1]["bytes"])[:top]]
+    # By transformation scope, the op_name's second part: e.g. 'DeepLabV3Plus' (a forward pass without gradient),
+    # 'jvp(DeepLabV3Plus)' (a forward pass that is differentiated), 'transpose(jvp(DeepLabV3Plus))' (its backward).
+    scopes = defaultdict(lambda: {"kernels": 0, "bytes": 0, "memory_bound_bytes": 0})
+    for r in rows:
+        scope = scopes[scope_of(r["op_name"])]
+        scope["kernels"] += r["repeat"]
+        scope["bytes"] += r["bytes"]
+        if r["category"] not in COMPUTE_CATEGORIES:
+            scope["memory_bound_bytes"] += r["bytes"]
+    out["scopes"] = dict(sorted(scopes.items(), key=lambda kv: -kv[1]["bytes"])[:top])
     if bandwidth_tbs:
         out["bounds"] = {"bandwidth_tbs": bandwidth_tbs}
         for key in ("bytes", "bytes_beyond_cache"):
@@ -245,6 +261,10 @@ def format_summary(s: dict) -> str:
                          f"{b['compute_traffic_ms']:.2f} ms); kernels one after another: step >= "
                          f"{b['step_floor_ms']:.2f} ms, MFU <= {100 * b['mfu_ceiling']:.1f} %")
             lines.append(line)
+    lines += ["", "| scope (op_name's second part) | kernels | GB read + written | of which memory-bound kernels |",
+              "|---|---:|---:|---:|"]
+    for name, v in s.get("scopes", {}).items():
+        lines.append(f"| {name[:80]} | {v['kernels']} | {v['bytes'] / 1e9:.2f} | {v['memory_bound_bytes'] / 1e9:.2f} |")
     lines += ["", "| GB | kernels | category | source (op_name, digits folded) |", "|---:|---:|---|---|"]
     for t in s["top_sources"]:
         lines.append(f"| {t['bytes'] / 1e9:.2f} | {t['kernels']} | {t['category']} | {t['source'][-110:]} |")

@@ -220,6 +220,7 @@ def summarize(trace_dir: str | Path, hlo_text: str | None = None, steps: int | N
     traffic = _traffic_by_instruction(hlo_text) if hlo_text else {}
     categories = {c: 0.0 for c in CATEGORIES}
     category_bytes = defaultdict(float)
+    scope_us = defaultdict(float)
     ops = []
     for name, v in by_op.items():
         cat = categorize(name, v["kernel"], hlo)
@@ -228,9 +229,11 @@ def summarize(trace_dir: str | Path, hlo_text: str | None = None, steps: int | N
               "share": v["us"] / total_us if total_us else 0.0, "kernels_per_step": v["count"] / steps,
               "kernel": v["kernel"][:90]}
         if name in traffic:
-            category_bytes[cat] += traffic[name]
-            op["gb_per_step"] = traffic[name] / 1e9
-            op["achieved_gb_s"] = traffic[name] / (v["us"] / steps / 1e6) / 1e9 if v["us"] else None
+            nbytes, scope = traffic[name]
+            category_bytes[cat] += nbytes
+            scope_us[scope] += v["us"]
+            op["gb_per_step"] = nbytes / 1e9
+            op["achieved_gb_s"] = nbytes / (v["us"] / steps / 1e6) / 1e9 if v["us"] else None
         ops.append(op)
     ops.sort(key=lambda o: -o["ms_per_step"])
     summary_categories = {}
@@ -250,13 +253,16 @@ def summarize(trace_dir: str | Path, hlo_text: str | None = None, steps: int | N
         "busy_ms_per_step": _union_length(intervals) / steps / 1e3,
         "step_wall_ms": [w / 1e3 for w in walls],
         "categories": summary_categories,
+        # Kernel time by transformation scope (forward passes, their backward, ...), when the HLO names them.
+        "scopes": {k: us / steps / 1e3 for k, us in sorted(scope_us.items(), key=lambda kv: -kv[1])[:top]},
         "top_ops": ops[:top],
         "distinct_ops": len(ops),
     }
 
 
 def _traffic_by_instruction(hlo_text: str) -> dict:
-    """{instruction: bytes read + written per step} from ``hlo_traffic`` (empty if the HLO cannot be read)."""
+    """{instruction: (bytes read + written per step, scope)} from ``hlo_traffic`` (empty if the HLO cannot be
+    read)."""
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:
         sys.path.insert(0, here)
@@ -266,10 +272,11 @@ def _traffic_by_instruction(hlo_text: str) -> dict:
         rows = hlo_traffic.kernels(hlo_text)
     except ValueError:
         return {}
-    out = defaultdict(float)
+    out = {}
     for r in rows:
-        out[r["name"]] += r["bytes"]
-    return dict(out)
+        nbytes, _ = out.get(r["name"], (0, None))
+        out[r["name"]] = (nbytes + r["bytes"], hlo_traffic.scope_of(r["op_name"]))
+    return out
 
 
 def format_summary(s: dict) -> str:
@@ -290,6 +297,9 @@ def format_summary(s: dict) -> str:
         if traffic:
             row += f" {c['gb_per_step']:.2f} | {c['achieved_gb_s']:.0f} |"
         lines.append(row)
+    if s.get("scopes"):
+        lines += ["", "| scope (op_name's second part) | kernel ms/step |", "|---|---:|"]
+        lines += [f"| {name[:80]} | {ms:.2f} |" for name, ms in s["scopes"].items()]
     lines += ["", "| HLO instruction | category | ms/step | share | kernels/step | GB/s | first kernel |",
               "|---|---|---:|---:|---:|---:|---|"]
     for o in s["top_ops"]:

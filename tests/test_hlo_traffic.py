@@ -97,8 +97,10 @@ def test_summary_bounds_and_table():
     assert b["compute_at_peak_ms"] == pytest.approx(2.0)  # 2000 FLOP at 1 MFLOP/s
     assert b["compute_ms"] == pytest.approx(4.608)  # the convolution's own 4608 bytes at 1 MB/s take longer
     assert b["mfu_ceiling"] == pytest.approx(b["compute_at_peak_ms"] / (b["memory_bound_ms"] + b["compute_ms"]))
+    assert s["scopes"]["layer1_0"] == {"kernels": 1, "bytes": 8192, "memory_bound_bytes": 8192}
+    assert s["scopes"]["(other)"]["kernels"] == 6  # no op_name: the convolution, the branch and the loop body
     table = ht.format_summary(s)
-    assert "| convolution | 1 | 0.00 |" in table and "MFU <= " in table
+    assert "| convolution | 1 | 0.00 |" in table and "MFU <= " in table and "| layer1_0 | 1 | 0.00 | 0.00 |" in table
     assert len(s["top_sources"]) == 3
 
 

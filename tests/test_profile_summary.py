@@ -43,7 +43,7 @@ HLO = """HloModule jit_step, entry_computation_layout={(f32[8]{0})->f32[8]{0}}
 ENTRY %main.77 (Arg_0.1: f32[8]) -> f32[8] {
   %cudnn-conv.12 = (bf16[8,64,64,256]{3,2,1,0}, u8[0]{0}) custom-call(%a, %w), window={size=3x3}, custom_call_target="__cudnn$convForward"
   %cudnn-conv-bw-filter.4 = (bf16[3,3,256,256]{3,2,1,0}, u8[0]{0}) custom-call(%a, %g), custom_call_target="__cudnn$convBackwardFilter"
-  %input_reduce_fusion.7 = f32[256]{0} fusion(%x, %y), kind=kInput, calls=%fused_bn
+  %input_reduce_fusion.7 = f32[256]{0} fusion(%x, %y), kind=kInput, calls=%fused_bn, metadata={op_name="jit(step)/transpose(jvp(Net))/bn/reduce_sum"}
   %loop_maximum_fusion = bf16[8,64,64,256]{3,2,1,0} fusion(%x, %z), kind=kLoop, calls=%fused_relu
   %conv_fusion.2 = bf16[8,64,64,256]{3,2,1,0} fusion(%x, %w), kind=kCustom, calls=%fused_conv, backend_config={"fusion_backend_config":{"kind":"__cudnn$fusion"}}
   %scatter_fusion.3 = f32[8,129,129,21]{3,2,1,0} fusion(%u), kind=kLoop, calls=%fused_scatter
@@ -133,8 +133,11 @@ def test_summary_of_a_gpu_trace(tmp_path):
     assert s["categories"]["convolution"]["gb_per_step"] == pytest.approx(conv_bytes / 1e9)
     assert s["categories"]["convolution"]["achieved_gb_s"] == pytest.approx(conv_bytes / 40e-6 / 1e9)
     assert s["top_ops"][0]["achieved_gb_s"] == pytest.approx(conv_bytes / 40e-6 / 1e9)
+    # Kernel time by scope: the reduction is named as part of a backward pass, the rest carries no op_name.
+    assert s["scopes"] == {"(other)": pytest.approx(0.060), "transpose(jvp(Net))": pytest.approx(0.020)}
     text = ps.format_summary(s)
     assert "| convolution | 0.04 | 50.0 % | 0.02 | 419 |" in text and "busy 0.07 ms/step" in text
+    assert "| transpose(jvp(Net)) | 0.02 |" in text
 
     # The command-line entry point finds step_hlo.txt beside the trace and writes the JSON.
     out = tmp_path / "summary.json"
