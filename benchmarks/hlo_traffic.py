@@ -59,11 +59,6 @@ def array_sizes(shape: str, skip_scratch: bool = False) -> list[int]:
     return sizes
 
 
-def array_bytes(shape: str, skip_scratch: bool = False) -> int:
-    """Bytes of the arrays in an HLO shape, a tuple's elements summed."""
-    return sum(array_sizes(shape, skip_scratch))
-
-
 def _closing(text: str, start: int) -> int:
     """Index of the bracket closing the one at ``start``."""
     depth = 0

@@ -36,12 +36,10 @@ def dual_contrastive_loss(features, labels, assigned_anchors, bank_features, ban
 
     logits = jnp.matmul(f, anchors.T, precision=jax.lax.Precision.HIGHEST) / temperature  # (N, C)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-    nll = -jnp.sum(jnp.where(safe[:, None] == jnp.arange(logp.shape[1]), logp, 0.0), axis=1)  # (N,), no scatter
 
     onehot = class_onehot(labels, valid, num_classes)  # (N, C)
     counts = jnp.sum(onehot, axis=0)
-    nll_sums = jnp.sum(onehot * nll[:, None], axis=0)
+    nll_sums = -jnp.sum(onehot * logp, axis=0)  # Σ over class c's pixels of −log p[c]; a product, so no scatter
     f_sums = jnp.matmul(onehot.T, f, precision=jax.lax.Precision.HIGHEST)  # (C, D)
     present = counts > 1
     n_c = jnp.maximum(counts, 1.0)

@@ -58,10 +58,11 @@ def _backward(epsilon, dtype, relu, residuals, cotangents):
     x, mean, rstd, scale, bias = residuals
     axes = tuple(range(x.ndim - 1))
     count = x.size // x.shape[-1]
-    x_hat = (x.astype(jnp.float32) - mean) * rstd
+    centered = x.astype(jnp.float32) - mean
+    x_hat = centered * rstd
     g = cotangents[0].astype(jnp.float32)  # the batch statistics feed only the running averages: no gradient
     if relu:  # the ReLU's mask, recomputed as the forward pass computed it rather than read from memory
-        g = jnp.where((x.astype(jnp.float32) - mean) * (rstd * scale) + bias > 0, g, 0.0)
+        g = jnp.where(centered * (rstd * scale) + bias > 0, g, 0.0)
     sum_g = g.sum(axes)
     sum_gx = (g * x_hat).sum(axes)
     dx = (scale * rstd) * (g - sum_g / count - x_hat * (sum_gx / count))
