@@ -95,7 +95,8 @@ def compile_dtype(args, dtype: str, target_text: str, target: dict) -> dict:
     mesh = gpu_mesh(target_text, args.num_devices)
     sharding.check_divisible(config, mesh)
     t0 = time.perf_counter()
-    b = step_time.build(config, num_classes, 1)  # on the host CPU: only shapes and dtypes travel to the target
+    # On the host CPU (only shapes and dtypes travel to the target), the step laid out for the target's devices.
+    b = step_time.build(config, num_classes, 1, batch_groups=args.num_devices)
     batch = step_time.random_batches(config, num_classes, b["batch_sharding"], count=1)[0]
     step_time.log(f"[{dtype}] state built on the CPU in {time.perf_counter() - t0:.1f}s")
     flops = step_time.model_flops_per_step(b["step_fn"], b["state"], batch)

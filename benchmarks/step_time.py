@@ -227,8 +227,12 @@ def bytes_in_use(devices):
 # The real step
 
 
-def build(config, num_classes: int, num_devices: int):
-    """Model, optimiser, settings, mesh, jitted step and an initial state past every schedule start."""
+def build(config, num_classes: int, num_devices: int, batch_groups: int = 0):
+    """Model, optimiser, settings, mesh, jitted step and an initial state past every schedule start.
+
+    ``batch_groups``: the devices the step's batch is laid out for (``StepSettings.batch_groups``); by default the
+    mesh's, as the Trainer sets it.
+    """
     from stpg_jax import losses, sharding
     from stpg_jax.models import model_from_config
     from stpg_jax.state import init_train_state, make_optimizer
@@ -243,7 +247,7 @@ def build(config, num_classes: int, num_devices: int):
     c = config
     steps_per_epoch = c.schedule.steps_per_epoch or 100  # only places the schedule's starts; no data is read
     total_steps = c.schedule.total_steps or c.schedule.epochs * steps_per_epoch
-    settings = StepSettings.from_config(c, num_classes, steps_per_epoch)
+    settings = StepSettings.from_config(c, num_classes, steps_per_epoch, batch_groups=batch_groups or len(devices))
     model = model_from_config(c.model, num_classes)
     abstract = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False)["params"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -93,6 +94,44 @@ def check_divisible(config, mesh: Mesh) -> None:
                 f"config.data.{name} = {value} is a global batch size and must be divisible by the {n} devices in "
                 f"use; choose a multiple of {n} (the learning rate stays the config's, for the global batch)"
             )
+
+
+def concat_local(parts, groups: int):
+    """``jnp.concatenate(parts)`` along the batch axis, laid out so that no image changes device.
+
+    Under a mesh that splits the batch axis into ``groups`` equal shards (one per device), shard ``d`` of the result
+    holds shard ``d`` of each part, in the order of ``parts``: ``[a_d, b_d, ...]``. A plain concatenation would give
+    device ``d`` the ``d``-th slice of ``[a, b, ...]``, whose images live on other devices, and XLA would move them
+    there (and move the network's outputs back when they are split). For ``groups == 1`` this is the plain
+    concatenation; otherwise the images stand in another order, which ``split_local`` undoes exactly. Every part's
+    batch size must be divisible by ``groups``.
+    """
+    if groups == 1:
+        return jnp.concatenate(parts)
+    for p in parts:
+        if p.shape[0] % groups:
+            raise ValueError(f"concat_local: a batch of {p.shape[0]} does not split into {groups} equal shards")
+    grouped = [p.reshape(groups, p.shape[0] // groups, *p.shape[1:]) for p in parts]
+    joined = jnp.concatenate(grouped, axis=1)
+    return joined.reshape(-1, *joined.shape[2:])
+
+
+def split_local(x, sizes, groups: int) -> list:
+    """The inverse of ``concat_local``: the parts of batch sizes ``sizes``, each in its own order again."""
+    if sum(sizes) != x.shape[0]:
+        raise ValueError(f"split_local: sizes {tuple(sizes)} do not add up to the batch of {x.shape[0]}")
+    if groups == 1:
+        offsets = np.cumsum((0, *sizes))
+        return [x[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    grouped = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
+    out, start = [], 0
+    for n in sizes:
+        if n % groups:
+            raise ValueError(f"split_local: a batch of {n} does not split into {groups} equal shards")
+        k = n // groups
+        out.append(grouped[:, start:start + k].reshape(n, *x.shape[1:]))
+        start += k
+    return out
 
 
 def shard_batch(local_batch: dict, sharding: NamedSharding) -> dict:

@@ -123,7 +123,8 @@ class Trainer:
         self.sched = schedule_steps(config, self.steps_per_epoch)
 
         self.model = model_from_config(config.model, self.num_classes)
-        self.settings = StepSettings.from_config(config, self.num_classes, self.steps_per_epoch)
+        self.settings = StepSettings.from_config(config, self.num_classes, self.steps_per_epoch,
+                                                batch_groups=self.mesh.devices.size)
         self._predictor = None
 
     def init_state(self) -> TrainState:

@@ -7,6 +7,9 @@ images (normalised here, on the device) and int32 labels:
 
 Under a data-parallel mesh the step is the same function: batches are sharded along the batch axis and the
 state replicated, so means, BatchNorm statistics and the pixel-selection confusion matrix cover the global batch.
+Where one network sees several inputs in one pass (a student: labelled and mixed images; a teacher: both weak views),
+they are joined per device (``StepSettings.batch_groups``), so their images and outputs stay on the device that
+loaded them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from stpg_jax import losses
+from stpg_jax import losses, sharding
 from stpg_jax.data.augment import normalize
 from stpg_jax.state import ContrastState, Network, TrainState, ema
 
@@ -49,9 +52,13 @@ class StepSettings:
     bank_start_step: int = 0
     contrastive_start_step: int = 0
     proximity_start_step: int = 0
+    # Devices the batch axis is split over (the mesh's size; set by whoever compiles the step). Images of different
+    # inputs that one network sees in one pass are concatenated device by device (stpg_jax.sharding.concat_local),
+    # so none moves between devices.
+    batch_groups: int = 1
 
     @classmethod
-    def from_config(cls, config, num_classes: int, steps_per_epoch: int) -> "StepSettings":
+    def from_config(cls, config, num_classes: int, steps_per_epoch: int, batch_groups: int = 1) -> "StepSettings":
         t = config.stpg
         return cls(
             mode=config.mode,
@@ -75,6 +82,7 @@ class StepSettings:
             bank_start_step=t.bank_start_epoch * steps_per_epoch,
             contrastive_start_step=t.contrastive_start_epoch * steps_per_epoch,
             proximity_start_step=t.proximity_start_epoch * steps_per_epoch,
+            batch_groups=batch_groups,
         )
 
 
@@ -113,6 +121,14 @@ def make_train_step(model, tx, schedule, s: StepSettings):
         updates, opt_state = tx.update(grads, opt_state, net.params)
         return Network(optax.apply_updates(net.params, updates), batch_stats), opt_state
 
+    def join(*parts):
+        return sharding.concat_local(parts, s.batch_groups)
+
+    def split(out: dict, sizes) -> list[dict]:
+        """A network's outputs on ``join``ed inputs, one dict per input."""
+        pieces = {k: sharding.split_local(v, sizes, s.batch_groups) for k, v in out.items()}
+        return [{k: v[i] for k, v in pieces.items()} for i in range(len(sizes))]
+
     def step(state: TrainState, batch: dict[str, Any]):
         key = jax.random.fold_in(state.rng, state.step)
         k_mix, k_gen, k_pro, k_tg, k_tp = jax.random.split(key, 5)
@@ -140,26 +156,28 @@ def make_train_step(model, tx, schedule, s: StepSettings):
         # 2. Strong view: CutMix of the two unlabelled batches.
         mask = losses.cutmix_box_mask(k_mix, n_u, height, width)
         u_mix = losses.mix(u0, u1, mask)
-        students_in = jnp.concatenate([x_l, u_mix])
+        students_in = join(x_l, u_mix)
 
         # 4. Teachers on the weak views; pseudo-labels from mixed logits. The bank's source teacher also sees x_l.
+        # Returns the teacher's outputs on x_l (or None) for the memory bank.
         def teacher_pass(teacher: Network, k, with_labelled: bool):
-            images = jnp.concatenate([u0, u1, x_l] if with_labelled else [u0, u1])
-            out, stats = forward(teacher, teacher.params, images, k)
-            out = jax.lax.stop_gradient(out)
-            labels, confidence = losses.pseudo_labels(out["logits"][:n_u], out["logits"][n_u:2 * n_u], mask)
-            return labels, confidence, out, stats
+            parts = (u0, u1, x_l) if with_labelled else (u0, u1)
+            out, stats = forward(teacher, teacher.params, join(*parts), k)
+            outs = split(jax.lax.stop_gradient(out), [p.shape[0] for p in parts])
+            labels, confidence = losses.pseudo_labels(outs[0]["logits"], outs[1]["logits"], mask)
+            return labels, confidence, outs[2] if with_labelled else None, stats
 
         bank_from_pro = s.mode == "stpg" and s.bank_source == "pro_teacher"
         with_bank = s.mode == "stpg" and s.contrastive
-        yhat_g, conf_g, tg_out, tg_stats = teacher_pass(state.gen_teacher, k_tg, with_bank and not bank_from_pro)
+        yhat_g, conf_g, tg_on_l, tg_stats = teacher_pass(state.gen_teacher, k_tg, with_bank and not bank_from_pro)
         metrics["confidence_gen"] = jnp.mean(conf_g)
 
         if s.mode == "mean_teacher":
             def loss_fn(params):
                 out, stats = forward(state.gen_student, params, students_in, k_gen)
-                sup = supervised_loss(out["logits"][:n_l], y)
-                unsup = losses.weighted_cross_entropy(out["logits"][n_l:], yhat_g, conf_g, s.ignore_index)
+                out_l, out_u = split(out, (n_l, n_u))
+                sup = supervised_loss(out_l["logits"], y)
+                unsup = losses.weighted_cross_entropy(out_u["logits"], yhat_g, conf_g, s.ignore_index)
                 loss = sup + s.unsup_weight * unsup
                 return loss, (stats, {"loss": loss, "sup_gen": sup, "unsup_gen": unsup})
 
@@ -170,7 +188,7 @@ def make_train_step(model, tx, schedule, s: StepSettings):
             return state.replace(step=state.step + 1, gen_student=gen, gen_opt_state=gen_opt,
                                  gen_teacher=teacher), metrics
 
-        yhat_p, conf_p, tp_out, tp_stats = teacher_pass(state.pro_teacher, k_tp, with_bank and bank_from_pro)
+        yhat_p, conf_p, tp_on_l, tp_stats = teacher_pass(state.pro_teacher, k_tp, with_bank and bank_from_pro)
         metrics["confidence_pro"] = jnp.mean(conf_p)
         # Cross supervision: the professional student learns from the Gen-Teacher and vice versa.
         if s.cross_supervision:
@@ -182,11 +200,11 @@ def make_train_step(model, tx, schedule, s: StepSettings):
         contrast = state.contrast
         assigned = contrast.assigned_anchors()
         if with_bank:
-            bank_out = tp_out if bank_from_pro else tg_out
-            feats = bank_out["features"][2 * n_u:]
+            bank_out = tp_on_l if bank_from_pro else tg_on_l
+            feats = bank_out["features"]
             h, w, dim = feats.shape[1:]
             y_small = losses.nearest_resize(y, (h, w))
-            probs = jax.nn.softmax(_downsample_nhwc(bank_out["logits"][2 * n_u:], (h, w)), axis=-1)
+            probs = jax.nn.softmax(_downsample_nhwc(bank_out["logits"], (h, w)), axis=-1)
             candidates = losses.bank_candidates(probs, y_small, s.bank_confidence, s.ignore_index).reshape(-1)
             flat_feats, flat_labels = feats.reshape(-1, dim), y_small.reshape(-1)
 
@@ -201,14 +219,14 @@ def make_train_step(model, tx, schedule, s: StepSettings):
             metrics["bank_candidates"] = jnp.sum(candidates.astype(jnp.float32))
             metrics["bank_fill"] = jnp.mean(contrast.bank.count.astype(jnp.float32)) / contrast.bank.features.shape[1]
 
-        def contrastive_terms(features, y_small_l, pseudo_small):
+        def contrastive_terms(features_l, features_u, y_small_l, pseudo_small):
             def run(_):
-                dim = features.shape[-1]
+                dim = features_l.shape[-1]
                 args = dict(num_classes=s.num_classes, ignore_index=s.ignore_index,
                             temperature=s.contrastive_temperature)
-                lab = losses.dual_contrastive_loss(features[:n_l].reshape(-1, dim), y_small_l.reshape(-1), assigned,
+                lab = losses.dual_contrastive_loss(features_l.reshape(-1, dim), y_small_l.reshape(-1), assigned,
                                                    contrast.bank.features, contrast.bank.count, **args)
-                unl = losses.dual_contrastive_loss(features[n_l:].reshape(-1, dim), pseudo_small.reshape(-1),
+                unl = losses.dual_contrastive_loss(features_u.reshape(-1, dim), pseudo_small.reshape(-1),
                                                    assigned, contrast.bank.features, contrast.bank.count, **args)
                 return lab, unl
 
@@ -220,8 +238,8 @@ def make_train_step(model, tx, schedule, s: StepSettings):
             # 3 + 5. Students on [x_l, u_mix] in one pass each.
             g_out, g_stats = forward(state.gen_student, gen_params, students_in, k_gen)
             p_out, p_stats = forward(state.pro_student, pro_params, students_in, k_pro)
-            g_l, g_u = g_out["logits"][:n_l], g_out["logits"][n_l:]
-            p_l, p_u = p_out["logits"][:n_l], p_out["logits"][n_l:]
+            (g_on_l, g_on_u), (p_on_l, p_on_u) = split(g_out, (n_l, n_u)), split(p_out, (n_l, n_u))
+            g_l, g_u, p_l, p_u = g_on_l["logits"], g_on_u["logits"], p_on_l["logits"], p_on_u["logits"]
             sup_gen, sup_pro = supervised_loss(g_l, y), supervised_loss(p_l, y)
 
             # 6. Pixel selection for the Pro-Student: its own hard prediction against its teacher's labels.
@@ -236,9 +254,9 @@ def make_train_step(model, tx, schedule, s: StepSettings):
 
             # 8. Dual contrastive learning on the Gen-Student's features.
             if s.contrastive:
-                feats = g_out["features"]
-                h, w = feats.shape[1:3]
-                con_l, con_u = contrastive_terms(feats, losses.nearest_resize(y, (h, w)),
+                h, w = g_on_l["features"].shape[1:3]
+                con_l, con_u = contrastive_terms(g_on_l["features"], g_on_u["features"],
+                                                 losses.nearest_resize(y, (h, w)),
                                                  losses.nearest_resize(yhat_p, (h, w)))
                 loss = loss + s.contrastive_weight * (con_l + con_u)
                 terms.update(con_labeled=con_l, con_unlabeled=con_u)

@@ -43,15 +43,18 @@ def make_batch(seed):
 class Setup:
     """Model, optimiser and the step compiled for a mesh; every phase of the method active from step 0."""
 
-    def __init__(self, mode="stpg", devices=None):
+    def __init__(self, mode="stpg", devices=None, groups=None):
         c = tiny_config(mode)
         self.model = model_from_config(c.model, C)
         abstract = jax.eval_shape(lambda: self.model.init(jax.random.PRNGKey(0), jnp.zeros((1, S, S, 3)))["params"])
         self.tx, self.schedule = make_optimizer(c.optim, 100, abstract)
-        # Low bank confidence so an untrained teacher still yields candidates; every phase on from step 0.
-        self.settings = dataclasses.replace(StepSettings.from_config(c, C, steps_per_epoch=0), bank_confidence=0.0)
-        self.anchors = losses.make_anchors(C, D, seed=0, steps=300)
         self.mesh = sharding.make_mesh(devices if devices is not None else jax.devices()[:1])
+        # Low bank confidence so an untrained teacher still yields candidates; every phase on from step 0. The batch
+        # laid out for the mesh's devices, as the Trainer does, unless ``groups`` says otherwise.
+        self.settings = dataclasses.replace(
+            StepSettings.from_config(c, C, steps_per_epoch=0, batch_groups=groups or self.mesh.devices.size),
+            bank_confidence=0.0)
+        self.anchors = losses.make_anchors(C, D, seed=0, steps=300)
         self.rep, self.bat = sharding.replicated(self.mesh), sharding.batch_sharded(self.mesh)
         self.raw_step = make_train_step(self.model, self.tx, self.schedule, self.settings)
         self.step = jax.jit(self.raw_step, in_shardings=(self.rep, self.bat), out_shardings=(self.rep, self.rep),
@@ -181,19 +184,53 @@ def test_changing_the_assignment_does_not_recompile(setup):
                                rtol=1e-6)
 
 
-def test_sharded_step_equals_single_device(setup):
+@pytest.fixture(scope="module")
+def multi():
+    """The step on four devices, its batch laid out for them."""
     assert len(jax.devices()) == 4
-    multi = Setup(devices=jax.devices())
+    return Setup(devices=jax.devices())
+
+
+@pytest.fixture(scope="module")
+def single4():
+    """The same program on one device: the batch laid out for four."""
+    return Setup(groups=4)
+
+
+def test_sharded_step_equals_single_device(multi, single4):
+    assert multi.settings.batch_groups == single4.settings.batch_groups == 4
     batches = [make_batch(0), make_batch(1)]
-    single_state, multi_state = setup.init(), multi.init()
+    single_state, multi_state = single4.init(), multi.init()
     for batch in batches:
-        single_state, single_metrics = setup.run(single_state, batch)
+        single_state, single_metrics = single4.run(single_state, batch)
         multi_state, multi_metrics = multi.run(multi_state, batch)
     single_metrics, multi_metrics = host(single_metrics), host(multi_metrics)
     for k in ("loss", "sup_gen", "unsup_pro", "con_labeled", "kept"):
         np.testing.assert_allclose(multi_metrics[k], single_metrics[k], rtol=1e-4, atol=1e-5, err_msg=k)
     assert max_abs_diff(host(single_state.gen_student.params), host(multi_state.gen_student.params)) < 1e-4
     assert max_abs_diff(host(single_state.pro_teacher.params), host(multi_state.pro_teacher.params)) < 1e-4
+
+
+def test_sharded_step_moves_no_image_between_devices(multi):
+    """Students' and teachers' joined inputs stay where they were loaded: the compiled program holds no
+    collective-permute or all-to-all (a plain concatenation of the 4-device batches needs 44 and 7 here)."""
+    state, batch = multi.init(), sharding.shard_batch(make_batch(0), multi.bat)
+    text = multi.step.lower(state, batch).compile().as_text()
+    assert " all-reduce" in text  # the check sees collectives at all (BatchNorm statistics, gradients)
+    assert " collective-permute" not in text and " all-to-all" not in text
+
+
+def test_batch_layout_changes_no_result_but_dropout(setup, single4):
+    """Laid out for four devices or for one, the first step's losses and pixel selection agree (they depend on the
+    logits only; the projection head's dropout masks, drawn per position in the batch, differ)."""
+    batch = make_batch(0)
+    _, a = setup.run(setup.init(), batch)
+    _, b = single4.run(single4.init(), batch)
+    a, b = host(a), host(b)
+    for k in ("sup_gen", "sup_pro", "unsup_gen", "unsup_pro", "kept", "consistent", "confidence_gen",
+              "confidence_pro", "mismatch_scores"):
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    assert float(a["unsup_pro"]) > 0 and 0 < float(a["kept"]) < 1
 
 
 def test_initial_state_is_compiled_onto_the_mesh_with_each_students_own_init(setup):
