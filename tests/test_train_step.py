@@ -43,7 +43,7 @@ def make_batch(seed):
 class Setup:
     """Model, optimiser and the step compiled for a mesh; every phase of the method active from step 0."""
 
-    def __init__(self, mode="stpg", devices=None, groups=None):
+    def __init__(self, mode="stpg", devices=None, groups=None, contrastive_start_step=0):
         c = tiny_config(mode)
         self.model = model_from_config(c.model, C)
         abstract = jax.eval_shape(lambda: self.model.init(jax.random.PRNGKey(0), jnp.zeros((1, S, S, 3)))["params"])
@@ -53,7 +53,7 @@ class Setup:
         # laid out for the mesh's devices, as the Trainer does, unless ``groups`` says otherwise.
         self.settings = dataclasses.replace(
             StepSettings.from_config(c, C, steps_per_epoch=0, batch_groups=groups or self.mesh.devices.size),
-            bank_confidence=0.0)
+            bank_confidence=0.0, contrastive_start_step=contrastive_start_step)
         self.anchors = losses.make_anchors(C, D, seed=0, steps=300)
         self.rep, self.bat = sharding.replicated(self.mesh), sharding.batch_sharded(self.mesh)
         self.raw_step = make_train_step(self.model, self.tx, self.schedule, self.settings)
@@ -186,15 +186,15 @@ def test_changing_the_assignment_does_not_recompile(setup):
 
 @pytest.fixture(scope="module")
 def multi():
-    """The step on four devices, its batch laid out for them."""
+    """The step on four devices, its batch laid out for them; the contrastive terms start at step 1."""
     assert len(jax.devices()) == 4
-    return Setup(devices=jax.devices())
+    return Setup(devices=jax.devices(), contrastive_start_step=1)
 
 
 @pytest.fixture(scope="module")
 def single4():
-    """The same program on one device: the batch laid out for four."""
-    return Setup(groups=4)
+    """The same program on one device: the batch laid out for four, the contrastive terms from step 1."""
+    return Setup(groups=4, contrastive_start_step=1)
 
 
 def test_sharded_step_equals_single_device(multi, single4):
@@ -209,6 +209,21 @@ def test_sharded_step_equals_single_device(multi, single4):
         np.testing.assert_allclose(multi_metrics[k], single_metrics[k], rtol=1e-4, atol=1e-5, err_msg=k)
     assert max_abs_diff(host(single_state.gen_student.params), host(multi_state.gen_student.params)) < 1e-4
     assert max_abs_diff(host(single_state.pro_teacher.params), host(multi_state.pro_teacher.params)) < 1e-4
+
+
+def test_contrastive_terms_wait_for_their_start(single4):
+    state, m0 = single4.run(single4.init(), make_batch(0))
+    m0 = host(m0)
+    assert float(m0["con_labeled"]) == 0.0 and float(m0["con_unlabeled"]) == 0.0
+    np.testing.assert_allclose(m0["loss"], m0["sup_gen"] + m0["sup_pro"] + m0["unsup_gen"] + m0["unsup_pro"],
+                               rtol=1e-6)
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(host(state.gen_student.params)))
+    _, m1 = single4.run(state, make_batch(1))
+    m1 = host(m1)
+    assert float(m1["con_labeled"]) > 0 and float(m1["con_unlabeled"]) > 0
+    np.testing.assert_allclose(
+        m1["loss"], m1["sup_gen"] + m1["sup_pro"] + m1["unsup_gen"] + m1["unsup_pro"]
+        + single4.settings.contrastive_weight * (m1["con_labeled"] + m1["con_unlabeled"]), rtol=1e-5)
 
 
 def test_sharded_step_moves_no_image_between_devices(multi):
