@@ -206,6 +206,14 @@ def summarize(rows: list[dict], bandwidth_tbs: float | None = None, tflop: float
         if r["category"] not in COMPUTE_CATEGORIES:
             scope["memory_bound_bytes"] += r["bytes"]
     out["scopes"] = dict(sorted(scopes.items(), key=lambda kv: -kv[1]["bytes"])[:top])
+    # Collectives by kind: how many each step issues (an asynchronous one counted at its start) and their bytes.
+    collectives = defaultdict(lambda: {"ops": 0, "bytes": 0})
+    for r in rows:
+        if r["category"] == "collective":
+            c = collectives[re.sub(r"-(start|done)$", "", r["op"])]
+            c["ops"] += 0 if r["op"].endswith("-done") else r["repeat"]
+            c["bytes"] += r["bytes"]
+    out["collectives"] = dict(sorted(collectives.items(), key=lambda kv: -kv[1]["bytes"]))
     if bandwidth_tbs:
         out["bounds"] = {"bandwidth_tbs": bandwidth_tbs}
         for key in ("bytes", "bytes_beyond_cache"):
@@ -260,6 +268,10 @@ def format_summary(s: dict) -> str:
               "|---|---:|---:|---:|"]
     for name, v in s.get("scopes", {}).items():
         lines.append(f"| {name[:80]} | {v['kernels']} | {v['bytes'] / 1e9:.2f} | {v['memory_bound_bytes'] / 1e9:.2f} |")
+    if s.get("collectives"):
+        lines += ["", "| collective | issued | GB read + written |", "|---|---:|---:|"]
+        for name, v in s["collectives"].items():
+            lines.append(f"| {name} | {v['ops']} | {v['bytes'] / 1e9:.2f} |")
     lines += ["", "| GB | kernels | category | source (op_name, digits folded) |", "|---:|---:|---|---|"]
     for t in s["top_sources"]:
         lines.append(f"| {t['bytes'] / 1e9:.2f} | {t['kernels']} | {t['category']} | {t['source'][-110:]} |")

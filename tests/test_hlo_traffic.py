@@ -104,6 +104,39 @@ def test_summary_bounds_and_table():
     assert len(s["top_sources"]) == 3
 
 
+# Collectives as XLA's GPU pipeline leaves them: asynchronous pairs, one returning a tuple.
+HLO_COLLECTIVES = """HloModule jit_step, is_scheduled=true, entry_computation_layout={(f32[1024]{0})->f32[1024]{0}}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+ENTRY %main (x: f32[1024]) -> f32[1024] {
+  %x = f32[1024]{0} parameter(0)
+  %all-reduce-start.1 = f32[1024]{0} all-reduce-start(%x), replica_groups={{0,1}}, to_apply=%add
+  %all-reduce-done.1 = f32[1024]{0} all-reduce-done(%all-reduce-start.1)
+  %all-reduce-start.2 = f32[1024]{0} all-reduce-start(%all-reduce-done.1), replica_groups={{0,1}}, to_apply=%add
+  %all-reduce-done.2 = f32[1024]{0} all-reduce-done(%all-reduce-start.2)
+  %collective-permute-start = (f32[1024]{0}, f32[1024]{0}) collective-permute-start(%all-reduce-done.2), source_target_pairs={{0,1},{1,0}}
+  ROOT %collective-permute-done = f32[1024]{0} collective-permute-done(%collective-permute-start)
+}
+"""
+
+
+def test_collectives_by_kind():
+    rows = ht.kernels(HLO_COLLECTIVES)
+    assert {r["category"] for r in rows} == {"collective"}
+    s = ht.summarize(rows)
+    assert list(s["collectives"]) == ["all-reduce", "collective-permute"]  # most bytes first
+    assert s["collectives"]["all-reduce"] == {"ops": 2, "bytes": 4 * (4096 + 4096)}
+    assert s["collectives"]["collective-permute"] == {"ops": 1, "bytes": 2 * (4096 + 8192)}
+    table = ht.format_summary(s)
+    assert "| all-reduce | 2 | 0.00 |" in table and "| collective-permute | 1 | 0.00 |" in table
+    assert "| collective |" not in ht.format_summary(ht.summarize(ht.kernels(HLO)))  # none: no table
+
+
 def test_a_cpu_compiled_program_parses():
     x = jnp.ones((256, 256), jnp.float32)
     compiled = jax.jit(lambda a: jnp.tanh(a @ a).sum(axis=0)).lower(x).compile()
