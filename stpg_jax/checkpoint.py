@@ -26,6 +26,9 @@ RESUME_SAFE_PREFIXES = (
     "stpg.speculative_matching",  # the same steps in another order on the host
 )
 
+# Fields added to the config after runs were written without them, with the value those runs had.
+ADDED_FIELDS = {"model.proj_dropout": 0.1}
+
 
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -45,7 +48,7 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        a, b = _flatten(saved), _flatten(current)
+        a, b = {**ADDED_FIELDS, **_flatten(saved)}, _flatten(current)
         diffs = [
             f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now"
             for k in sorted(set(a) | set(b))

@@ -62,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.decoder_channels = 256
     m.low_level_channels = 48
     m.proj_dim = 256
+    m.proj_dropout = 0.1  # dropout in the projection head, between its BN + ReLU and its 1x1 conv
     m.dtype = "float32"  # compute dtype; parameters stay float32
     m.remat = False  # recompute block activations in the backward pass: less memory, more compute; same parameters
     # BatchNorm's backward pass: 'autodiff' (nn.BatchNorm differentiated by JAX) or 'closed_form' (written out, with
@@ -226,6 +227,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.stpg.speculative_matching must be True or False, got {c.stpg.speculative_matching!r}")
     if not isinstance(c.model.remat, bool):
         raise ConfigError(f"config.model.remat must be True or False, got {c.model.remat!r}")
+    if not 0.0 <= c.model.proj_dropout < 1.0:
+        raise ConfigError(f"config.model.proj_dropout must be in [0, 1), got {c.model.proj_dropout!r}")
     if c.model.bn_backward not in ("autodiff", "closed_form"):
         raise ConfigError(f"config.model.bn_backward must be 'autodiff' or 'closed_form', got {c.model.bn_backward!r}")
     if not c.model.stage_blocks and c.model.depth not in (50, 101):

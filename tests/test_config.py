@@ -89,6 +89,8 @@ def test_invalid_values_are_refused():
     for arg in ("1_4,mode=fixmatch", "1_4,stpg.selection=some", "1_4,data.batch_labeled=0"):
         with pytest.raises(ValueError):
             get("voc_blender", arg)
+    with pytest.raises(ConfigError, match=r"model\.proj_dropout must be in \[0, 1\), got 1\.0"):
+        get("voc_blender", "1_4,model.proj_dropout=1.0")
 
 
 @pytest.mark.parametrize("name", ["voc_blender", "voc_classic"])
@@ -141,6 +143,7 @@ def test_paper_configs_use_the_paper_network():
         m = get(name).model
         assert (m.stem, m.output_stride, m.aspp_channels, m.decoder_channels) == ("deep", 16, 256, 256)
         assert (m.low_level_channels, m.proj_dim, m.stage_blocks, m.width) == (48, 256, (), 64)
+        assert m.proj_dropout == 0.1
         assert m.pretrained
 
 
@@ -167,6 +170,20 @@ def test_remat_is_a_checked_switch_that_a_resume_accepts(tmp_path):
     check_config(str(tmp_path), get("voc_blender", "1_4,model.remat=True"))
     with pytest.raises(ConfigError, match=r"model\.dtype"):
         check_config(str(tmp_path), get("voc_blender", "1_4,model.dtype=bfloat16"))
+
+
+def test_a_run_written_before_proj_dropout_existed_resumes_with_its_value(tmp_path):
+    import json
+
+    from stpg_jax.checkpoint import check_config, write_config
+
+    write_config(str(tmp_path), get("voc_blender"))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["model"]["proj_dropout"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    check_config(str(tmp_path), get("voc_blender"))  # 0.1, as the network had it before the field
+    with pytest.raises(ConfigError, match=r"model\.proj_dropout: 0\.1 in the checkpoint, 0\.0 now"):
+        check_config(str(tmp_path), get("voc_blender", "1_4,model.proj_dropout=0.0"))
 
 
 def test_bn_backward_is_a_checked_choice_that_a_resume_accepts(tmp_path):

@@ -130,8 +130,8 @@ class ASPP(nn.Module):
 class DeepLabV3Plus(nn.Module):
     """DeepLabV3+ returning ``{'logits': (B,H,W,C) float32, 'features': (B,H/4,W/4,proj_dim) float32}``.
 
-    ``features`` come from the projection head (3×3 conv → BN → ReLU → Dropout 0.1 → 1×1 conv) on the 256-channel
-    decoder output; with ``proj_dim=0`` the head is left out and ``features`` is the decoder output.
+    ``features`` come from the projection head (3×3 conv → BN → ReLU → Dropout(``proj_dropout``, 0.1) → 1×1 conv) on
+    the 256-channel decoder output; with ``proj_dim=0`` the head is left out and ``features`` is the decoder output.
     Parameters are float32; ``dtype`` sets the compute dtype (bfloat16 for mixed precision). ``remat`` recomputes
     the activations inside the stem, every bottleneck, ASPP branch and decoder conv in the backward pass instead of
     keeping them (for the R50 train step, less than half of XLA's temporary memory for ~21 % more FLOPs); the
@@ -151,6 +151,7 @@ class DeepLabV3Plus(nn.Module):
     decoder_channels: int = 256
     low_level_channels: int = 48
     proj_dim: int = 256
+    proj_dropout: float = 0.1
     dtype: Any = jnp.float32
     remat: bool = False
     bn_backward: str = "autodiff"
@@ -181,7 +182,7 @@ class DeepLabV3Plus(nn.Module):
         if self.proj_dim:
             f = conv(self.decoder_channels, 3, dtype=self.dtype, name="proj_conv1")(y)
             f = batch_norm(train, self.dtype, "proj_bn", self.bn_backward, relu=True)(f)
-            f = nn.Dropout(0.1, deterministic=not train)(f)
+            f = nn.Dropout(self.proj_dropout, deterministic=not train)(f)
             f = nn.Conv(self.proj_dim, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="proj_conv2")(f)
         else:
             f = y
@@ -207,6 +208,7 @@ def model_from_config(model_config, num_classes: int) -> DeepLabV3Plus:
         decoder_channels=model_config.decoder_channels,
         low_level_channels=model_config.low_level_channels,
         proj_dim=model_config.proj_dim,
+        proj_dropout=float(model_config.get("proj_dropout", 0.1)),  # absent from exports written before it existed
         dtype=dtypes[model_config.dtype],
         remat=bool(model_config.get("remat", False)),  # absent from configs and exports written before it existed
         bn_backward=model_config.get("bn_backward", "autodiff"),  # likewise
