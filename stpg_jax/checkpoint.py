@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from stpg_jax.config import ConfigError
+from stpg_jax.config import FIELDS_ADDED_LATER, ConfigError
 
 # Fields that may change between a run and its resumption: they do not alter the state or the trajectory.
 RESUME_SAFE_PREFIXES = (
@@ -25,9 +25,6 @@ RESUME_SAFE_PREFIXES = (
     "model.bn_backward",  # the same variables and BatchNorm gradients, up to float rounding
     "stpg.speculative_matching",  # the same steps in another order on the host
 )
-
-# Fields added to the config after runs were written without them, with the value those runs had.
-ADDED_FIELDS = {"model.proj_dropout": 0.1}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -48,7 +45,7 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        a, b = {**ADDED_FIELDS, **_flatten(saved)}, _flatten(current)
+        a, b = {**FIELDS_ADDED_LATER, **_flatten(saved)}, _flatten(current)
         diffs = [
             f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now"
             for k in sorted(set(a) | set(b))

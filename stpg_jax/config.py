@@ -21,6 +21,11 @@ class ConfigError(ValueError):
     """A config field or argument that is unknown or has an unusable value; the message names it."""
 
 
+# Fields added after runs and exports were written without them, with the value those had (the network's behaviour
+# before the field existed). Checkpoint resumption and model building fill them in from here.
+FIELDS_ADDED_LATER = {"model.remat": False, "model.bn_backward": "autodiff", "model.proj_dropout": 0.1}
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0

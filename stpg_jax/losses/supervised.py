@@ -16,10 +16,9 @@ def _nll(logits, labels, ignore_index):
     logits = jnp.asarray(logits).astype(jnp.float32)
     num_classes = logits.shape[-1]
     valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
-    safe = jnp.where(valid, labels, 0).astype(jnp.int32)
     logp = jax.nn.log_softmax(logits, axis=-1)
     # The label's entry by a select over classes rather than a gather: its gradient is elementwise, not a scatter.
-    nll = -jnp.sum(jnp.where(safe[..., None] == jnp.arange(num_classes), logp, 0.0), axis=-1)
+    nll = -jnp.sum(jnp.where(labels[..., None] == jnp.arange(num_classes), logp, 0.0), axis=-1)
     return jnp.where(valid, nll, 0.0), valid
 
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stpg_jax.config import FIELDS_ADDED_LATER
 from stpg_jax.models.resnet import STAGE_BLOCKS, ResNet, batch_norm, conv, maybe_remat
 
 
@@ -34,16 +35,13 @@ def _transpose_taps(in_size: int, out_size: int):
     """The transpose of ``_axis_weights``' interpolation as fixed taps: input index h receives
     Σ_k weight[h, k] · grad[index[h, k]], the shorter lists padded with weight 0 (NumPy, static)."""
     lo, hi, frac = _axis_weights(in_size, out_size)
-    taps = [{} for _ in range(in_size)]
-    for i in range(out_size):
-        taps[lo[i]][i] = taps[lo[i]].get(i, 0.0) + 1.0 - frac[i]
-        taps[hi[i]][i] = taps[hi[i]].get(i, 0.0) + frac[i]
-    k = max(len(t) for t in taps)
-    index, weight = np.zeros((in_size, k), np.int32), np.zeros((in_size, k))
-    for h, t in enumerate(taps):
-        for j, (i, w) in enumerate(sorted(t.items())):
-            index[h, j], weight[h, j] = i, w
-    return index, weight
+    dense = np.zeros((in_size, out_size))  # the interpolation's (input, output) weights
+    np.add.at(dense, (lo, np.arange(out_size)), 1.0 - frac)
+    np.add.at(dense, (hi, np.arange(out_size)), frac)
+    nonzero = dense != 0
+    # Per input row, its nonzero outputs first (in order), then zero-weight ones as padding.
+    index = np.argsort(~nonzero, axis=1, kind="stable")[:, :max(1, nonzero.sum(1).max())].astype(np.int32)
+    return index, np.take_along_axis(dense, index, axis=1)
 
 
 def _take(x, index, axis: int):
@@ -196,6 +194,10 @@ def model_from_config(model_config, num_classes: int) -> DeepLabV3Plus:
         raise ValueError(f"config.model.dtype must be one of {sorted(dtypes)}, got {model_config.dtype!r}")
     if model_config.depth not in STAGE_BLOCKS and not model_config.stage_blocks:
         raise ValueError(f"config.model.depth must be one of {sorted(STAGE_BLOCKS)}, got {model_config.depth}")
+
+    def later(name):  # absent from configs and exports written before the field existed
+        return model_config.get(name, FIELDS_ADDED_LATER[f"model.{name}"])
+
     return DeepLabV3Plus(
         num_classes=num_classes,
         depth=model_config.depth,
@@ -208,8 +210,8 @@ def model_from_config(model_config, num_classes: int) -> DeepLabV3Plus:
         decoder_channels=model_config.decoder_channels,
         low_level_channels=model_config.low_level_channels,
         proj_dim=model_config.proj_dim,
-        proj_dropout=float(model_config.get("proj_dropout", 0.1)),  # absent from exports written before it existed
+        proj_dropout=float(later("proj_dropout")),
         dtype=dtypes[model_config.dtype],
-        remat=bool(model_config.get("remat", False)),  # absent from configs and exports written before it existed
-        bn_backward=model_config.get("bn_backward", "autodiff"),  # likewise
+        remat=bool(later("remat")),
+        bn_backward=later("bn_backward"),
     )
