@@ -157,13 +157,18 @@ class Trainer:
         """Whether steps start ahead of the host matching (stpg_jax.host_matching); the step then keeps its input."""
         return speculative_matching(self.config, self.mesh)
 
+    @property
+    def donates_state(self) -> bool:
+        """Whether the compiled step donates its input state (it may not when steps start ahead of the matching)."""
+        return not self.speculates
+
     def compile_step(self):
         step = make_train_step(self.model, self.tx, self.lr_schedule, self.settings)
         return jax.jit(
             step,
             in_shardings=(self.replicated, self.batch_sharding),
             out_shardings=(self.replicated, self.replicated),
-            donate_argnums=() if self.speculates else 0,
+            donate_argnums=0 if self.donates_state else (),
         )
 
     def evaluate(self, state: TrainState) -> dict:

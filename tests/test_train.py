@@ -86,6 +86,8 @@ def test_speculative_matching_follows_the_plain_loop_bit_for_bit(tmp_path, monke
     monkeypatch.setattr(sharding, "make_mesh", lambda devices=None: make_mesh(jax.devices()[:1]))
     ahead = train.train_and_evaluate(loop_config(), str(tmp_path / "ahead"))
     assert 1 <= ahead["matching"]["ahead"] <= 2 and ahead["matching"]["reruns"] <= ahead["matching"]["ahead"]
+    # The plain loop runs the same compiled program (one that keeps its input): donating or not changes no number.
+    monkeypatch.setattr(train.Trainer, "donates_state", property(lambda self: False))
     plain = train.train_and_evaluate(loop_config(**{"stpg.speculative_matching": False}), str(tmp_path / "plain"))
     assert plain["matching"]["ahead"] == plain["matching"]["reruns"] == 0
     # The same trajectory: the same matchings (after each step, the last one before the final checkpoint).
@@ -135,12 +137,30 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_returns(tmp_path, monkeypatch,
     assert signal.getsignal(signum) is before  # the caller's handler is back
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    config = loop_config(**{"optim.lr": 1e30, "schedule.total_steps": 6, "checkpoint_every_steps": 1})
-    with pytest.raises(train.NonFiniteLossError, match="last good checkpoint") as info:
-        train.train_and_evaluate(config, str(tmp_path))
-    good = checkpoint.Checkpointer(str(tmp_path)).latest_step()
-    assert f"step {good})" in str(info.value)
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    # The third step starts from parameters gone NaN (as after a blow-up), so its loss is NaN: the run must stop
+    # without saving that state. The step is the uninterrupted run's compiled program; only its input is spoiled.
+    import jax
+
+    compile_step = train.Trainer.compile_step
+
+    def spoiling_third_step(self):
+        step_fn, calls = compile_step(self), []
+
+        def run(state, batch):
+            calls.append(None)
+            if len(calls) == 3:
+                params = jax.tree_util.tree_map(lambda x: x * np.nan, state.pro_student.params)
+                state = state.replace(pro_student=state.pro_student.replace(params=params))
+            return step_fn(state, batch)
+
+        return run
+
+    monkeypatch.setattr(train.Trainer, "compile_step", spoiling_third_step)
+    with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss at step 3: .*last good checkpoint") as info:
+        train.train_and_evaluate(loop_config(checkpoint_every_steps=1), str(tmp_path))
+    assert "(step 2)" in str(info.value)
+    assert checkpoint.Checkpointer(str(tmp_path)).latest_step() == 2
     # The kept checkpoint holds finite parameters.
     assert all(np.all(np.isfinite(x)) for x in flat(gen_params(tmp_path)))
 
@@ -202,6 +222,7 @@ def _two_processes(workdir, *args):
     import socket
     import subprocess
     import sys
+    import tempfile
 
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -210,20 +231,34 @@ def _two_processes(workdir, *args):
     cache = os.environ.get(
         "STPG_TEST_COMPILATION_CACHE", os.path.join(os.path.dirname(os.path.dirname(worker)), ".jax_cache")
     )
+    # Each process writes to a file, not a pipe: a pipe read only after the other process has finished could fill
+    # up and stall its writer, and with it the collectives the other process waits in.
+    logs = [tempfile.TemporaryFile("w+") for _ in range(2)]
     procs = [
         subprocess.Popen(
             [sys.executable, worker, str(workdir), *args],
             env={**os.environ, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
                  "JAX_PROCESS_ID": str(i), "STPG_TEST_COMPILATION_CACHE": cache},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=log, stderr=subprocess.STDOUT, text=True,
         )
-        for i in range(2)
+        for i, log in enumerate(logs)
     ]
     try:
-        outputs = [p.communicate(timeout=300)[0] for p in procs]
+        for p in procs:
+            p.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    else:
+        timed_out = False
     finally:
         for p in procs:
             p.kill()
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    assert not timed_out, "the two processes ran over 300 s:\n" + "\n".join(out[-2000:] for out in outputs)
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
     results = [json.loads(line[len("RESULT "):]) for out in outputs for line in out.splitlines()
