@@ -141,6 +141,13 @@ def assemble_train_state(tx, key, gen: Network, pro: Optional[Network], *, mode:
     return state
 
 
+@functools.lru_cache(maxsize=8)
+def _network_initialiser(model, crop_size: int, sharding):
+    """`init_network` compiled for ``model`` with outputs placed as ``sharding``; one per model in a process, so that
+    building another state for the same model (a run resumed in the same process) traces and compiles nothing."""
+    return jax.jit(lambda k, weights: init_network(model, k, crop_size, weights), out_shardings=sharding)
+
+
 def init_train_state(model, tx, key, sharding, *, mode: str, crop_size: int, anchors=None, pretrained=None,
                      **kwargs) -> TrainState:
     """`create_train_state` in two compiled programs whose outputs are placed with ``sharding`` (the replicated
@@ -155,7 +162,7 @@ def init_train_state(model, tx, key, sharding, *, mode: str, crop_size: int, anc
         return None if tree is None else jax.device_put(tree, sharding)
 
     key, pretrained = put(key), put(pretrained)
-    init_net = jax.jit(lambda k, weights: init_network(model, k, crop_size, weights), out_shardings=sharding)
+    init_net = _network_initialiser(model, crop_size, sharding)
     k_gen, k_pro = jax.jit(_student_keys, out_shardings=sharding)(key)
     gen = init_net(k_gen, pretrained)
     pro = init_net(k_pro, pretrained) if mode == "stpg" else None

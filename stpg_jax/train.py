@@ -102,6 +102,10 @@ def _build_data_in_turn(data_config, workdir):
     return bundle if bundle is not None else build_data(data_config, workdir=None)
 
 
+# Trainer.compile_step's jitted steps, by everything a step depends on (the last few).
+_COMPILED_STEPS: dict = {}
+
+
 class Trainer:
     """Everything a run needs, built once: data, model, optimiser, compiled step, mesh and checkpointer."""
 
@@ -163,13 +167,22 @@ class Trainer:
         return not self.speculates
 
     def compile_step(self):
-        step = make_train_step(self.model, self.tx, self.lr_schedule, self.settings)
-        return jax.jit(
-            step,
-            in_shardings=(self.replicated, self.batch_sharding),
-            out_shardings=(self.replicated, self.replicated),
-            donate_argnums=0 if self.donates_state else (),
-        )
+        """The jitted train step. A run in the same process with the same step (a run resumed there after
+        ``max_steps``, say) gets the same jitted function back, which traces and compiles nothing again."""
+        c = self.config
+        key = (self.model, self.settings, c.optim.to_json(), self.total_steps, bool(c.stpg.train_projection_head),
+               self.mesh, self.donates_state)
+        if key not in _COMPILED_STEPS:
+            step = make_train_step(self.model, self.tx, self.lr_schedule, self.settings)
+            if len(_COMPILED_STEPS) >= 4:
+                _COMPILED_STEPS.pop(next(iter(_COMPILED_STEPS)))
+            _COMPILED_STEPS[key] = jax.jit(
+                step,
+                in_shardings=(self.replicated, self.batch_sharding),
+                out_shardings=(self.replicated, self.replicated),
+                donate_argnums=0 if self.donates_state else (),
+            )
+        return _COMPILED_STEPS[key]
 
     def evaluate(self, state: TrainState) -> dict:
         c = self.config
