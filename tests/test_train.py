@@ -108,6 +108,19 @@ def test_resume_refuses_another_config(uninterrupted):
         train.train_and_evaluate(loop_config(**{"model.width": 16}), str(workdir))
 
 
+def test_a_run_in_the_same_process_reuses_the_compiled_step_only_for_the_same_step(uninterrupted, tmp_path):
+    def trainer(name, **overrides):
+        t = train.Trainer(loop_config(**overrides), str(tmp_path / name))
+        t.init_state()  # builds the optimiser the step uses
+        return t
+
+    first = trainer("a").compile_step()
+    assert trainer("b", checkpoint_every_steps=1, **{"eval.max_images": 1}).compile_step() is first
+    for overrides in ({"optim.lr": 0.5}, {"schedule.total_steps": 5}, {"loss.contrastive_weight": 0.5},
+                      {"model.proj_dropout": 0.0}):
+        assert trainer("c", **overrides).compile_step() is not first, overrides
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_returns(tmp_path, monkeypatch, signum):
     # The signal arrives while the first batch is loaded: the run must finish that step, save it and return.
