@@ -1,0 +1,100 @@
+"""Checkpoint save and restore time of a run's full train state (four networks, optimiser, bank), as the trainer
+saves it (``stpg_jax.checkpoint.Checkpointer``).
+
+    python benchmarks/checkpoint_save.py --config=configs/demo.py --cpu_devices 4 --repeats 3
+    python benchmarks/checkpoint_save.py --config=configs/demo.py --cpu_devices 4 --min_slice_mib 1
+
+A state replicated over several devices is written replica-parallel by Orbax: each array is sliced into one piece
+per device, each slice a dispatched program (compiled once per shape, at the first save). ``--min_slice_mib N``
+registers Orbax's array handler with ``min_slice_bytes_for_replica_parallel = N MiB`` for this process, so that only
+arrays whose per-device slice is that large are split; compare it with the default (no flag). The first save is
+reported apart from the later ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/demo.py", help="config file[:arg], as launch.py takes it")
+    p.add_argument("--cpu_devices", type=int, default=0,
+                   help="run on this many virtual CPU devices (0: the machine's own devices)")
+    p.add_argument("--repeats", type=int, default=3, help="saves (and restores) timed, each into a new directory")
+    p.add_argument("--min_slice_mib", type=float, default=None,
+                   help="Orbax's min_slice_bytes_for_replica_parallel in MiB (default: Orbax's own setting)")
+    p.add_argument("--out", default="", help="also write the figures as JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.cpu_devices:  # before jax starts its backends
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={args.cpu_devices}")
+    repo = Path(__file__).resolve().parents[1]
+    sys.path[:0] = [str(repo), str(Path(__file__).resolve().parent)]
+    import jax
+    import orbax.checkpoint as ocp
+    from step_time import git_commit, load_config
+
+    from stpg_jax import checkpoint, train
+
+    if args.min_slice_mib is not None:
+        default = ocp.type_handlers.get_type_handler(jax.Array)
+        handler = ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=int(args.min_slice_mib * 2 ** 20),
+            array_metadata_store=getattr(default, "_array_metadata_store", None),  # as the default handler writes
+        )
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+    config = load_config(args.config)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = train.Trainer(config, os.path.join(tmp, "run"))
+        state = jax.block_until_ready(trainer.init_state())
+        leaves = jax.tree_util.tree_leaves(state)
+        size = sum(x.nbytes for x in leaves)
+        print(f"state: {len(leaves)} arrays, {size / 2 ** 20:.1f} MiB, on {trainer.mesh.devices.size} device(s) "
+              f"({jax.devices()[0].platform}); min_slice_mib={args.min_slice_mib}", flush=True)
+        saves, restores = [], []
+        for i in range(args.repeats):
+            ckpt = checkpoint.Checkpointer(os.path.join(tmp, f"save_{i}"))
+            t0 = time.perf_counter()
+            ckpt.save(1, state, {"step": 1})
+            ckpt.wait()
+            t1 = time.perf_counter()
+            restored, _ = ckpt.restore(checkpoint.abstract_like(state, trainer.replicated))
+            jax.block_until_ready(restored)
+            t2 = time.perf_counter()
+            ckpt.close()
+            saves.append(t1 - t0)
+            restores.append(t2 - t1)
+            print(f"  save {i + 1}: {saves[-1]:.2f} s, restore {restores[-1]:.2f} s", flush=True)
+    report = {
+        "command": "python benchmarks/checkpoint_save.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "commit": git_commit(),
+        "device": f"{trainer.mesh.devices.size} x {jax.devices()[0].device_kind}",
+        "arrays": len(leaves), "state_mib": size / 2 ** 20, "min_slice_mib": args.min_slice_mib,
+        "first_save_s": saves[0],
+        "later_saves_median_s": statistics.median(saves[1:]) if len(saves) > 1 else None,
+        "restore_median_s": statistics.median(restores),
+    }
+    later = report["later_saves_median_s"]
+    print(f"first save {saves[0]:.2f} s | later saves (median) "
+          f"{'n/a' if later is None else f'{later:.2f} s'} | restore (median) {report['restore_median_s']:.2f} s")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
