@@ -77,19 +77,44 @@ def this_process_options() -> "ocp.options.MultiprocessingOptions":
     )
 
 
+# Orbax writes an array replicated over several devices "replica-parallel": each device's replica writes one slice,
+# each slice a dispatched program (compiled per shape at the first save). That pays for large arrays only; an array
+# whose slice would be smaller than this is written whole by one replica. Measured in BENCHMARKS.md §5.
+MIN_SLICE_BYTES = 1 << 20
+
+
+def _state_type_handlers(min_slice_bytes: int | None):
+    """Orbax's type handlers, the array handler with ``min_slice_bytes`` (None: Orbax's own handlers)."""
+    default = ocp.type_handlers.get_type_handler(jax.Array)
+    store = getattr(default, "_array_metadata_store", None)  # the metadata Orbax's own array handler writes
+    if min_slice_bytes is None or store is None:  # the latter: an Orbax whose handler is built otherwise
+        return None
+    array = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=min_slice_bytes,
+                                           array_metadata_store=store)
+    others = [(ty, ocp.type_handlers.get_type_handler(ty)) for ty in ocp.type_handlers.supported_types()
+              if ty is not jax.Array]
+    return ocp.type_handlers.create_type_handler_registry(*others, (jax.Array, array))
+
+
 class Checkpointer:
     """The work directory's checkpoints. In a multi-process run every process takes part in saving and restoring;
-    ``this_process_only`` makes one for reading by the calling process alone (no barriers with the others)."""
+    ``this_process_only`` makes one for reading by the calling process alone (no barriers with the others).
+    ``min_slice_bytes``: see MIN_SLICE_BYTES (None: Orbax's default, every replicated array sliced). Checkpoints
+    are the same on disk either way."""
 
-    def __init__(self, workdir: str, max_to_keep: int = 2, this_process_only: bool = False):
+    def __init__(self, workdir: str, max_to_keep: int = 2, this_process_only: bool = False,
+                 min_slice_bytes: int | None = MIN_SLICE_BYTES):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         multiprocessing = this_process_options() if this_process_only else ocp.options.MultiprocessingOptions()
+        registry = _state_type_handlers(min_slice_bytes)
+        state_handler = (ocp.PyTreeCheckpointHandler() if registry is None
+                         else ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, create=not this_process_only, multiprocessing_options=multiprocessing
             ),
-            item_names=("state", "meta"),
+            item_handlers={"state": state_handler, "meta": ocp.JsonCheckpointHandler()},
         )
 
     def latest_step(self):
@@ -97,14 +122,19 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         self.manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+            step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta))
         )
 
     def restore(self, abstract_state: Any, step: int | None = None):
         step = self.latest_step() if step is None else step
         restored = self.manager.restore(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)
+                ),
+                meta=ocp.args.JsonRestore(),
+            ),
         )
         return restored["state"], restored["meta"]
 

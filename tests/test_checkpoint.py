@@ -1,0 +1,82 @@
+"""Checkpointer on a state replicated over the 4 CPU devices: which arrays Orbax slices across replicas, and that
+checkpoints written with Orbax's default handler and with ours read back either way."""
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from stpg_jax import checkpoint
+
+
+@pytest.fixture(scope="module")
+def replicated():
+    mesh = jax.make_mesh((4,), ("data",))
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def make_state(replicated):
+    rng = np.random.default_rng(0)
+    tree = {
+        "bn_scale": rng.normal(size=(256,)).astype(np.float32),  # 1 KiB: a slice per device would be 256 bytes
+        "kernel": rng.normal(size=(3, 3, 256, 512)).astype(np.float32),  # 4.5 MiB: 1.1 MiB per device
+        "step": np.int32(7),
+    }
+    return jax.device_put(tree, replicated)
+
+
+def assert_same(restored, state, replicated):
+    for key, value in state.items():
+        np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(value), err_msg=key)
+        assert restored[key].sharding.is_equivalent_to(replicated, value.ndim), key
+
+
+@pytest.mark.parametrize("min_slice_bytes, sliced", [
+    (checkpoint.MIN_SLICE_BYTES, {(3, 3, 256, 512)}),  # the kernel only
+    (None, {(3, 3, 256, 512), (256,)}),  # Orbax's default: every array with a dimension divisible by 4
+])
+def test_replicated_arrays_are_sliced_across_devices_only_when_large(tmp_path, monkeypatch, replicated,
+                                                                      min_slice_bytes, sliced):
+    state = make_state(replicated)
+    calls = []
+    slice_in_dim = jax.lax.slice_in_dim
+
+    def counting(operand, *args, **kwargs):
+        calls.append(tuple(operand.shape))
+        return slice_in_dim(operand, *args, **kwargs)
+
+    monkeypatch.setattr(jax.lax, "slice_in_dim", counting)
+    ckpt = checkpoint.Checkpointer(str(tmp_path), min_slice_bytes=min_slice_bytes)
+    ckpt.save(3, state, {"step": 3})
+    ckpt.wait()
+    assert set(calls) == sliced and len(calls) == 4 * len(sliced)  # one slice per device
+    restored, meta = ckpt.restore(checkpoint.abstract_like(state, replicated))
+    ckpt.close()
+    assert meta == {"step": 3}
+    assert_same(restored, state, replicated)
+
+
+def test_checkpoints_of_orbax_standard_handler_read_both_ways(tmp_path, replicated):
+    """Runs saved with Orbax's StandardSave (as earlier versions of this package did) resume, and Orbax's
+    StandardRestore reads ours."""
+    state = make_state(replicated)
+    abstract = checkpoint.abstract_like(state, replicated)
+    standard = ocp.CheckpointManager(str(tmp_path / "checkpoints"), item_names=("state", "meta"),
+                                     options=ocp.CheckpointManagerOptions(create=True))
+    standard.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"step": 1})))
+    standard.wait_until_finished()
+
+    ours = checkpoint.Checkpointer(str(tmp_path))
+    restored, meta = ours.restore(abstract)
+    assert meta == {"step": 1}
+    assert_same(restored, state, replicated)
+    ours.save(2, restored, {"step": 2})
+    ours.wait()
+    ours.close()
+
+    again = standard.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                        meta=ocp.args.JsonRestore()))
+    standard.close()
+    assert again["meta"] == {"step": 2}
+    assert_same(again["state"], state, replicated)
