@@ -2,13 +2,13 @@
 saves it (``stpg_jax.checkpoint.Checkpointer``).
 
     python benchmarks/checkpoint_save.py --config=configs/demo.py --cpu_devices 4 --repeats 3
-    python benchmarks/checkpoint_save.py --config=configs/demo.py --cpu_devices 4 --min_slice_mib 1
+    python benchmarks/checkpoint_save.py --config=configs/demo.py --cpu_devices 4 --min_slice_mib 0
 
-A state replicated over several devices is written replica-parallel by Orbax: each array is sliced into one piece
-per device, each slice a dispatched program (compiled once per shape, at the first save). ``--min_slice_mib N``
-registers Orbax's array handler with ``min_slice_bytes_for_replica_parallel = N MiB`` for this process, so that only
-arrays whose per-device slice is that large are split; compare it with the default (no flag). The first save is
-reported apart from the later ones.
+A state replicated over several devices is written replica-parallel by Orbax: an array is sliced into one piece
+per device, each slice a dispatched program (compiled once per shape, at the first save). The Checkpointer slices only
+arrays whose per-device slice is at least ``stpg_jax.checkpoint.MIN_SLICE_BYTES`` (1 MiB); ``--min_slice_mib N`` sets
+another threshold, ``--min_slice_mib 0`` slices every array (Orbax's default). The first save is reported apart from
+the later ones.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def parse_args(argv=None):
                    help="run on this many virtual CPU devices (0: the machine's own devices)")
     p.add_argument("--repeats", type=int, default=3, help="saves (and restores) timed, each into a new directory")
     p.add_argument("--min_slice_mib", type=float, default=None,
-                   help="Orbax's min_slice_bytes_for_replica_parallel in MiB (default: Orbax's own setting)")
+                   help="slice replicated arrays across devices only from this size per slice, in MiB (default: "
+                        "the Checkpointer's, stpg_jax.checkpoint.MIN_SLICE_BYTES; 0: every array, as Orbax does)")
     p.add_argument("--out", default="", help="also write the figures as JSON here")
     return p.parse_args(argv)
 
@@ -44,30 +45,24 @@ def main(argv=None) -> dict:
     repo = Path(__file__).resolve().parents[1]
     sys.path[:0] = [str(repo), str(Path(__file__).resolve().parent)]
     import jax
-    import orbax.checkpoint as ocp
     from step_time import git_commit, load_config
 
     from stpg_jax import checkpoint, train
 
-    if args.min_slice_mib is not None:
-        default = ocp.type_handlers.get_type_handler(jax.Array)
-        handler = ocp.type_handlers.ArrayHandler(
-            min_slice_bytes_for_replica_parallel=int(args.min_slice_mib * 2 ** 20),
-            array_metadata_store=getattr(default, "_array_metadata_store", None),  # as the default handler writes
-        )
-        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
-
+    min_slice_bytes = (checkpoint.MIN_SLICE_BYTES if args.min_slice_mib is None
+                       else int(args.min_slice_mib * 2 ** 20) or None)
     config = load_config(args.config)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = train.Trainer(config, os.path.join(tmp, "run"))
         state = jax.block_until_ready(trainer.init_state())
         leaves = jax.tree_util.tree_leaves(state)
         size = sum(x.nbytes for x in leaves)
+        sliced = "any size" if min_slice_bytes is None else f"{min_slice_bytes / 2 ** 20:g} MiB per slice"
         print(f"state: {len(leaves)} arrays, {size / 2 ** 20:.1f} MiB, on {trainer.mesh.devices.size} device(s) "
-              f"({jax.devices()[0].platform}); min_slice_mib={args.min_slice_mib}", flush=True)
+              f"({jax.devices()[0].platform}); arrays sliced across devices from {sliced}", flush=True)
         saves, restores = [], []
         for i in range(args.repeats):
-            ckpt = checkpoint.Checkpointer(os.path.join(tmp, f"save_{i}"))
+            ckpt = checkpoint.Checkpointer(os.path.join(tmp, f"save_{i}"), min_slice_bytes=min_slice_bytes)
             t0 = time.perf_counter()
             ckpt.save(1, state, {"step": 1})
             ckpt.wait()
@@ -83,7 +78,7 @@ def main(argv=None) -> dict:
         "command": "python benchmarks/checkpoint_save.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "commit": git_commit(),
         "device": f"{trainer.mesh.devices.size} x {jax.devices()[0].device_kind}",
-        "arrays": len(leaves), "state_mib": size / 2 ** 20, "min_slice_mib": args.min_slice_mib,
+        "arrays": len(leaves), "state_mib": size / 2 ** 20, "min_slice_bytes": min_slice_bytes,
         "first_save_s": saves[0],
         "later_saves_median_s": statistics.median(saves[1:]) if len(saves) > 1 else None,
         "restore_median_s": statistics.median(restores),
