@@ -84,16 +84,18 @@ MIN_SLICE_BYTES = 1 << 20
 
 
 def _state_type_handlers(min_slice_bytes: int | None):
-    """Orbax's type handlers, the array handler with ``min_slice_bytes`` (None: Orbax's own handlers)."""
-    default = ocp.type_handlers.get_type_handler(jax.Array)
-    store = getattr(default, "_array_metadata_store", None)  # the metadata Orbax's own array handler writes
-    if min_slice_bytes is None or store is None:  # the latter: an Orbax whose handler is built otherwise
+    """Orbax's type handlers, the array handler with ``min_slice_bytes``; None (Orbax's own handlers) where
+    ``min_slice_bytes`` is None or this Orbax's handlers cannot be built so (an older or a newer Orbax)."""
+    if min_slice_bytes is None:
         return None
-    array = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=min_slice_bytes,
-                                           array_metadata_store=store)
-    others = [(ty, ocp.type_handlers.get_type_handler(ty)) for ty in ocp.type_handlers.supported_types()
-              if ty is not jax.Array]
-    return ocp.type_handlers.create_type_handler_registry(*others, (jax.Array, array))
+    th = ocp.type_handlers
+    try:
+        store = th.get_type_handler(jax.Array)._array_metadata_store  # the metadata Orbax's own array handler writes
+        array = th.ArrayHandler(min_slice_bytes_for_replica_parallel=min_slice_bytes, array_metadata_store=store)
+        others = [(ty, th.get_type_handler(ty)) for ty in th.supported_types() if ty is not jax.Array]
+        return th.create_type_handler_registry(*others, (jax.Array, array))
+    except (AttributeError, TypeError):
+        return None
 
 
 class Checkpointer:

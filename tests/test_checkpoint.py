@@ -26,6 +26,19 @@ def make_state(replicated):
     return jax.device_put(tree, replicated)
 
 
+def record_slices(monkeypatch):
+    """The shapes of the arrays Orbax slices across replicas (one call per device's slice), as they happen."""
+    calls = []
+    slice_in_dim = jax.lax.slice_in_dim
+
+    def counting(operand, *args, **kwargs):
+        calls.append(tuple(operand.shape))
+        return slice_in_dim(operand, *args, **kwargs)
+
+    monkeypatch.setattr(jax.lax, "slice_in_dim", counting)
+    return calls
+
+
 def assert_same(restored, state, replicated):
     for key, value in state.items():
         np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(value), err_msg=key)
@@ -39,14 +52,7 @@ def assert_same(restored, state, replicated):
 def test_replicated_arrays_are_sliced_across_devices_only_when_large(tmp_path, monkeypatch, replicated,
                                                                       min_slice_bytes, sliced):
     state = make_state(replicated)
-    calls = []
-    slice_in_dim = jax.lax.slice_in_dim
-
-    def counting(operand, *args, **kwargs):
-        calls.append(tuple(operand.shape))
-        return slice_in_dim(operand, *args, **kwargs)
-
-    monkeypatch.setattr(jax.lax, "slice_in_dim", counting)
+    calls = record_slices(monkeypatch)
     ckpt = checkpoint.Checkpointer(str(tmp_path), min_slice_bytes=min_slice_bytes)
     ckpt.save(3, state, {"step": 3})
     ckpt.wait()
@@ -80,3 +86,19 @@ def test_checkpoints_of_orbax_standard_handler_read_both_ways(tmp_path, replicat
     standard.close()
     assert again["meta"] == {"step": 2}
     assert_same(again["state"], state, replicated)
+
+
+def test_an_orbax_without_the_slice_threshold_saves_as_orbax_does(tmp_path, monkeypatch, replicated):
+    def old_array_handler(*args, min_slice_bytes_for_replica_parallel=None, **kwargs):
+        raise TypeError("__init__() got an unexpected keyword argument 'min_slice_bytes_for_replica_parallel'")
+
+    monkeypatch.setattr(ocp.type_handlers, "ArrayHandler", old_array_handler)
+    state = make_state(replicated)
+    calls = record_slices(monkeypatch)
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    ckpt.save(1, state, {"step": 1})
+    ckpt.wait()
+    assert set(calls) == {(3, 3, 256, 512), (256,)}  # every array, as Orbax's own handler slices
+    restored, _ = ckpt.restore(checkpoint.abstract_like(state, replicated))
+    ckpt.close()
+    assert_same(restored, state, replicated)
