@@ -294,6 +294,8 @@ def test_two_processes_stop_together_and_resume_on_one(uninterrupted, tmp_path):
     # The two-process checkpoint resumes here (one process, 4 devices) onto the 4-device run's trajectory, up to
     # the order of the cross-process sums.
     result = train.train_and_evaluate(loop_config(), str(tmp_path))
-    assert float(result["miou"]) == pytest.approx(float(full["miou"]), abs=1e-6)
     for a, b in zip(flat(gen_params(full_dir)), flat(gen_params(tmp_path))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # Parameters that close may still move a pixel whose two best classes are tied to rounding (seen with JAX
+    # 0.11.2: one pixel, pavement IoU 0.13017 -> 0.13014, mIoU by 3e-6); more than a few pixels would exceed this.
+    assert float(result["miou"]) == pytest.approx(float(full["miou"]), abs=2e-5)
