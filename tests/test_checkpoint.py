@@ -5,15 +5,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
 
-from stpg_jax import checkpoint
+from stpg_jax import checkpoint, sharding
 
 
 @pytest.fixture(scope="module")
 def replicated():
-    mesh = jax.make_mesh((4,), ("data",))
-    return NamedSharding(mesh, PartitionSpec())
+    assert len(jax.devices()) == 4
+    return sharding.replicated(sharding.make_mesh(jax.devices()))
 
 
 def make_state(replicated):
