@@ -83,19 +83,20 @@ def this_process_options() -> "ocp.options.MultiprocessingOptions":
 MIN_SLICE_BYTES = 1 << 20
 
 
-def _state_type_handlers(min_slice_bytes: int | None):
-    """Orbax's type handlers, the array handler with ``min_slice_bytes``; None (Orbax's own handlers) where
-    ``min_slice_bytes`` is None or this Orbax's handlers cannot be built so (an older or a newer Orbax)."""
-    if min_slice_bytes is None:
-        return None
+def _state_handler(min_slice_bytes: int | None) -> "ocp.PyTreeCheckpointHandler":
+    """The state item's handler: Orbax's type handlers, the array handler with ``min_slice_bytes``; Orbax's own
+    handlers where ``min_slice_bytes`` is None or this Orbax's handlers cannot be built so (an older or a newer one)."""
     th = ocp.type_handlers
-    try:
-        store = th.get_type_handler(jax.Array)._array_metadata_store  # the metadata Orbax's own array handler writes
-        array = th.ArrayHandler(min_slice_bytes_for_replica_parallel=min_slice_bytes, array_metadata_store=store)
-        others = [(ty, th.get_type_handler(ty)) for ty in th.supported_types() if ty is not jax.Array]
-        return th.create_type_handler_registry(*others, (jax.Array, array))
-    except (AttributeError, TypeError):
-        return None
+    if min_slice_bytes is not None:
+        try:
+            store = th.get_type_handler(jax.Array)._array_metadata_store  # the metadata Orbax's own handler writes
+            array = th.ArrayHandler(min_slice_bytes_for_replica_parallel=min_slice_bytes, array_metadata_store=store)
+            others = [(ty, th.get_type_handler(ty)) for ty in th.supported_types() if ty is not jax.Array]
+            registry = th.create_type_handler_registry(*others, (jax.Array, array))
+            return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+        except (AttributeError, TypeError):
+            pass
+    return ocp.PyTreeCheckpointHandler()
 
 
 class Checkpointer:
@@ -108,15 +109,12 @@ class Checkpointer:
                  min_slice_bytes: int | None = MIN_SLICE_BYTES):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         multiprocessing = this_process_options() if this_process_only else ocp.options.MultiprocessingOptions()
-        registry = _state_type_handlers(min_slice_bytes)
-        state_handler = (ocp.PyTreeCheckpointHandler() if registry is None
-                         else ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, create=not this_process_only, multiprocessing_options=multiprocessing
             ),
-            item_handlers={"state": state_handler, "meta": ocp.JsonCheckpointHandler()},
+            item_handlers={"state": _state_handler(min_slice_bytes), "meta": ocp.JsonCheckpointHandler()},
         )
 
     def latest_step(self):
