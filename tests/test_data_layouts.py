@@ -205,6 +205,18 @@ def test_folder_dataset(tmp_path):
     assert batch['unlabeled0'].shape == (2, 8, 8, 3)
 
 
+def test_preparing_leaves_no_temporary_directories(tmp_path, monkeypatch):
+    import tempfile
+
+    make_folder(tmp_path / 'mine')
+    scratch = tmp_path / 'scratch'
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, 'tempdir', str(scratch))
+    builder = _prepare_folder(tmp_path / 'mine', tmp_path / 'tfds')
+    assert builder.is_prepared() and builders.get_builder(builder._layout, str(tmp_path / 'tfds')).is_prepared()
+    assert os.listdir(scratch) == []
+
+
 def test_prepare_command(tmp_path, capsys):
     from stpg_jax.data import prepare
 

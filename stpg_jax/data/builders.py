@@ -15,6 +15,14 @@ import tensorflow_datasets as tfds
 from stpg_jax.data.errors import DataError
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+    """These datasets exist only where they were prepared: there is no public copy of their metadata to fetch. (tfds'
+    own lookup makes an empty temporary directory each time a builder opens an unprepared dataset, and keeps it.)"""
+
+    def initialize_from_bucket(self):
+        pass
+
+
 class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared builder; subclasses only fix the name (tfds derives it from the class name)."""
 
@@ -28,7 +36,7 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
         super().__init__(data_dir=data_dir, config=config, file_format='array_record', **kwargs)
 
     def _info(self):
-        return tfds.core.DatasetInfo(
+        return _LocalDatasetInfo(
             builder=self,
             description=f'{self._layout.name} semantic segmentation ({self._layout.num_classes} classes).',
             features=tfds.features.FeaturesDict(
