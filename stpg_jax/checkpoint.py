@@ -158,26 +158,46 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def load_gen_student(workdir: str):
-    """(config, variables, num_classes) of the Gen-Student in the latest checkpoint of a training work directory."""
+NETWORKS = ("gen_student", "pro_student", "gen_teacher", "pro_teacher")
+
+
+def load_network(workdir: str, network: str = "gen_student", step: int | None = None):
+    """(config, variables, num_classes, step) of one network in a checkpoint of a training work directory: the
+    latest checkpoint, or ``step``. Errors name the steps and networks the work directory holds."""
+    if network not in NETWORKS:
+        raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
     config = load_config(workdir)
     ckpt = Checkpointer(workdir, this_process_only=True)
-    step = ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint under {ckpt.directory}")
-    # The Gen-Student alone, as host NumPy arrays: no target shardings, so a checkpoint written on any number of
-    # devices or processes loads on this machine's.
-    path = os.path.join(ckpt.directory, str(step), "state")
-    local = this_process_options()
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=local),
-                          multiprocessing_options=local) as reader:
-        tree = reader.metadata(path).item_metadata.tree
-        wanted = {"gen_student": {k: tree["gen_student"][k] for k in ("params", "batch_stats")}}
-        as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-        gen = reader.restore(
-            path, args=ocp.args.PyTreeRestore(item=wanted, restore_args=as_numpy, partial_restore=True)
-        )["gen_student"]
-    meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    variables = {"params": gen["params"], "batch_stats": gen["batch_stats"]}
-    ckpt.close()
-    return config, variables, int(meta["num_classes"])
+    try:
+        steps = sorted(ckpt.manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint under {ckpt.directory}")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise FileNotFoundError(f"no checkpoint of step {step} under {ckpt.directory}; it holds steps {steps}")
+        # One network alone, as host NumPy arrays: no target shardings, so a checkpoint written on any number of
+        # devices or processes loads on this machine's.
+        path = os.path.join(ckpt.directory, str(step), "state")
+        local = this_process_options()
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=local),
+                              multiprocessing_options=local) as reader:
+            tree = reader.metadata(path).item_metadata.tree
+            if tree.get(network) is None:
+                held = [n for n in NETWORKS if tree.get(n) is not None]
+                raise ValueError(f"the {config.mode!r} run in {workdir} has no {network}; its checkpoints hold {held}")
+            wanted = {network: {k: tree[network][k] for k in ("params", "batch_stats")}}
+            as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+            restored = reader.restore(
+                path, args=ocp.args.PyTreeRestore(item=wanted, restore_args=as_numpy, partial_restore=True)
+            )[network]
+        meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    finally:
+        ckpt.close()
+    variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
+    return config, variables, int(meta["num_classes"]), int(step)
+
+
+def load_gen_student(workdir: str):
+    """(config, variables, num_classes) of the Gen-Student in the latest checkpoint of a training work directory."""
+    return load_network(workdir)[:3]

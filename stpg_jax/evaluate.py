@@ -3,11 +3,22 @@
 The window side is the training crop (VOC 512, Cityscapes 800); windows step by 2/3 of the side. An image smaller
 than the window is padded with the mean colour (0 after normalisation) and the padding is cropped away afterwards.
 Windows are run in fixed-size batches so that one compiled function serves every image size.
+
+As a command, it evaluates a trained network on a dataset's val split:
+
+    python -m stpg_jax.evaluate --checkpoint=WORKDIR [--network=gen_teacher] [--step=N] [--config=FILE:ARG]
+    python -m stpg_jax.evaluate --checkpoint=EXPORT_DIR --config=configs/camvid.py:1_8,data.root=/data/camvid
+
+``--config`` supplies the data and evaluation sections (the network always comes from the checkpoint); a work
+directory's own config is used without it. ``--out`` writes the result as JSON.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -125,3 +136,83 @@ def format_iou_table(result: dict, class_names: Sequence[str]) -> str:
         lines.append(f"{name:<16} {'   n/a' if np.isnan(value) else f'{100 * value:7.2f}'}")
     lines.append(f"{'mIoU':<16} {100 * result['miou']:7.2f}")
     return "\n".join(lines)
+
+
+def result_record(result: dict, class_names: Sequence[str]) -> dict:
+    """The JSON-ready part of ``summarize``'s result: mIoU, pixel accuracy, IoU by class name (None where n/a)."""
+    return {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"],
+            "iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(class_names, result["iou"])}}
+
+
+def main(argv) -> None:
+    from absl import flags, logging
+
+    from stpg_jax import checkpoint, export
+    from stpg_jax.data import DataError, build_data
+    from stpg_jax.predict import load_predictor
+
+    FLAGS = flags.FLAGS
+    logging.set_verbosity(logging.ERROR)  # Orbax's notes on reading a checkpoint are not for this console
+    if len(argv) > 1:
+        raise SystemExit(f"unexpected arguments: {argv[1:]}")
+    path, override = FLAGS.checkpoint, (FLAGS.config if FLAGS["config"].present else None)
+    step = None if FLAGS.step < 0 else FLAGS.step
+    try:
+        if export.is_export(path):
+            if override is None:
+                raise ValueError(f"{path} is an export: give --config for the val data (data.dataset, data.root)")
+            data_config = override.data
+        else:
+            data_config = (override or checkpoint.load_config(path)).data
+        predictor = load_predictor(path, override, FLAGS.windows_per_batch, network=FLAGS.network, step=step)
+        bundle = build_data(data_config)
+        if bundle.info.num_classes != predictor.num_classes:
+            raise ValueError(f"the network predicts {predictor.num_classes} classes; data.dataset "
+                             f"{bundle.info.name!r} has {bundle.info.num_classes}")
+    except (ValueError, FileNotFoundError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    step = predictor.step
+    count = min(len(bundle.val), FLAGS.max_images) if FLAGS.max_images else len(bundle.val)
+    print(f"{FLAGS.network} of {path}" + (f" at step {step}" if step is not None else "")
+          + f": {count} {bundle.info.name} val images, window {predictor.window}, stride rate "
+          f"{predictor.stride_rate:.3f}, {predictor.windows_per_batch} windows per batch on "
+          f"{jax.local_device_count()} device(s); the first batch compiles the network", flush=True)
+    run, variables = predictor.window_predictor()
+    start = time.time()
+    result = evaluate(run, variables, bundle.val, bundle.info.num_classes, bundle.info.ignore_index,
+                      FLAGS.max_images)
+    seconds = time.time() - start
+    print(format_iou_table(result, bundle.info.class_names))
+    print(f"pixel accuracy {100 * result['pixel_accuracy']:.2f} %; {count} images in {seconds:.1f} s")
+    if FLAGS.out:
+        record = {"checkpoint": os.path.abspath(path), "network": FLAGS.network, "step": step,
+                  "dataset": bundle.info.name, "images": count, "window": predictor.window,
+                  "stride_rate": predictor.stride_rate, **result_record(result, bundle.info.class_names),
+                  "confusion": result["confusion"].tolist(), "seconds": seconds}
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+        with open(FLAGS.out, "w") as f:
+            json.dump(record, f, indent=2)
+        print(f"written to {FLAGS.out}")
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    from stpg_jax.checkpoint import NETWORKS
+
+    flags.DEFINE_string("checkpoint", None, "training work directory or export directory", required=True)
+    flags.DEFINE_enum("network", "gen_student", NETWORKS, "network of a work directory's checkpoint")
+    flags.DEFINE_integer("step", -1, "checkpoint step of a work directory (-1: the latest)")
+    flags.DEFINE_integer("max_images", 0, "evaluate the first N val images only (0: all)")
+    flags.DEFINE_integer("windows_per_batch", 0, "windows per batch (0: from the config/export)")
+    flags.DEFINE_string("out", "", "write the result (IoUs, confusion matrix, protocol) to this JSON file")
+    config_flags.DEFINE_config_file("config", None, "config whose data and eval sections to use", lock_config=True)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -37,24 +37,48 @@ class Predictor:
     window: int
     stride_rate: float = 2 / 3
     windows_per_batch: int = 4
+    step: Optional[int] = None  # the checkpoint's step (None for an export)
+
+    def window_predictor(self):
+        """(run, variables): ``run(variables, image_uint8) -> summed logits (H, W, C)`` under the protocol, its
+        window batches split over the local devices when their count divides ``windows_per_batch``; the variables
+        placed for it."""
+        from stpg_jax.evaluate import make_window_predictor
+
+        devices = jax.local_devices()
+        variables, batch_sharding = self.variables, None
+        if len(devices) > 1 and self.windows_per_batch % len(devices) == 0:
+            mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+            P = jax.sharding.PartitionSpec
+            batch_sharding = jax.sharding.NamedSharding(mesh, P("data"))
+            variables = jax.device_put(variables, jax.sharding.NamedSharding(mesh, P()))
+        run = make_window_predictor(self.model, self.window, self.windows_per_batch, self.stride_rate,
+                                    sharding=batch_sharding)
+        return run, variables
 
 
-def load_predictor(checkpoint: str, config=None, windows_per_batch: Optional[int] = None) -> Predictor:
-    """A `Predictor` from an export directory or a training work directory; ``config`` overrides the protocol."""
+def load_predictor(checkpoint: str, config=None, windows_per_batch: Optional[int] = None,
+                   network: str = "gen_student", step: Optional[int] = None) -> Predictor:
+    """A `Predictor` from an export directory or a training work directory; ``config`` overrides the protocol.
+    ``network`` and ``step`` pick a network and a checkpoint of a work directory (default: the latest
+    Gen-Student); an export holds its Gen-Student alone."""
     from stpg_jax import export
 
     if export.is_export(checkpoint):
+        if network != "gen_student" or step is not None:
+            raise ValueError(f"{checkpoint} is an export, which holds its Gen-Student alone; a network or step "
+                             "can be chosen only from a training work directory")
         model, variables, meta = export.load_model(checkpoint)
         p = Predictor(model, variables, meta["num_classes"], meta["dataset_name"], meta["eval_window"],
                       meta["eval_stride_rate"])
     elif os.path.isdir(checkpoint):
-        from stpg_jax.checkpoint import load_gen_student
+        from stpg_jax.checkpoint import load_network
         from stpg_jax.models import model_from_config
 
-        train_config, variables, num_classes = load_gen_student(checkpoint)
+        train_config, variables, num_classes, step = load_network(checkpoint, network, step)
         p = Predictor(model_from_config(train_config.model, num_classes), variables, num_classes,
                       train_config.data.dataset, train_config.eval.window, train_config.eval.stride_rate,
-                      train_config.eval.windows_per_batch)
+                      train_config.eval.windows_per_batch, step)
     else:
         raise FileNotFoundError(f"--checkpoint {checkpoint!r} is neither an export directory nor a work directory")
     if config is not None:
@@ -84,16 +108,6 @@ def list_images(pattern: str) -> List[str]:
     return paths
 
 
-def _window_sharding(windows_per_batch: int):
-    """Splits the window batch over the local devices when they divide it (None: run on one device)."""
-    devices = jax.local_devices()
-    if len(devices) < 2 or windows_per_batch % len(devices):
-        return None, None
-    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-    P = jax.sharding.PartitionSpec
-    return jax.sharding.NamedSharding(mesh, P("data")), jax.sharding.NamedSharding(mesh, P())
-
-
 def palette_image(mask: np.ndarray, palette: np.ndarray) -> Image.Image:
     table = np.zeros((256, 3), np.uint8)
     table[: len(palette)] = palette[:256]
@@ -112,7 +126,6 @@ def predict(predictor: Predictor, image_paths: Sequence[str], out_dir: str, prog
     from tqdm import tqdm
 
     from stpg_jax.data.palettes import palette_for
-    from stpg_jax.evaluate import make_window_predictor
 
     if predictor.num_classes > 256:
         raise ValueError(f"{predictor.num_classes} classes do not fit an 8-bit palette PNG")
@@ -120,12 +133,7 @@ def predict(predictor: Predictor, image_paths: Sequence[str], out_dir: str, prog
     if len(palette) < predictor.num_classes:
         raise ValueError(f"the {predictor.dataset_name!r} palette has {len(palette)} colours for "
                          f"{predictor.num_classes} classes")
-    batch_sharding, replicated = _window_sharding(predictor.windows_per_batch)
-    variables = predictor.variables
-    if replicated is not None:
-        variables = jax.device_put(variables, replicated)
-    run = make_window_predictor(predictor.model, predictor.window, predictor.windows_per_batch,
-                                predictor.stride_rate, sharding=batch_sharding)
+    run, variables = predictor.window_predictor()
 
     os.makedirs(out_dir, exist_ok=True)
     written = []
@@ -143,9 +151,10 @@ def predict(predictor: Predictor, image_paths: Sequence[str], out_dir: str, prog
 
 
 def main(argv) -> None:
-    from absl import flags
+    from absl import flags, logging
 
     FLAGS = flags.FLAGS
+    logging.set_verbosity(logging.ERROR)  # Orbax's notes on reading a checkpoint are not for this console
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {argv[1:]}")
     config = FLAGS.config if FLAGS["config"].present else None

@@ -394,9 +394,7 @@ def _run_eval(trainer: Trainer, state: TrainState, writer, step: int, log) -> di
     log(evaluate.format_iou_table(result, trainer.info.class_names))
     log(f"  evaluation took {time.time() - t0:.1f}s", flush=True)
     if jax.process_index() == 0:
-        record = {"step": step, "miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"],
-                  "iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(trainer.info.class_names,
-                                                                                 result["iou"])}}
+        record = {"step": step, **evaluate.result_record(result, trainer.info.class_names)}
         with open(os.path.join(trainer.workdir, f"eval_{step}.json"), "w") as f:
             json.dump(record, f, indent=2)
     if writer is not None:

@@ -126,3 +126,26 @@ def test_save_benchmark_runs_on_a_small_config(tmp_path):
     for key in ("first_save_s", "later_saves_median_s", "restore_median_s"):
         assert 0 < report[key] < 120, (key, report[key])
     assert report["command"].startswith("python benchmarks/checkpoint_save.py --config=configs/demo.py:1_8")
+
+
+def test_load_network_reads_one_network_and_names_those_a_run_lacks(tmp_path):
+    from stpg_jax.config import base_config
+
+    config = base_config()
+    config.mode = "supervised"
+    checkpoint.write_config(str(tmp_path), config)
+    rng = np.random.default_rng(0)
+    net = {"params": {"kernel": rng.normal(size=(3, 4)).astype(np.float32)},
+           "batch_stats": {"mean": rng.normal(size=(4,)).astype(np.float32)}}
+    state = {"step": np.int32(5), "gen_student": net, "gen_teacher": None, "pro_student": None, "pro_teacher": None}
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    ckpt.save(5, state, {"num_classes": 4})
+    ckpt.wait()
+    ckpt.close()
+    config_read, variables, num_classes, step = checkpoint.load_network(str(tmp_path))
+    assert (config_read.mode, num_classes, step) == ("supervised", 4, 5)
+    for part in ("params", "batch_stats"):
+        for key, value in net[part].items():
+            np.testing.assert_array_equal(variables[part][key], value)
+    with pytest.raises(ValueError, match=r"the 'supervised' run in .* has no gen_teacher; .* hold \['gen_student'\]"):
+        checkpoint.load_network(str(tmp_path), network="gen_teacher")

@@ -299,3 +299,46 @@ def test_two_processes_stop_together_and_resume_on_one(uninterrupted, tmp_path):
     # Parameters that close may still move a pixel whose two best classes are tied to rounding (seen with JAX
     # 0.11.2: one pixel, pavement IoU 0.13017 -> 0.13014, mIoU by 3e-6); more than a few pixels would exceed this.
     assert float(result["miou"]) == pytest.approx(float(full["miou"]), abs=2e-5)
+
+
+def test_evaluate_command_reproduces_the_runs_own_evaluation(uninterrupted, tmp_path):
+    import subprocess
+    import sys
+
+    workdir, _ = uninterrupted
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(repo, ".jax_cache"))
+    out = tmp_path / "results" / "gen_student.json"
+    result = subprocess.run([sys.executable, "-m", "stpg_jax.evaluate", f"--checkpoint={workdir}", f"--out={out}"],
+                            cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"gen_student of {workdir} at step 4: 3 synthetic val images, window 32" in result.stdout
+    record, during = json.loads(out.read_text()), json.loads((workdir / "eval_4.json").read_text())
+    assert (record["network"], record["step"], record["images"]) == ("gen_student", 4, 3)
+    assert record["iou"] == during["iou"] and record["miou"] == during["miou"]
+    confusion = np.asarray(record["confusion"])
+    assert confusion.shape == (11, 11) and confusion.sum() == 3 * 40 * 48  # every val pixel, none ignored
+    assert f"{'mIoU':<16} {100 * during['miou']:7.2f}" in result.stdout
+
+
+def test_evaluate_a_chosen_network_and_the_export(uninterrupted):
+    from stpg_jax import evaluate, predict
+    from stpg_jax.data import build_data
+
+    workdir, _ = uninterrupted
+    val = build_data(loop_config().data).val
+    results = {}
+    for name, source, network in (("gen", workdir, "gen_student"), ("export", workdir / "export", "gen_student"),
+                                  ("pro_teacher", workdir, "pro_teacher")):
+        predictor = predict.load_predictor(str(source), network=network)
+        run, variables = predictor.window_predictor()
+        results[name] = evaluate.evaluate(run, variables, val, 11, progress=False)["confusion"]
+    np.testing.assert_array_equal(results["gen"], results["export"])
+    assert not np.array_equal(results["gen"], results["pro_teacher"])  # another network, other predictions
+    with pytest.raises(ValueError, match="holds its Gen-Student alone"):
+        predict.load_predictor(str(workdir / "export"), network="pro_teacher")
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 3 .* it holds steps \[4\]"):
+        checkpoint.load_network(str(workdir), step=3)
+    with pytest.raises(ValueError, match="network must be one of"):
+        checkpoint.load_network(str(workdir), network="teacher")
