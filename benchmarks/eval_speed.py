@@ -1,0 +1,165 @@
+"""Evaluation throughput: how fast the sliding-window protocol scores val images (the training loop's evaluation,
+`python -m stpg_jax.evaluate` and `stpg_jax.predict` all run it).
+
+    python benchmarks/eval_speed.py --config=configs/voc_blender.py:1_4 --size 375x500 --images 64
+    python benchmarks/eval_speed.py --config=configs/camvid.py:1_8 --images 101          # the real val set
+    python benchmarks/eval_speed.py --config=configs/demo.py --size 96x128 --images 16    # tiny, seconds on a CPU
+
+The network is the config's (``model.*``, random weights: speed does not depend on them), on every local device as
+the trainer places it (window batches split over the devices when their count divides ``eval.windows_per_batch``).
+The images are the config's val set, or with ``--size HxW`` random images of that size and random labels. The first
+``--warmup`` images (compilation) are timed apart; the rest give images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from step_time import git_commit, load_config, num_classes_of  # noqa: E402  (the sibling script)
+
+from stpg_jax.config import ConfigError  # noqa: E402
+from stpg_jax.data import DataError  # noqa: E402
+from stpg_jax.host import tune_malloc  # noqa: E402
+
+
+class RandomImages:
+    """``count`` random RGB images of one size with random labels: a val source of the shapes to time."""
+
+    def __init__(self, count: int, height: int, width: int, num_classes: int, seed: int = 0):
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        # A few distinct images, reused: generating hundreds of large random images would dominate the run.
+        self._images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(min(count, 4))]
+        self._labels = [rng.integers(0, num_classes, (height, width), dtype=np.uint8) for _ in self._images]
+        self.count = count
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, i):
+        return {"image": self._images[i % len(self._images)], "label": self._labels[i % len(self._labels)]}
+
+
+def window_counts(sizes, window: int, stride_rate: float) -> list[int]:
+    from stpg_jax.evaluate import window_origins
+
+    stride = max(1, int(math.ceil(window * stride_rate)))
+    return [len(window_origins(max(h, window), window, stride)) * len(window_origins(max(w, window), window, stride))
+            for h, w in sizes]
+
+
+def parse_size(text: str):
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--size must be HEIGHTxWIDTH, e.g. 375x500, got {text!r}") from None
+    if h < 1 or w < 1:
+        raise SystemExit(f"--size must be positive, got {text!r}")
+    return h, w
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/voc_blender.py:1_4",
+                   help="config file, with the split and overrides after ':' (as launch.py takes it)")
+    p.add_argument("--overrides", default="", help="extra comma-separated key=value overrides")
+    p.add_argument("--size", default="", help="HEIGHTxWIDTH of random images (default: the config's val set)")
+    p.add_argument("--images", type=int, default=64, help="images to evaluate, warm-up included")
+    p.add_argument("--warmup", type=int, default=4, help="first images timed apart (compilation)")
+    p.add_argument("--out", default="", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    if args.images <= args.warmup or args.warmup < 1:
+        p.error("need --warmup >= 1 and --images > --warmup")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    tune_malloc()
+    import jax
+    import jax.numpy as jnp
+
+    from stpg_jax import evaluate, sharding
+    from stpg_jax.models import model_from_config
+
+    config = load_config(args.config, args.overrides)
+    c = config
+    if args.size:
+        h, w = parse_size(args.size)
+        num_classes = num_classes_of(c)
+        source, what = RandomImages(args.images, h, w, num_classes), f"random {h}x{w} images"
+    else:
+        from stpg_jax.data import build_data
+
+        print(f"building the {c.data.dataset} data (prepares it into data.data_dir on first use)...", flush=True)
+        bundle = build_data(c.data)
+        source, num_classes, what = bundle.val, bundle.info.num_classes, f"{c.data.dataset} val images"
+    count = min(args.images, len(source))
+    if count <= args.warmup:
+        raise SystemExit(f"only {count} images: need more than --warmup {args.warmup}")
+    sizes = [source[i]["image"].shape[:2] for i in range(count)]
+    windows = window_counts(sizes, c.eval.window, c.eval.stride_rate)
+
+    mesh = sharding.make_mesh()
+    model = model_from_config(c.model, num_classes)
+    window = c.eval.window
+    variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+                        out_shardings=sharding.replicated(mesh))(jnp.zeros((1, window, window, 3)))
+    per_batch = c.eval.windows_per_batch
+    shard = sharding.batch_sharded(mesh) if per_batch % mesh.devices.size == 0 else None
+    predictor = evaluate.make_window_predictor(model, window, per_batch, c.eval.stride_rate, sharding=shard)
+
+    devices = f"{mesh.devices.size} x {jax.devices()[0].device_kind}"
+    print(f"{args.config}: {count} {what}, {num_classes} classes, window {window}, {per_batch} windows per batch "
+          f"on {devices}; {sum(windows)} windows ({sum(windows) / count:.2f} per image)", flush=True)
+    t0 = time.perf_counter()
+    evaluate.evaluate(predictor, variables, source, num_classes, indices=range(args.warmup), progress=False)
+    warmup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    evaluate.evaluate(predictor, variables, source, num_classes, indices=range(args.warmup, count), progress=False)
+    timed_s = time.perf_counter() - t0
+    timed = count - args.warmup
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(),
+        "host": f"{platform.node()} ({os.cpu_count()} CPUs)",
+        "devices": devices,
+        "command": "python benchmarks/eval_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "images": count, "source": what, "window": window, "windows_per_batch": per_batch,
+        "windows_per_image": sum(windows) / count,
+        "warmup_images": args.warmup, "warmup_s": warmup_s,
+        "timed_images": timed, "timed_s": timed_s, "images_per_s": timed / timed_s,
+        "ms_per_image": 1e3 * timed_s / timed,
+    }
+    print(f"\n{report['date']} | commit {report['commit']} | host {report['host']} | {devices}\n"
+          f"command: {report['command']}\n")
+    print("| images | windows per image | first images (compile) s | images/s | ms per image |\n"
+          "|---:|---:|---:|---:|---:|\n"
+          f"| {timed} + {args.warmup} | {report['windows_per_image']:.2f} | {warmup_s:.1f} | "
+          f"{report['images_per_s']:.2f} | {report['ms_per_image']:.1f} |", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (DataError, ConfigError, FileNotFoundError) as e:  # bad data or config: one line, as launch.py says it
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
