@@ -15,14 +15,16 @@ directory's own config is used without it. ``--out`` writes the result as JSON.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -37,48 +39,120 @@ def window_origins(size: int, window: int, stride: int) -> list[int]:
     return [min(i * stride, size - window) for i in range(count)]
 
 
-def make_window_predictor(model, window: int, windows_per_batch: int = 4, stride_rate: float = 2 / 3,
-                          sharding=None) -> Callable:
-    """Returns ``predictor(variables, image_uint8 (H, W, 3)) -> summed logits (H, W, C) float32 numpy``.
+class _Image:
+    """One image on its way through the window batches."""
+
+    def __init__(self, image, window: int, stride: int):
+        image = np.asarray(image, np.uint8)
+        self.h, self.w = image.shape[:2]
+        ph, pw = max(self.h, window), max(self.w, window)
+        self.padded = np.empty((ph, pw, 3), np.uint8)
+        self.padded[...] = MEAN_RGB_UINT8
+        self.padded[:self.h, :self.w] = image
+        self.boxes = [(y, x) for y in window_origins(ph, window, stride) for x in window_origins(pw, window, stride)]
+        self.waiting = len(self.boxes)  # windows whose outputs have not been read yet
+        self.total = None  # summed window logits (several windows)
+        self.labels = None  # class ids (one window: the device's argmax)
+
+
+class WindowPredictor:
+    """The evaluation protocol for one network. ``predictor(variables, image_uint8 (H, W, 3))`` returns the summed
+    window logits (H, W, C) float32; ``predictor.labels(variables, images)`` yields class-id maps (H, W) for a
+    stream of images, the windows of consecutive images filling the same batches (an image no larger than the
+    window is one window: a batch of several windows then holds several images, not one image and padding) and the
+    next batch running on the device while the host reads the last one's outputs.
 
     ``sharding``: optional NamedSharding splitting the window batch over devices (its size must divide
     ``windows_per_batch``), those of every process in a multi-process run: each process then cuts the same windows
-    and hands its devices their part; the logits come back whole to every process.
+    and hands its devices their part; the outputs come back whole to every process.
     """
-    stride = max(1, int(math.ceil(window * stride_rate)))
 
-    def apply(variables, windows):
-        return model.apply(variables, normalize(windows), train=False)["logits"]
+    def __init__(self, model, window: int, windows_per_batch: int = 4, stride_rate: float = 2 / 3, sharding=None):
+        self.window, self.windows_per_batch, self.sharding = window, windows_per_batch, sharding
+        self.stride = max(1, int(math.ceil(window * stride_rate)))
 
-    if sharding is None:
-        forward = jax.jit(apply)
-    else:
-        forward = jax.jit(apply, out_shardings=NamedSharding(sharding.mesh, PartitionSpec()))
+        def apply(variables, windows):
+            logits = model.apply(variables, normalize(windows), train=False)["logits"]
+            ids = jnp.argmax(logits, axis=-1)
+            # The class ids of a window are read instead of its logits when its image is that one window.
+            return logits, ids.astype(jnp.uint8) if logits.shape[-1] <= 256 else ids
 
-    def predictor(variables, image):
-        image = np.asarray(image, np.uint8)
-        h, w = image.shape[:2]
-        ph, pw = max(h, window), max(w, window)
-        padded = np.empty((ph, pw, 3), np.uint8)
-        padded[...] = MEAN_RGB_UINT8
-        padded[:h, :w] = image
-        boxes = [(y, x) for y in window_origins(ph, window, stride) for x in window_origins(pw, window, stride)]
-        total = None
-        for start in range(0, len(boxes), windows_per_batch):
-            chunk = boxes[start:start + windows_per_batch]
-            batch = np.zeros((windows_per_batch, window, window, 3), np.uint8)
-            for i, (y, x) in enumerate(chunk):
-                batch[i] = padded[y:y + window, x:x + window]
-            if sharding is not None:
-                batch = jax.make_array_from_callback(batch.shape, sharding, lambda index, b=batch: b[index])
-            logits = np.asarray(forward(variables, batch))
-            if total is None:
-                total = np.zeros((ph, pw, logits.shape[-1]), np.float32)
-            for i, (y, x) in enumerate(chunk):
-                total[y:y + window, x:x + window] += logits[i]
-        return total[:h, :w]
+        if sharding is None:
+            self._forward = jax.jit(apply)
+        else:
+            self._forward = jax.jit(apply, out_shardings=NamedSharding(sharding.mesh, PartitionSpec()))
 
-    return predictor
+    def _dispatch(self, variables, slots):
+        """Starts the network on the windows ``slots`` [(image, (y, x))], padded to a full batch with zeros."""
+        w = self.window
+        batch = np.zeros((self.windows_per_batch, w, w, 3), np.uint8)
+        for i, (im, (y, x)) in enumerate(slots):
+            batch[i] = im.padded[y:y + w, x:x + w]
+        if self.sharding is not None:
+            batch = jax.make_array_from_callback(batch.shape, self.sharding, lambda index, b=batch: b[index])
+        return slots, self._forward(variables, batch)
+
+    def _collect(self, slots, outputs) -> None:
+        """Reads a dispatched batch's outputs into its images."""
+        w = self.window
+        logits, ids = None, None
+        for i, (im, (y, x)) in enumerate(slots):
+            if len(im.boxes) == 1:
+                ids = np.asarray(outputs[1]) if ids is None else ids
+                im.labels = ids[i, :im.h, :im.w]
+            else:
+                logits = np.asarray(outputs[0]) if logits is None else logits
+                if im.total is None:
+                    im.total = np.zeros(im.padded.shape[:2] + logits.shape[-1:], np.float32)
+                im.total[y:y + w, x:x + w] += logits[i]
+            im.waiting -= 1
+            if im.waiting == 0:
+                im.padded = None
+
+    def labels(self, variables, images: Iterable) -> Iterator[np.ndarray]:
+        """Class-id maps (H, W) of ``images`` (uint8 (H, W, 3) each), in order."""
+        queue, pending, in_flight = [], collections.deque(), None
+        for image in images:
+            im = _Image(image, self.window, self.stride)
+            pending.append(im)
+            queue += [(im, box) for box in im.boxes]
+            while len(queue) >= self.windows_per_batch:
+                slots, queue = queue[:self.windows_per_batch], queue[self.windows_per_batch:]
+                started = self._dispatch(variables, slots)
+                if in_flight is not None:
+                    self._collect(*in_flight)
+                    yield from _finished(pending)
+                in_flight = started
+        started = self._dispatch(variables, queue) if queue else None
+        for batch in (in_flight, started):
+            if batch is not None:
+                self._collect(*batch)
+        yield from _finished(pending)
+
+    def __call__(self, variables, image) -> np.ndarray:
+        im = _Image(image, self.window, self.stride)
+        logits = None
+        for start in range(0, len(im.boxes), self.windows_per_batch):
+            slots = [(im, box) for box in im.boxes[start:start + self.windows_per_batch]]
+            _, outputs = self._dispatch(variables, slots)
+            logits = np.asarray(outputs[0])
+            if im.total is None:
+                im.total = np.zeros(im.padded.shape[:2] + logits.shape[-1:], np.float32)
+            for i, (_, (y, x)) in enumerate(slots):
+                im.total[y:y + self.window, x:x + self.window] += logits[i]
+        return im.total[:im.h, :im.w]
+
+
+def _finished(pending: "collections.deque[_Image]") -> Iterator[np.ndarray]:
+    while pending and pending[0].waiting == 0:
+        im = pending.popleft()
+        yield im.labels if im.total is None else im.total[:im.h, :im.w].argmax(-1)
+
+
+def make_window_predictor(model, window: int, windows_per_batch: int = 4, stride_rate: float = 2 / 3,
+                          sharding=None) -> WindowPredictor:
+    """A `WindowPredictor`: ``predictor(variables, image)`` → summed logits, ``predictor.labels`` → class ids."""
+    return WindowPredictor(model, window, windows_per_batch, stride_rate, sharding)
 
 
 def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
@@ -104,16 +178,27 @@ def iou_from_confusion(confusion: np.ndarray) -> np.ndarray:
 
 def evaluate(predictor, variables, source, num_classes: int, ignore_index: int = 255, max_images: int = 0,
              indices: Sequence[int] | None = None, progress: bool = True) -> dict:
-    """Runs ``predictor`` over ``source[i]`` ({'image', 'label'}) and returns mIoU, per-class IoU, pixel accuracy."""
+    """Runs ``predictor`` over ``source[i]`` ({'image', 'label'}) and returns mIoU, per-class IoU, pixel accuracy.
+    ``predictor``: a `WindowPredictor` (its ``labels`` stream), or any ``(variables, image) -> logits``."""
     indices = list(indices if indices is not None else range(len(source)))
     if max_images:
         indices = indices[:max_images]
+    truths = collections.deque()
+
+    def images():
+        for i in indices:
+            item = source[i]
+            truths.append(item["label"])
+            yield item["image"]
+
+    if hasattr(predictor, "labels"):
+        predictions = predictor.labels(variables, images())
+    else:
+        predictions = (predictor(variables, image).argmax(-1) for image in images())
     confusion = np.zeros((num_classes, num_classes), np.int64)
     start = time.time()
-    for n, i in enumerate(indices):
-        item = source[i]
-        pred = predictor(variables, item["image"]).argmax(-1)
-        confusion += confusion_matrix(pred, item["label"], num_classes, ignore_index)
+    for n, pred in enumerate(predictions):
+        confusion += confusion_matrix(pred, truths.popleft(), num_classes, ignore_index)
         if progress and (n + 1) % 50 == 0:
             print(f"  evaluated {n + 1}/{len(indices)} images ({time.time() - start:.0f}s)", flush=True)
     return summarize(confusion)

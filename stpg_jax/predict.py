@@ -13,6 +13,7 @@ For each ``<name>.<ext>`` it writes ``<name>.png`` (palette PNG whose pixel valu
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import os
@@ -40,9 +41,8 @@ class Predictor:
     step: Optional[int] = None  # the checkpoint's step (None for an export)
 
     def window_predictor(self):
-        """(run, variables): ``run(variables, image_uint8) -> summed logits (H, W, C)`` under the protocol, its
-        window batches split over the local devices when their count divides ``windows_per_batch``; the variables
-        placed for it."""
+        """(run, variables): a `stpg_jax.evaluate.WindowPredictor` for this network and protocol, its window batches
+        split over the local devices when their count divides ``windows_per_batch``; the variables placed for it."""
         from stpg_jax.evaluate import make_window_predictor
 
         devices = jax.local_devices()
@@ -136,11 +136,20 @@ def predict(predictor: Predictor, image_paths: Sequence[str], out_dir: str, prog
     run, variables = predictor.window_predictor()
 
     os.makedirs(out_dir, exist_ok=True)
+    read = collections.deque()  # (path, image) of the images handed to the predictor, not yet written
+
+    def images():
+        for path in image_paths:
+            with Image.open(path) as f:
+                image = np.asarray(ImageOps.exif_transpose(f).convert("RGB"))
+            read.append((path, image))
+            yield image
+
     written = []
-    for path in tqdm(image_paths, desc="predict", unit="image", disable=not progress):
-        with Image.open(path) as f:
-            image = np.asarray(ImageOps.exif_transpose(f).convert("RGB"))
-        mask = run(variables, image).argmax(-1).astype(np.uint8)
+    masks = run.labels(variables, images())
+    for mask in tqdm(masks, total=len(image_paths), desc="predict", unit="image", disable=not progress):
+        path, image = read.popleft()
+        mask = mask.astype(np.uint8)
         name = os.path.splitext(os.path.basename(path))[0]
         mask_path = os.path.join(out_dir, f"{name}.png")
         overlay_path = os.path.join(out_dir, f"{name}_overlay.jpg")

@@ -10,7 +10,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from stpg_jax.data.augment import MEAN_RGB_UINT8, normalize
-from stpg_jax.evaluate import confusion_matrix, iou_from_confusion, make_window_predictor, summarize, window_origins
+from stpg_jax.evaluate import (confusion_matrix, evaluate, iou_from_confusion, make_window_predictor, summarize,
+                               window_origins)
 from stpg_jax.models import DeepLabV3Plus
 
 WINDOW = 32
@@ -133,3 +134,38 @@ def test_sharded_window_batch_matches_unsharded(tiny, large_image):
     replicated = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
     np.testing.assert_allclose(sharded(replicated, large_image), predictor(variables, large_image),
                                rtol=1e-5, atol=1e-4)
+    small = np.random.default_rng(4).integers(0, 256, (20, 27, 3), dtype=np.uint8)
+    for a, b in zip(sharded.labels(replicated, [small, large_image, small]),
+                    predictor.labels(variables, [small, large_image, small])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_label_stream_shares_batches_across_images_and_matches_each_image_alone(tiny, large_image):
+    _, variables, _, predictor = tiny
+    rng = np.random.default_rng(2)
+    small = [rng.integers(0, 256, (20 + i, 27, 3), dtype=np.uint8) for i in range(5)]  # one window each
+    images = [small[0], small[1], large_image, small[2], small[3], small[4]]  # 1 + 1 + 6 + 1 + 1 + 1 windows
+    expected = [predictor(variables, image).argmax(-1) for image in images]
+    batches = []
+    forward = predictor._forward
+    predictor._forward = lambda v, b: batches.append(b.shape[0]) or forward(v, b)
+    try:
+        got = list(predictor.labels(variables, iter(images)))
+    finally:
+        predictor._forward = forward
+    assert batches == [4, 4, 4]  # 11 windows in 3 batches; one image a batch would have taken 1 + 1 + 2 + 1 + 1 + 1
+    assert len(got) == len(images)
+    for image, g, e in zip(images, got, expected):
+        assert g.shape == image.shape[:2]
+        np.testing.assert_array_equal(g, e)
+
+
+def test_evaluate_streams_through_the_predictor_as_through_a_plain_function(tiny, large_image):
+    _, variables, _, predictor = tiny
+    rng = np.random.default_rng(3)
+    source = [{"image": im, "label": rng.integers(0, NUM_CLASSES, im.shape[:2]).astype(np.uint8)}
+              for im in (large_image, rng.integers(0, 256, (30, 31, 3), dtype=np.uint8), large_image[:25])]
+    streamed = evaluate(predictor, variables, source, NUM_CLASSES, progress=False)
+    per_image = evaluate(lambda v, image: predictor(v, image), variables, source, NUM_CLASSES, progress=False)
+    np.testing.assert_array_equal(streamed["confusion"], per_image["confusion"])
+    assert streamed["confusion"].sum() == sum(item["label"].size for item in source)
