@@ -289,6 +289,22 @@ def test_loader_throughput_on_the_demo_data(tmp_path, capsys):
         lt.parse_args(["--workers", "two"])
 
 
+def test_eval_speed_on_the_demo_val_set_and_on_random_images(tmp_path, capsys):
+    es = _load("eval_speed")
+    out = tmp_path / "eval.json"
+    report = es.main(["--config=configs/demo.py", "--images", "3", "--warmup", "1", "--out", str(out)])
+    assert report["source"] == "synthetic val images" and report["window"] == 96
+    assert (report["images"], report["timed_images"]) == (3, 2) and _positive(report["images_per_s"])
+    assert report["ms_per_image"] == pytest.approx(1e3 / report["images_per_s"])
+    assert json.loads(out.read_text())["windows_per_batch"] == 4
+    # 200 x 100 at window 96, stride 64: 3 x 2 windows.
+    report = es.main(["--config=configs/demo.py", "--size", "100x200", "--images", "2", "--warmup", "1"])
+    assert report["source"] == "random 100x200 images" and report["windows_per_image"] == 6
+    assert "| images | windows per image |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        es.main(["--config=configs/demo.py", "--size", "100by200", "--images", "2", "--warmup", "1"])
+
+
 def test_loader_throughput_names_a_bad_config_key_in_one_line():
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "loader_throughput.py"),
                            "--config=configs/demo.py:data.nokey=1", "--workers", "0"],
@@ -300,6 +316,7 @@ def test_loader_throughput_names_a_bad_config_key_in_one_line():
 @pytest.mark.parametrize("script, args", [
     ("step_time.py", ["--config=configs/demo.py:data.nokey=1", "--tiny"]),
     ("compile_for_gpu.py", ["--config=configs/demo.py:data.nokey=1"]),
+    ("eval_speed.py", ["--config=configs/demo.py:data.nokey=1"]),
     ("camvid_experiment.py", ["--config=configs/no_such.py:1_8", "--workdir_root=unused", "--dry_run"]),
 ])
 def test_benchmark_scripts_say_a_bad_config_in_one_line(script, args):
