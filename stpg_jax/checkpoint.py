@@ -145,6 +145,16 @@ class Checkpointer:
         self.manager.close()
 
 
+def latest_step(workdir: str) -> int | None:
+    """The latest checkpoint's step in a work directory (None: none yet), read by this process alone; creates
+    nothing."""
+    ckpt = Checkpointer(workdir, this_process_only=True)
+    try:
+        return ckpt.latest_step()
+    finally:
+        ckpt.close()
+
+
 def abstract_like(tree: Any, sharding) -> Any:
     """ShapeDtypeStructs with the given sharding, the restore target of Orbax."""
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)

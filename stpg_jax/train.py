@@ -28,7 +28,7 @@ from stpg_jax.data import DataError, build_data, make_train_loader
 from stpg_jax.host_matching import HostMatching
 from stpg_jax.models import model_from_config
 from stpg_jax.models.pretrained import load_backbone_weights_for
-from stpg_jax.state import TrainState, init_train_state, make_optimizer
+from stpg_jax.state import TrainState, create_train_state, init_train_state, make_optimizer
 from stpg_jax.train_step import StepSettings, make_train_step
 
 
@@ -102,6 +102,8 @@ def _build_data_in_turn(data_config, workdir):
     return bundle if bundle is not None else build_data(data_config, workdir=None)
 
 
+_NOT_LOADED = object()  # Trainer._pretrained before the weights are read
+
 # Trainer.compile_step's jitted steps, by everything a step depends on (the last few).
 _COMPILED_STEPS: dict = {}
 
@@ -109,9 +111,13 @@ _COMPILED_STEPS: dict = {}
 class Trainer:
     """Everything a run needs, built once: data, model, optimiser, compiled step, mesh and checkpointer."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, load_weights: bool = True):
+        """``load_weights``: read ``model.pretrained`` now, before the data, so that a missing or mismatched file
+        fails in seconds rather than after a dataset's preparation (a resumed run, whose weights come from its
+        checkpoint, passes False)."""
         validate(config)
         self.config, self.workdir = config, workdir
+        self._pretrained = load_pretrained(config.model) if load_weights else _NOT_LOADED
         self.mesh = sharding.make_mesh()
         sharding.check_divisible(config, self.mesh)
         self.replicated = sharding.replicated(self.mesh)
@@ -129,9 +135,22 @@ class Trainer:
         self.model = model_from_config(config.model, self.num_classes)
         self.settings = StepSettings.from_config(config, self.num_classes, self.steps_per_epoch,
                                                 batch_groups=self.mesh.devices.size)
+        # The optimiser needs only the parameter tree's structure (abstract, no compute).
+        abstract = jax.eval_shape(
+            lambda: self.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False)["params"]
+        )
+        self.tx, self.lr_schedule = make_optimizer(
+            config.optim, self.total_steps, abstract, train_projection_head=config.stpg.train_projection_head
+        )
         self._predictor = None
 
+    def _state_kwargs(self) -> dict:
+        c = self.config
+        return dict(mode=c.mode, num_classes=self.num_classes, crop_size=min(c.data.crop_size, 64),
+                    proj_dim=c.model.proj_dim or c.model.decoder_channels, bank_capacity=c.stpg.bank_capacity)
+
     def init_state(self) -> TrainState:
+        """The initial state: random heads, the ImageNet backbone of ``model.pretrained`` (if set), the anchors."""
         c = self.config
         anchors = None
         if c.mode == "stpg":
@@ -139,22 +158,27 @@ class Trainer:
                 self.num_classes, c.model.proj_dim or c.model.decoder_channels, seed=c.seed,
                 steps=c.stpg.anchor_steps, temperature=c.stpg.anchor_temperature,
             )
-        pretrained = load_pretrained(c.model)
-        # Optimiser over a parameter tree of the right structure (abstract, no compute).
-        abstract = jax.eval_shape(
-            lambda: self.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False)["params"]
-        )
-        self.tx, self.lr_schedule = make_optimizer(
-            c.optim, self.total_steps, abstract, train_projection_head=c.stpg.train_projection_head
-        )
-
+        pretrained = load_pretrained(c.model) if self._pretrained is _NOT_LOADED else self._pretrained
+        self._pretrained = _NOT_LOADED  # host copies no longer needed
         # Built by compiled programs straight onto the devices; the weights enter as an argument, not as constants
         # baked into a program. The dummy forward of the initialiser needs no more than a 64-pixel crop.
-        return init_train_state(
-            self.model, self.tx, jax.random.PRNGKey(c.seed), self.replicated, anchors=anchors, pretrained=pretrained,
-            mode=c.mode, num_classes=self.num_classes, crop_size=min(c.data.crop_size, 64),
-            proj_dim=c.model.proj_dim or c.model.decoder_channels, bank_capacity=c.stpg.bank_capacity,
-        )
+        return init_train_state(self.model, self.tx, jax.random.PRNGKey(c.seed), self.replicated, anchors=anchors,
+                                pretrained=pretrained, **self._state_kwargs())
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and placement of the state, the target a checkpoint is restored into: traced, not run (no
+        weights file read, no network initialised, no anchors optimised)."""
+        c = self.config
+        kwargs = self._state_kwargs()
+        anchors = None
+        if c.mode == "stpg":
+            anchors = jax.ShapeDtypeStruct((self.num_classes, kwargs["proj_dim"]), jnp.float32)
+
+        def build(key, anchors):
+            return create_train_state(self.model, self.tx, key, anchors=anchors, **kwargs)
+
+        shapes = jax.eval_shape(build, jax.eval_shape(jax.random.PRNGKey, c.seed), anchors)
+        return checkpoint.abstract_like(shapes, self.replicated)
 
     @property
     def speculates(self) -> bool:
@@ -243,7 +267,9 @@ def _train(config, workdir, max_steps, stop) -> dict:
     is_main = jax.process_index() == 0
     log = print if is_main else (lambda *a, **k: None)
     checkpoint.check_config(workdir, config)
-    trainer = Trainer(config, workdir)  # reads (and checks) the data before anything is written
+    resuming = checkpoint.latest_step(workdir) is not None
+    # Reads (and checks) the weights and the data before anything is written.
+    trainer = Trainer(config, workdir, load_weights=not resuming)
     if is_main:
         checkpoint.write_config(workdir, config)
     c = config
@@ -263,14 +289,15 @@ def _train(config, workdir, max_steps, stop) -> dict:
             f"frozen from {trainer.sched['matching_freeze'] if trainer.sched['matching_freeze'] >= 0 else 'never'}; "
             f"{'steps start ahead of the host matching' if trainer.speculates else 'each step waits for the matching'}")
 
-    state = trainer.init_state()
     ckpt = checkpoint.Checkpointer(workdir, c.keep_checkpoints)
     loader = make_train_loader(
         trainer.bundle, c.data, c.seed, jax.process_index(), jax.process_count(), with_unlabeled=c.mode != "supervised"
     )
     start_step = 0
-    if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(checkpoint.abstract_like(state, trainer.replicated))
+    if ckpt.latest_step() is None:
+        state = trainer.init_state()
+    else:
+        state, meta = ckpt.restore(trainer.abstract_state())
         loader.set_state(meta["loader"])
         start_step = int(meta["step"])
         log(f"  resumed from {ckpt.directory}/{start_step} (step {start_step})")

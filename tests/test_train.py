@@ -178,15 +178,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert all(np.all(np.isfinite(x)) for x in flat(gen_params(tmp_path)))
 
 
-def test_pretrained_backbone_goes_into_both_students_with_different_heads(tmp_path):
+def tiny_backbone_file(path):
+    """ImageNet-style weights for loop_config's backbone, written as a converted .npz; returns them."""
     import jax
 
     from stpg_jax.models import ResNet
     from stpg_jax.models.pretrained import save_converted
 
     weights = ResNet((1, 1, 1, 1), 8, "deep").init(jax.random.PRNGKey(3), np.zeros((1, 32, 32, 3)), False)
+    save_converted(str(path), weights["params"], weights["batch_stats"], stem="deep", stage_blocks=(1, 1, 1, 1),
+                   width=8)
+    return weights
+
+
+def test_pretrained_backbone_goes_into_both_students_with_different_heads(tmp_path):
+    import jax
+
     path = str(tmp_path / "backbone.npz")
-    save_converted(path, weights["params"], weights["batch_stats"], stem="deep", stage_blocks=(1, 1, 1, 1), width=8)
+    weights = tiny_backbone_file(path)
     trainer = train.Trainer(loop_config(**{"model.pretrained": path}), str(tmp_path / "run"))
     state = jax.device_get(trainer.init_state())
     for student in (state.gen_student, state.pro_student):
@@ -201,9 +210,22 @@ def test_pretrained_backbone_goes_into_both_students_with_different_heads(tmp_pa
         np.testing.assert_array_equal(a, b)
 
 
-def test_missing_pretrained_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.model.pretrained = '/no/such/weights.pth'"):
-        train.Trainer(loop_config(**{"model.pretrained": "/no/such/weights.pth"}), str(tmp_path)).init_state()
+def test_missing_weights_fail_before_the_data_and_a_resumed_run_does_not_need_them(tmp_path, monkeypatch):
+    path = tmp_path / "backbone.npz"
+    tiny_backbone_file(path)
+    config = loop_config(**{"model.pretrained": str(path)})
+    assert train.train_and_evaluate(config, str(tmp_path / "run"), max_steps=2) == {"stopped_at": 2}
+    started = gen_params(tmp_path / "run")
+    os.remove(path)
+    # Resumed: the state comes from the checkpoint, so the weights file is neither read nor needed.
+    assert 0.0 <= train.train_and_evaluate(config, str(tmp_path / "run"))["miou"] <= 1.0
+    assert checkpoint.Checkpointer(str(tmp_path / "run")).latest_step() == 4
+    assert any(not np.array_equal(a, b) for a, b in zip(flat(started), flat(gen_params(tmp_path / "run"))))
+    # A new run without its weights file stops before the dataset is read (or prepared), naming the field.
+    monkeypatch.setattr(train, "_build_data_in_turn", lambda *a: pytest.fail("the data was built first"))
+    with pytest.raises(FileNotFoundError, match=f"config.model.pretrained = '{path}': no such file"):
+        train.train_and_evaluate(config, str(tmp_path / "new"))
+    assert not (tmp_path / "new" / "config.json").exists()
 
 
 def test_predict_from_the_work_directory_and_from_its_export(uninterrupted, tmp_path):
