@@ -35,7 +35,9 @@ def assert_one_clear_error(result, *needles):
 
 
 def test_missing_voc_data_names_the_expected_directory(tmp_path):
-    result = launch(tmp_path, f"--config={REPO}/configs/voc_blender.py:1_4", f"--workdir={tmp_path}/w")
+    # A random init: the weights file would be missing too, and is checked first.
+    result = launch(tmp_path, f"--config={REPO}/configs/voc_blender.py:1_4,model.pretrained=",
+                    f"--workdir={tmp_path}/w")
     line = assert_one_clear_error(result, "data/voc")
     assert "does not exist" in line or "not found" in line
     # absl/tfds INFO and warning chatter stays off the console.
