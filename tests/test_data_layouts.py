@@ -172,6 +172,21 @@ def test_cityscapes_label_ids_map_to_train_ids(tmp_path):
     assert list(one.labeled.ids) == ['bremen_000001_000019']
 
 
+def test_a_prepared_copy_from_another_root_is_used_and_named(tmp_path, capsys):
+    import shutil
+
+    make_cityscapes(tmp_path / 'cs')
+    first = build_data(_cfg('cityscapes', tmp_path / 'cs', tmp_path / 'tfds', num_labeled=2))
+    assert first.provenance['prepared_from'] == str(tmp_path / 'cs') and 'note:' not in capsys.readouterr().err
+    shutil.move(tmp_path / 'cs', tmp_path / 'moved')
+    again = build_data(_cfg('cityscapes', tmp_path / 'moved', tmp_path / 'tfds', num_labeled=2))
+    assert list(again.labeled.ids) == list(first.labeled.ids)
+    assert again.provenance['prepared_from'] == str(tmp_path / 'cs')
+    assert again.provenance['root'] == str(tmp_path / 'moved')
+    err = capsys.readouterr().err
+    assert f"read from {tmp_path / 'cs'}; using that copy" in err and '--force' in err
+
+
 def make_folder(root):
     root.mkdir(parents=True, exist_ok=True)
     (root / 'classes.txt').write_text('ground 10 20 30\nwall 40 50 60\nlamp 70 80 90\n')

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import sys
 from typing import Any, Tuple
 
 import numpy as np
@@ -122,6 +123,13 @@ def _build_prepared(dataset, config):
             )
         builder = builders.prepare(layout, data_dir)
     meta = builder.info.metadata
+    prepared_from = str(meta.get('manual_dir', ''))
+    if prepared_from and prepared_from != os.path.abspath(root):
+        # A prepared copy is used whatever data.root says (the original may have moved); say so when they differ.
+        print(f'note: data.root is {os.path.abspath(root)}, but the {dataset} data prepared in {builder.data_dir} was '
+              f'read from {prepared_from}; using that copy. To use {root} instead, run `python -m '
+              f'stpg_jax.data.prepare --dataset {dataset} --manual_dir {root} --data_dir {data_dir} --force` or set '
+              f'another data.data_dir.', file=sys.stderr, flush=True)
     ids = {s: list(v) for s, v in meta['ids'].items()}
     class_names = tuple(meta['class_names'])
     info = DatasetInfo(dataset, len(class_names), class_names, np.asarray(meta['palette'], np.uint8), 255)
@@ -143,6 +151,7 @@ def _build_prepared(dataset, config):
         dataset=dataset,
         protocol=protocol,
         root=os.path.abspath(root),
+        prepared_from=prepared_from,
         prepared_dir=str(builder.data_dir),
         labeled_split=labeled_split,
         unlabeled_splits=unlabeled_splits,
