@@ -294,7 +294,7 @@ def _train(config, workdir, max_steps, stop) -> dict:
         trainer.bundle, c.data, c.seed, jax.process_index(), jax.process_count(), with_unlabeled=c.mode != "supervised"
     )
     start_step = 0
-    if ckpt.latest_step() is None:
+    if not resuming:
         state = trainer.init_state()
     else:
         state, meta = ckpt.restore(trainer.abstract_state())
