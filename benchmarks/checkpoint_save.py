@@ -1,5 +1,6 @@
 """Checkpoint save and restore time of a run's full train state (four networks, optimiser, bank), as the trainer
-saves it (``stpg_jax.checkpoint.Checkpointer``).
+saves it (``stpg_jax.checkpoint.Checkpointer``); also the time a new run takes to build its initial state and a resumed
+run to build the target it restores into.
 
     python benchmarks/checkpoint_save.py --config=configs/demo.py --cpu_devices 4 --repeats 3
     python benchmarks/checkpoint_save.py --config=configs/demo.py --cpu_devices 4 --min_slice_mib 0
@@ -53,8 +54,17 @@ def main(argv=None) -> dict:
                        else int(args.min_slice_mib * 2 ** 20) or None)
     config = load_config(args.config)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = train.Trainer(config, os.path.join(tmp, "run"))
+        trainer = train.Trainer(config, os.path.join(tmp, "run"), load_weights=False)
+        # What a new run builds (its weights file read, the networks initialised, the anchors made), and what a
+        # resumed run builds instead: the restore target, traced.
+        t0 = time.perf_counter()
         state = jax.block_until_ready(trainer.init_state())
+        init_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        target = trainer.abstract_state()
+        target_s = time.perf_counter() - t0
+        print(f"initial state built in {init_s:.2f} s (a new run); restore target in {target_s:.2f} s (a resumed run)",
+              flush=True)
         leaves = jax.tree_util.tree_leaves(state)
         size = sum(x.nbytes for x in leaves)
         sliced = "any size" if min_slice_bytes is None else f"{min_slice_bytes / 2 ** 20:g} MiB per slice"
@@ -67,7 +77,7 @@ def main(argv=None) -> dict:
             ckpt.save(1, state, {"step": 1})
             ckpt.wait()
             t1 = time.perf_counter()
-            restored, _ = ckpt.restore(checkpoint.abstract_like(state, trainer.replicated))
+            restored, _ = ckpt.restore(target)
             jax.block_until_ready(restored)
             t2 = time.perf_counter()
             ckpt.close()
@@ -79,6 +89,7 @@ def main(argv=None) -> dict:
         "commit": git_commit(),
         "device": f"{trainer.mesh.devices.size} x {jax.devices()[0].device_kind}",
         "arrays": len(leaves), "state_mib": size / 2 ** 20, "min_slice_bytes": min_slice_bytes,
+        "init_state_s": init_s, "restore_target_s": target_s,
         "first_save_s": saves[0],
         "later_saves_median_s": statistics.median(saves[1:]) if len(saves) > 1 else None,
         "restore_median_s": statistics.median(restores),

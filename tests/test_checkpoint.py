@@ -123,7 +123,7 @@ def test_save_benchmark_runs_on_a_small_config(tmp_path):
     report = json.loads(out.read_text())
     assert report["device"] == "4 x cpu" and report["min_slice_bytes"] is None
     assert report["arrays"] > 100 and 1 < report["state_mib"] < 50
-    for key in ("first_save_s", "later_saves_median_s", "restore_median_s"):
+    for key in ("first_save_s", "later_saves_median_s", "restore_median_s", "init_state_s", "restore_target_s"):
         assert 0 < report[key] < 120, (key, report[key])
     assert report["command"].startswith("python benchmarks/checkpoint_save.py --config=configs/demo.py:1_8")
 
