@@ -50,17 +50,36 @@ class _Image:
         self.padded[...] = MEAN_RGB_UINT8
         self.padded[:self.h, :self.w] = image
         self.boxes = [(y, x) for y in window_origins(ph, window, stride) for x in window_origins(pw, window, stride)]
-        self.waiting = len(self.boxes)  # windows whose outputs have not been read yet
-        self.total = None  # summed window logits (several windows)
-        self.labels = None  # class ids (one window: the device's argmax)
+        self.waiting = len(self.boxes)  # windows whose outputs have not been taken yet
+        self.total = None  # summed window logits: on the device (labels) or the host (__call__)
+        self.labels = None  # class ids (H, W), on the device until read
+
+
+def _add_windows(total, logits, origins, take):
+    """``total`` (PH, PW, C) plus, in slot order, each window ``logits[i]`` (w, w, C) whose ``take[i]`` is set, at
+    ``origins[i]`` = (y, x): the host's ``total[y:y + w, x:x + w] += logits[i]``, with the same float additions."""
+    w, classes = logits.shape[1], logits.shape[-1]
+
+    def add(i, total):
+        at = (origins[i, 0], origins[i, 1], 0)
+        window = jax.lax.dynamic_slice(total, at, (w, w, classes))
+        return jax.lax.dynamic_update_slice(total, window + jnp.where(take[i], logits[i], 0.0), at)
+
+    return jax.lax.fori_loop(0, logits.shape[0], add, total)
+
+
+def _class_ids(logits):
+    ids = jnp.argmax(logits, axis=-1)
+    return ids.astype(jnp.uint8) if logits.shape[-1] <= 256 else ids
 
 
 class WindowPredictor:
     """The evaluation protocol for one network. ``predictor(variables, image_uint8 (H, W, 3))`` returns the summed
     window logits (H, W, C) float32; ``predictor.labels(variables, images)`` yields class-id maps (H, W) for a
     stream of images, the windows of consecutive images filling the same batches (an image no larger than the
-    window is one window: a batch of several windows then holds several images, not one image and padding) and the
-    next batch running on the device while the host reads the last one's outputs.
+    window is one window: a batch of several windows then holds several images, not one image and padding), the
+    next batch running on the device while the host reads the last one's outputs, and the logits summed and their
+    argmax taken on the device, so that only class ids come back to the host.
 
     ``sharding``: optional NamedSharding splitting the window batch over devices (its size must divide
     ``windows_per_batch``), those of every process in a multi-process run: each process then cuts the same windows
@@ -73,14 +92,28 @@ class WindowPredictor:
 
         def apply(variables, windows):
             logits = model.apply(variables, normalize(windows), train=False)["logits"]
-            ids = jnp.argmax(logits, axis=-1)
-            # The class ids of a window are read instead of its logits when its image is that one window.
-            return logits, ids.astype(jnp.uint8) if logits.shape[-1] <= 256 else ids
+            return logits, _class_ids(logits)  # the ids are read when an image is one window
+
+        def zeros(shape):
+            return jnp.zeros(shape, jnp.float32)
 
         if sharding is None:
-            self._forward = jax.jit(apply)
+            self._replicated = None
+            self._forward, self._ids = jax.jit(apply), jax.jit(_class_ids)
+            self._zeros = jax.jit(zeros, static_argnums=0)
+            self._add = jax.jit(_add_windows, donate_argnums=0)
         else:
-            self._forward = jax.jit(apply, out_shardings=NamedSharding(sharding.mesh, PartitionSpec()))
+            self._replicated = NamedSharding(sharding.mesh, PartitionSpec())
+            self._forward = jax.jit(apply, out_shardings=self._replicated)
+            self._ids = jax.jit(_class_ids, out_shardings=self._replicated)
+            self._zeros = jax.jit(zeros, static_argnums=0, out_shardings=self._replicated)
+            self._add = jax.jit(_add_windows, donate_argnums=0, out_shardings=self._replicated)
+
+    def _put(self, array: np.ndarray, sharding):
+        """A host array as the jitted functions take it: as it is, or as a global array of ``sharding``."""
+        if sharding is None:
+            return array
+        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
     def _dispatch(self, variables, slots):
         """Starts the network on the windows ``slots`` [(image, (y, x))], padded to a full batch with zeros."""
@@ -88,23 +121,30 @@ class WindowPredictor:
         batch = np.zeros((self.windows_per_batch, w, w, 3), np.uint8)
         for i, (im, (y, x)) in enumerate(slots):
             batch[i] = im.padded[y:y + w, x:x + w]
-        if self.sharding is not None:
-            batch = jax.make_array_from_callback(batch.shape, self.sharding, lambda index, b=batch: b[index])
-        return slots, self._forward(variables, batch)
+        return slots, self._forward(variables, self._put(batch, self.sharding))
 
     def _collect(self, slots, outputs) -> None:
-        """Reads a dispatched batch's outputs into its images."""
-        w = self.window
-        logits, ids = None, None
+        """Hands a dispatched batch's outputs to its images: a one-window image takes its window's class ids, a
+        larger one adds its windows' logits to its sum on the device (its class ids follow from its last window)."""
+        logits, ids = outputs
+        several = {}
         for i, (im, (y, x)) in enumerate(slots):
             if len(im.boxes) == 1:
-                ids = np.asarray(outputs[1]) if ids is None else ids
-                im.labels = ids[i, :im.h, :im.w]
+                im.labels = (ids, i)
             else:
-                logits = np.asarray(outputs[0]) if logits is None else logits
-                if im.total is None:
-                    im.total = np.zeros(im.padded.shape[:2] + logits.shape[-1:], np.float32)
-                im.total[y:y + w, x:x + w] += logits[i]
+                several.setdefault(id(im), (im, []))[1].append((i, y, x))
+        for im, windows in several.values():
+            origins = np.zeros((self.windows_per_batch, 2), np.int32)
+            take = np.zeros((self.windows_per_batch,), bool)
+            for i, y, x in windows:
+                origins[i], take[i] = (y, x), True
+            if im.total is None:
+                im.total = self._zeros(im.padded.shape[:2] + (logits.shape[-1],))
+            im.total = self._add(im.total, logits, self._put(origins, self._replicated),
+                                 self._put(take, self._replicated))
+            if im.waiting == len(windows):
+                im.labels, im.total = self._ids(im.total), None
+        for im, _ in slots:
             im.waiting -= 1
             if im.waiting == 0:
                 im.padded = None
@@ -144,9 +184,14 @@ class WindowPredictor:
 
 
 def _finished(pending: "collections.deque[_Image]") -> Iterator[np.ndarray]:
+    """The class ids of the leading images whose windows are all taken, read to the host."""
     while pending and pending[0].waiting == 0:
         im = pending.popleft()
-        yield im.labels if im.total is None else im.total[:im.h, :im.w].argmax(-1)
+        if isinstance(im.labels, tuple):  # (a batch's ids, the slot of this one-window image)
+            ids, slot = im.labels
+            yield np.asarray(ids)[slot, :im.h, :im.w]
+        else:
+            yield np.asarray(im.labels)[:im.h, :im.w]
 
 
 def make_window_predictor(model, window: int, windows_per_batch: int = 4, stride_rate: float = 2 / 3,
