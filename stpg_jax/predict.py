@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import glob
 import os
+import sys
 from typing import List, Optional, Sequence
 
 import jax
@@ -121,8 +122,18 @@ def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray) -> np.ndar
     return (image.astype(np.float32) * (1 - OVERLAY_ALPHA) + colours * OVERLAY_ALPHA).round().astype(np.uint8)
 
 
+class UnreadableImagesError(OSError):
+    """Some input images could not be read; the others' outputs were written (``written``)."""
+
+    def __init__(self, unreadable: List[tuple], written: List[str]):
+        self.unreadable, self.written = unreadable, written
+        listed = "; ".join(f"{path} ({reason})" for path, reason in unreadable)
+        super().__init__(f"{len(unreadable)} of the images could not be read and have no outputs: {listed}")
+
+
 def predict(predictor: Predictor, image_paths: Sequence[str], out_dir: str, progress: bool = True) -> List[str]:
-    """Writes a mask and an overlay per image into ``out_dir``; returns the written paths."""
+    """Writes a mask and an overlay per image into ``out_dir``; returns the written paths. An image that cannot be
+    read is passed over (a line on stderr names it) and the others go on; then `UnreadableImagesError` lists them."""
     from tqdm import tqdm
 
     from stpg_jax.data.palettes import palette_for
@@ -138,10 +149,17 @@ def predict(predictor: Predictor, image_paths: Sequence[str], out_dir: str, prog
     os.makedirs(out_dir, exist_ok=True)
     read = collections.deque()  # (path, image) of the images handed to the predictor, not yet written
 
+    unreadable = []
+
     def images():
         for path in image_paths:
-            with Image.open(path) as f:
-                image = np.asarray(ImageOps.exif_transpose(f).convert("RGB"))
+            try:
+                with Image.open(path) as f:
+                    image = np.asarray(ImageOps.exif_transpose(f).convert("RGB"))
+            except (OSError, ValueError, Image.DecompressionBombError) as e:  # not an image, truncated, too large
+                unreadable.append((path, str(e) or type(e).__name__))
+                print(f"cannot read {path}: {unreadable[-1][1]}; passed over", file=sys.stderr, flush=True)
+                continue
             read.append((path, image))
             yield image
 
@@ -156,6 +174,8 @@ def predict(predictor: Predictor, image_paths: Sequence[str], out_dir: str, prog
         palette_image(mask, palette).save(mask_path)
         Image.fromarray(overlay(image, mask, palette)).save(overlay_path, quality=90)
         written += [mask_path, overlay_path]
+    if unreadable:
+        raise UnreadableImagesError(unreadable, written)
     return written
 
 
@@ -172,7 +192,12 @@ def main(argv) -> None:
     print(f"{len(paths)} images, window {predictor.window}, stride rate {predictor.stride_rate:.3f}, "
           f"{predictor.windows_per_batch} windows per batch on {jax.local_device_count()} device(s); the first "
           f"batch compiles the network")
-    predict(predictor, paths, FLAGS.out)
+    try:
+        predict(predictor, paths, FLAGS.out)
+    except UnreadableImagesError as e:
+        print(f"masks and overlays of {len(e.written) // 2} images written to {FLAGS.out}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     print(f"masks and overlays written to {FLAGS.out}")
 
 

@@ -131,6 +131,23 @@ def test_predict_writes_a_mask_and_an_overlay_per_image(exported, images, tmp_pa
     assert len(seen) > 1
 
 
+def test_unreadable_images_are_passed_over_named_and_the_others_written(exported, images, tmp_path):
+    path, _, _ = exported
+    image_dir, _ = images
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "noise.jpg").write_bytes(b"not a JPEG")
+    (broken / "cut.png").write_bytes((image_dir / "wide.png").read_bytes()[:80])  # header only: truncated
+    paths = [str(image_dir / "small.png"), str(broken / "noise.jpg"), str(broken / "cut.png"),
+             str(image_dir / "wide.png")]
+    with pytest.raises(predict.UnreadableImagesError, match="2 of the images could not be read") as info:
+        predict.predict(predict.load_predictor(path), paths, str(tmp_path / "out"), progress=False)
+    assert [p for p, _ in info.value.unreadable] == paths[1:3]
+    assert sorted(os.listdir(tmp_path / "out")) == ["small.png", "small_overlay.jpg", "wide.png",
+                                                    "wide_overlay.jpg"]
+    assert sorted(info.value.written) == sorted(str(tmp_path / "out" / n) for n in os.listdir(tmp_path / "out"))
+
+
 def test_list_images_accepts_globs_and_rejects_name_clashes(images, tmp_path):
     image_dir, _ = images
     assert [os.path.basename(p) for p in predict.list_images(str(image_dir / "*.png"))] == ["small.png", "wide.png"]
