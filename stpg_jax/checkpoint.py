@@ -83,20 +83,21 @@ def this_process_options() -> "ocp.options.MultiprocessingOptions":
 MIN_SLICE_BYTES = 1 << 20
 
 
-def _state_handler(min_slice_bytes: int | None) -> "ocp.PyTreeCheckpointHandler":
+def _state_handler(min_slice_bytes: int | None, multiprocessing=None) -> "ocp.PyTreeCheckpointHandler":
     """The state item's handler: Orbax's type handlers, the array handler with ``min_slice_bytes``; Orbax's own
     handlers where ``min_slice_bytes`` is None or this Orbax's handlers cannot be built so (an older or a newer one)."""
     th = ocp.type_handlers
+    processes = {} if multiprocessing is None else {"multiprocessing_options": multiprocessing}
     if min_slice_bytes is not None:
         try:
             store = th.get_type_handler(jax.Array)._array_metadata_store  # the metadata Orbax's own handler writes
             array = th.ArrayHandler(min_slice_bytes_for_replica_parallel=min_slice_bytes, array_metadata_store=store)
             others = [(ty, th.get_type_handler(ty)) for ty in th.supported_types() if ty is not jax.Array]
             registry = th.create_type_handler_registry(*others, (jax.Array, array))
-            return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+            return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, **processes)
         except (AttributeError, TypeError):
             pass
-    return ocp.PyTreeCheckpointHandler()
+    return ocp.PyTreeCheckpointHandler(**processes)
 
 
 class Checkpointer:
@@ -114,7 +115,8 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, create=not this_process_only, multiprocessing_options=multiprocessing
             ),
-            item_handlers={"state": _state_handler(min_slice_bytes), "meta": ocp.JsonCheckpointHandler()},
+            item_handlers={"state": _state_handler(min_slice_bytes, multiprocessing),
+                           "meta": ocp.JsonCheckpointHandler(multiprocessing_options=multiprocessing)},
         )
 
     def latest_step(self):
@@ -188,20 +190,18 @@ def load_network(workdir: str, network: str = "gen_student", step: int | None = 
             raise FileNotFoundError(f"no checkpoint of step {step} under {ckpt.directory}; it holds steps {steps}")
         # One network alone, as host NumPy arrays: no target shardings, so a checkpoint written on any number of
         # devices or processes loads on this machine's.
-        path = os.path.join(ckpt.directory, str(step), "state")
-        local = this_process_options()
-        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=local),
-                              multiprocessing_options=local) as reader:
-            tree = reader.metadata(path).item_metadata.tree
-            if tree.get(network) is None:
-                held = [n for n in NETWORKS if tree.get(n) is not None]
-                raise ValueError(f"the {config.mode!r} run in {workdir} has no {network}; its checkpoints hold {held}")
-            wanted = {network: {k: tree[network][k] for k in ("params", "batch_stats")}}
-            as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-            restored = reader.restore(
-                path, args=ocp.args.PyTreeRestore(item=wanted, restore_args=as_numpy, partial_restore=True)
-            )[network]
-        meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        tree = ckpt.manager.item_metadata(step)["state"]
+        tree = getattr(tree, "tree", tree)
+        if tree.get(network) is None:
+            held = [n for n in NETWORKS if tree.get(n) is not None]
+            raise ValueError(f"the {config.mode!r} run in {workdir} has no {network}; its checkpoints hold {held}")
+        wanted = {network: {k: tree[network][k] for k in ("params", "batch_stats")}}
+        as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=wanted, restore_args=as_numpy, partial_restore=True),
+            meta=ocp.args.JsonRestore(),
+        ))
+        meta, restored = restored["meta"], restored["state"][network]
     finally:
         ckpt.close()
     variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
