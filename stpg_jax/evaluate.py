@@ -6,7 +6,7 @@ Windows are run in fixed-size batches so that one compiled function serves every
 
 As a command, it evaluates a trained network on a dataset's val split:
 
-    python -m stpg_jax.evaluate --checkpoint=WORKDIR [--network=gen_teacher] [--step=N] [--config=FILE:ARG]
+    python -m stpg_jax.evaluate --checkpoint=WORKDIR [--network=all|NAME[,NAME]] [--step=N] [--config=FILE:ARG]
     python -m stpg_jax.evaluate --checkpoint=EXPORT_DIR --config=configs/camvid.py:1_8,data.root=/data/camvid
 
 ``--config`` supplies the data and evaluation sections (the network always comes from the checkpoint); a work
@@ -274,6 +274,24 @@ def result_record(result: dict, class_names: Sequence[str]) -> dict:
             "iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(class_names, result["iou"])}}
 
 
+def format_iou_columns(results: dict, class_names: Sequence[str]) -> str:
+    """IoU % by class (rows) and network (columns), then mIoU and pixel accuracy."""
+    width = max(12, *(len(n) + 1 for n in results))
+    lines = [f"{'class':<16}" + "".join(f"{n:>{width}}" for n in results)]
+    for c, name in enumerate(class_names):
+        cells = ("n/a" if np.isnan(r["iou"][c]) else f"{100 * r['iou'][c]:.2f}" for r in results.values())
+        lines.append(f"{name:<16}" + "".join(f"{cell:>{width}}" for cell in cells))
+    lines.append(f"{'mIoU':<16}" + "".join(f"{100 * r['miou']:>{width}.2f}" for r in results.values()))
+    accuracy = (100 * r["pixel_accuracy"] for r in results.values())
+    lines.append(f"{'pixel accuracy':<16}" + "".join(f"{a:>{width}.2f}" for a in accuracy))
+    return "\n".join(lines)
+
+
+# The networks of each mode's train state, as `--network=all` evaluates them.
+MODE_NETWORKS = {"supervised": ("gen_student",), "mean_teacher": ("gen_student", "gen_teacher"),
+                 "stpg": ("gen_student", "pro_student", "gen_teacher", "pro_teacher")}
+
+
 def main(argv) -> None:
     from absl import flags, logging
 
@@ -287,39 +305,60 @@ def main(argv) -> None:
         raise SystemExit(f"unexpected arguments: {argv[1:]}")
     path, override = FLAGS.checkpoint, (FLAGS.config if FLAGS["config"].present else None)
     step = None if FLAGS.step < 0 else FLAGS.step
+    networks = list(FLAGS.network)
     try:
         if export.is_export(path):
             if override is None:
                 raise ValueError(f"{path} is an export: give --config for the val data (data.dataset, data.root)")
             data_config = override.data
+            networks = ["gen_student"] if networks == ["all"] else networks
         else:
-            data_config = (override or checkpoint.load_config(path)).data
-        predictor = load_predictor(path, override, FLAGS.windows_per_batch, network=FLAGS.network, step=step)
+            run_config = checkpoint.load_config(path)
+            data_config = (override or run_config).data
+            networks = list(MODE_NETWORKS[run_config.mode]) if networks == ["all"] else networks
+        predictor = load_predictor(path, override, FLAGS.windows_per_batch, network=networks[0], step=step)
         bundle = build_data(data_config)
         if bundle.info.num_classes != predictor.num_classes:
             raise ValueError(f"the network predicts {predictor.num_classes} classes; data.dataset "
                              f"{bundle.info.name!r} has {bundle.info.num_classes}")
+        others = {name: checkpoint.load_network(path, name, predictor.step)[1] for name in networks[1:]}
     except (ValueError, FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     step = predictor.step
     count = min(len(bundle.val), FLAGS.max_images) if FLAGS.max_images else len(bundle.val)
-    print(f"{FLAGS.network} of {path}" + (f" at step {step}" if step is not None else "")
+    print(f"{', '.join(networks)} of {path}" + (f" at step {step}" if step is not None else "")
           + f": {count} {bundle.info.name} val images, window {predictor.window}, stride rate "
           f"{predictor.stride_rate:.3f}, {predictor.windows_per_batch} windows per batch on "
           f"{jax.local_device_count()} device(s); the first batch compiles the network", flush=True)
+    # One compiled network serves them all: they share the model and differ only in their variables.
     run, variables = predictor.window_predictor()
-    start = time.time()
-    result = evaluate(run, variables, bundle.val, bundle.info.num_classes, bundle.info.ignore_index,
-                      FLAGS.max_images)
-    seconds = time.time() - start
-    print(format_iou_table(result, bundle.info.class_names))
-    print(f"pixel accuracy {100 * result['pixel_accuracy']:.2f} %; {count} images in {seconds:.1f} s")
+    results, seconds = {}, {}
+    for name in networks:
+        if name != networks[0]:
+            variables = predictor.place(others.pop(name))
+        start = time.time()
+        results[name] = evaluate(run, variables, bundle.val, bundle.info.num_classes, bundle.info.ignore_index,
+                                 FLAGS.max_images)
+        seconds[name] = time.time() - start
+        print(f"  {name}: mIoU {100 * results[name]['miou']:.2f} ({count} images in {seconds[name]:.1f} s)",
+              flush=True)
+    if len(networks) == 1:
+        print(format_iou_table(results[networks[0]], bundle.info.class_names))
+        print(f"pixel accuracy {100 * results[networks[0]]['pixel_accuracy']:.2f} %")
+    else:
+        print(format_iou_columns(results, bundle.info.class_names))
     if FLAGS.out:
-        record = {"checkpoint": os.path.abspath(path), "network": FLAGS.network, "step": step,
-                  "dataset": bundle.info.name, "images": count, "window": predictor.window,
-                  "stride_rate": predictor.stride_rate, **result_record(result, bundle.info.class_names),
-                  "confusion": result["confusion"].tolist(), "seconds": seconds}
+        def network_record(name):
+            return {**result_record(results[name], bundle.info.class_names),
+                    "confusion": results[name]["confusion"].tolist(), "seconds": seconds[name]}
+
+        record = {"checkpoint": os.path.abspath(path), "step": step, "dataset": bundle.info.name, "images": count,
+                  "window": predictor.window, "stride_rate": predictor.stride_rate}
+        if len(networks) == 1:
+            record.update(network=networks[0], **network_record(networks[0]))
+        else:
+            record["networks"] = {name: network_record(name) for name in networks}
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
         with open(FLAGS.out, "w") as f:
             json.dump(record, f, indent=2)
@@ -333,7 +372,8 @@ def _define_flags():
     from stpg_jax.checkpoint import NETWORKS
 
     flags.DEFINE_string("checkpoint", None, "training work directory or export directory", required=True)
-    flags.DEFINE_enum("network", "gen_student", NETWORKS, "network of a work directory's checkpoint")
+    flags.DEFINE_list("network", ["gen_student"], f"network(s) of a work directory's checkpoint, comma-separated, "
+                      f"from {', '.join(NETWORKS)}; 'all': every network the run has")
     flags.DEFINE_integer("step", -1, "checkpoint step of a work directory (-1: the latest)")
     flags.DEFINE_integer("max_images", 0, "evaluate the first N val images only (0: all)")
     flags.DEFINE_integer("windows_per_batch", 0, "windows per batch (0: from the config/export)")

@@ -41,21 +41,30 @@ class Predictor:
     windows_per_batch: int = 4
     step: Optional[int] = None  # the checkpoint's step (None for an export)
 
+    def _placement(self):
+        """The window batches' sharding over the local devices and the variables' (None, None: one device), used
+        when the devices divide ``windows_per_batch``."""
+        devices = jax.local_devices()
+        if len(devices) < 2 or self.windows_per_batch % len(devices):
+            return None, None
+        mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+        P = jax.sharding.PartitionSpec
+        return jax.sharding.NamedSharding(mesh, P("data")), jax.sharding.NamedSharding(mesh, P())
+
+    def place(self, variables):
+        """``variables`` (these or another network's of the same model) placed for `window_predictor`'s ``run``."""
+        _, replicated = self._placement()
+        return variables if replicated is None else jax.device_put(variables, replicated)
+
     def window_predictor(self):
         """(run, variables): a `stpg_jax.evaluate.WindowPredictor` for this network and protocol, its window batches
         split over the local devices when their count divides ``windows_per_batch``; the variables placed for it."""
         from stpg_jax.evaluate import make_window_predictor
 
-        devices = jax.local_devices()
-        variables, batch_sharding = self.variables, None
-        if len(devices) > 1 and self.windows_per_batch % len(devices) == 0:
-            mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-            P = jax.sharding.PartitionSpec
-            batch_sharding = jax.sharding.NamedSharding(mesh, P("data"))
-            variables = jax.device_put(variables, jax.sharding.NamedSharding(mesh, P()))
+        batch_sharding, _ = self._placement()
         run = make_window_predictor(self.model, self.window, self.windows_per_batch, self.stride_rate,
                                     sharding=batch_sharding)
-        return run, variables
+        return run, self.place(self.variables)
 
 
 def load_predictor(checkpoint: str, config=None, windows_per_batch: Optional[int] = None,

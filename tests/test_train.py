@@ -343,6 +343,19 @@ def test_evaluate_command_reproduces_the_runs_own_evaluation(uninterrupted, tmp_
     assert confusion.shape == (11, 11) and confusion.sum() == 3 * 40 * 48  # every val pixel, none ignored
     assert f"{'mIoU':<16} {100 * during['miou']:7.2f}" in result.stdout
 
+    # All four networks of the run in one command, in a table of one column each.
+    out = tmp_path / "results" / "all.json"
+    result = subprocess.run([sys.executable, "-m", "stpg_jax.evaluate", f"--checkpoint={workdir}", "--network=all",
+                             f"--out={out}"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    networks = json.loads(out.read_text())["networks"]
+    assert list(networks) == ["gen_student", "pro_student", "gen_teacher", "pro_teacher"]
+    assert networks["gen_student"]["iou"] == during["iou"]
+    assert networks["pro_teacher"]["confusion"] != networks["gen_student"]["confusion"]
+    assert result.stdout.count("the first batch compiles the network") == 1
+    header = next(line for line in result.stdout.splitlines() if line.startswith("class"))
+    assert header.split() == ["class", "gen_student", "pro_student", "gen_teacher", "pro_teacher"]
+
 
 def test_evaluate_a_chosen_network_and_the_export(uninterrupted):
     from stpg_jax import evaluate, predict
