@@ -14,6 +14,9 @@ import ml_collections
 
 SPLITS = ("1_16", "1_8", "1_4", "1_2", "full")
 MODES = ("stpg", "supervised", "mean_teacher")
+# The networks of each mode's train state.
+MODE_NETWORKS = {"stpg": ("gen_student", "pro_student", "gen_teacher", "pro_teacher"),
+                 "supervised": ("gen_student",), "mean_teacher": ("gen_student", "gen_teacher")}
 SELECTION_VARIANTS = ("consistent", "consistent+low", "consistent+high", "all")
 
 
@@ -124,6 +127,9 @@ def base_config() -> ml_collections.ConfigDict:
     e.windows_per_batch = 4
     e.every_steps = 0  # 0 = only at the end
     e.max_images = 0  # 0 = the whole val split
+    # Networks evaluated at each evaluation: the Gen-Student (the method's model) and any other of the mode's, each
+    # logged and recorded apart (eval/<network>/... in TensorBoard, "networks" in eval_<step>.json).
+    e.networks = ("gen_student",)
 
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000
@@ -137,6 +143,9 @@ def _parse_value(text: str, current, key: str):
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
+        if isinstance(current, tuple) and current and all(isinstance(v, str) for v in current):
+            # Names need no quotes: eval.networks=(gen_student,gen_teacher)
+            return tuple(n.strip(" '\"") for n in text.strip(" ()[]").split(",") if n.strip(" '\""))
         raise ConfigError(f"config override {key}={text!r}: cannot parse the value for a {type(current).__name__} field")
     if isinstance(current, bool) and not isinstance(value, bool):
         raise ConfigError(f"config override {key}={text!r}: expected True or False")
@@ -238,6 +247,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.model.bn_backward must be 'autodiff' or 'closed_form', got {c.model.bn_backward!r}")
     if not c.model.stage_blocks and c.model.depth not in (50, 101):
         raise ConfigError(f"config.model.depth must be 50 or 101 (or set model.stage_blocks), got {c.model.depth}")
+    networks = tuple(c.eval.networks)
+    if "gen_student" not in networks or len(set(networks)) != len(networks) or not set(networks) <= set(
+            MODE_NETWORKS.get(c.mode, ())):
+        raise ConfigError(f"config.eval.networks must list 'gen_student' and others of the {c.mode!r} mode's "
+                          f"networks {list(MODE_NETWORKS.get(c.mode, ()))}, each once; got {list(networks)}")
     for name in ("batch_labeled", "batch_unlabeled", "crop_size"):
         if c.data[name] <= 0:
             raise ConfigError(f"config.data.{name} must be positive, got {c.data[name]}")

@@ -287,15 +287,11 @@ def format_iou_columns(results: dict, class_names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-# The networks of each mode's train state, as `--network=all` evaluates them.
-MODE_NETWORKS = {"supervised": ("gen_student",), "mean_teacher": ("gen_student", "gen_teacher"),
-                 "stpg": ("gen_student", "pro_student", "gen_teacher", "pro_teacher")}
-
-
 def main(argv) -> None:
     from absl import flags, logging
 
     from stpg_jax import checkpoint, export
+    from stpg_jax.config import MODE_NETWORKS
     from stpg_jax.data import DataError, build_data
     from stpg_jax.predict import load_predictor
 

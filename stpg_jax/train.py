@@ -208,7 +208,8 @@ class Trainer:
             )
         return _COMPILED_STEPS[key]
 
-    def evaluate(self, state: TrainState) -> dict:
+    def evaluate(self, state: TrainState, network: str = "gen_student") -> dict:
+        """One network of ``state`` (default: the Gen-Student) under the evaluation protocol."""
         c = self.config
         if self._predictor is None:  # built once: its jitted forward then compiles once per run
             n_dev = self.mesh.devices.size
@@ -219,7 +220,7 @@ class Trainer:
             )
         predictor = self._predictor
         return evaluate.evaluate(
-            predictor, state.gen_student.variables, self.bundle.val, self.num_classes, self.info.ignore_index,
+            predictor, getattr(state, network).variables, self.bundle.val, self.num_classes, self.info.ignore_index,
             c.eval.max_images,
         )
 
@@ -412,23 +413,34 @@ def _any_process(flag: bool) -> bool:
 
 
 def _run_eval(trainer: Trainer, state: TrainState, writer, step: int, log) -> dict:
+    """Evaluates ``eval.networks``, logs and records them; returns the Gen-Student's result."""
     t0 = time.time()
+    networks = ("gen_student",) + tuple(n for n in trainer.config.eval.networks if n != "gen_student")
+    names = trainer.info.class_names
     count = len(trainer.bundle.val)
     count = min(count, trainer.config.eval.max_images) if trainer.config.eval.max_images else count
-    log(f"evaluating the Gen-Student at step {step} on {count} val images "
+    others = f" (and {', '.join(networks[1:])})" if len(networks) > 1 else ""
+    log(f"evaluating the Gen-Student{others} at step {step} on {count} val images "
         f"(window {trainer.config.eval.window})...", flush=True)
-    result = trainer.evaluate(state)
-    log(evaluate.format_iou_table(result, trainer.info.class_names))
+    results = {name: trainer.evaluate(state, name) for name in networks}
+    result = results["gen_student"]
+    log(evaluate.format_iou_table(result, names))
+    if len(networks) > 1:
+        log(evaluate.format_iou_columns(results, names))
     log(f"  evaluation took {time.time() - t0:.1f}s", flush=True)
     if jax.process_index() == 0:
-        record = {"step": step, **evaluate.result_record(result, trainer.info.class_names)}
+        record = {"step": step, **evaluate.result_record(result, names)}
+        if len(networks) > 1:
+            record["networks"] = {name: evaluate.result_record(r, names) for name, r in results.items()}
         with open(os.path.join(trainer.workdir, f"eval_{step}.json"), "w") as f:
             json.dump(record, f, indent=2)
     if writer is not None:
-        writer.add_scalar("eval/miou", result["miou"], step)
-        writer.add_scalar("eval/pixel_accuracy", result["pixel_accuracy"], step)
-        for name, v in zip(trainer.info.class_names, result["iou"]):
-            if not np.isnan(v):
-                writer.add_scalar(f"eval/iou/{name}", float(v), step)
+        for network, r in results.items():
+            prefix = "eval" if network == "gen_student" else f"eval/{network}"
+            writer.add_scalar(f"{prefix}/miou", r["miou"], step)
+            writer.add_scalar(f"{prefix}/pixel_accuracy", r["pixel_accuracy"], step)
+            for name, v in zip(names, r["iou"]):
+                if not np.isnan(v):
+                    writer.add_scalar(f"{prefix}/iou/{name}", float(v), step)
         writer.flush()
     return result

@@ -79,6 +79,18 @@ def test_overrides_are_typed():
             get("voc_blender", f"1_4,{bad}")
 
 
+def test_evaluated_networks_take_names_and_are_checked_against_the_mode():
+    c = get("camvid", "1_8,eval.networks=(gen_student,gen_teacher)")
+    assert c.eval.networks == ("gen_student", "gen_teacher")
+    assert get("camvid", "1_8,eval.networks=('gen_student','pro_teacher')").eval.networks == ("gen_student",
+                                                                                               "pro_teacher")
+    for arg, why in (("eval.networks=(gen_teacher)", "must list 'gen_student'"),
+                     ("mode=mean_teacher,eval.networks=(gen_student,pro_teacher)", "'mean_teacher' mode's networks"),
+                     ("eval.networks=(gen_student,gen_student)", "each once")):
+        with pytest.raises(ConfigError, match=why):
+            get("camvid", f"1_8,{arg}")
+
+
 def test_override_wins_over_the_split_and_split_defaults():
     assert get("voc_blender", "1_16,schedule.epochs=3").schedule.epochs == 3
     assert get("voc_blender").split == "1_4"

@@ -377,3 +377,21 @@ def test_evaluate_a_chosen_network_and_the_export(uninterrupted):
         checkpoint.load_network(str(workdir), step=3)
     with pytest.raises(ValueError, match="network must be one of"):
         checkpoint.load_network(str(workdir), network="teacher")
+
+
+def test_evaluation_of_teachers_beside_the_gen_student(uninterrupted, tmp_path):
+    import shutil
+
+    workdir, first = uninterrupted
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    # The run is finished: started again, it evaluates its last state only, now with two teachers besides.
+    config = loop_config(**{"eval.networks": ("gen_student", "gen_teacher", "pro_teacher")})
+    result = train.train_and_evaluate(config, str(copy))
+    np.testing.assert_array_equal(result["confusion"], first["confusion"])  # the returned result: the Gen-Student's
+    record = json.loads((copy / "eval_4.json").read_text())
+    assert list(record["networks"]) == ["gen_student", "gen_teacher", "pro_teacher"]
+    assert record["networks"]["gen_student"]["iou"] == record["iou"]
+    assert record["networks"]["pro_teacher"] != record["networks"]["gen_student"]
+    events = b"".join(p.read_bytes() for p in (copy / "tensorboard").glob("events.out.tfevents.*"))
+    assert b"eval/pro_teacher/miou" in events and b"eval/gen_teacher/iou/road" in events
