@@ -121,7 +121,8 @@ def main(argv=None) -> dict:
                         out_shardings=sharding.replicated(mesh))(jnp.zeros((1, window, window, 3)))
     per_batch = c.eval.windows_per_batch
     shard = sharding.batch_sharded(mesh) if per_batch % mesh.devices.size == 0 else None
-    predictor = evaluate.make_window_predictor(model, window, per_batch, c.eval.stride_rate, sharding=shard)
+    predictor = evaluate.make_window_predictor(model, window, per_batch, c.eval.stride_rate, sharding=shard,
+                                               flip=c.eval.flip)
 
     devices = f"{mesh.devices.size} x {jax.devices()[0].device_kind}"
     print(f"{args.config}: {count} {what}, {num_classes} classes, window {window}, {per_batch} windows per batch "
@@ -139,7 +140,7 @@ def main(argv=None) -> dict:
         "host": f"{platform.node()} ({os.cpu_count()} CPUs)",
         "devices": devices,
         "command": "python benchmarks/eval_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "images": count, "source": what, "window": window, "windows_per_batch": per_batch,
+        "images": count, "source": what, "window": window, "windows_per_batch": per_batch, "flip": c.eval.flip,
         "windows_per_image": sum(windows) / count,
         "warmup_images": args.warmup, "warmup_s": warmup_s,
         "timed_images": timed, "timed_s": timed_s, "images_per_s": timed / timed_s,

@@ -127,6 +127,8 @@ def base_config() -> ml_collections.ConfigDict:
     e.windows_per_batch = 4
     e.every_steps = 0  # 0 = only at the end
     e.max_images = 0  # 0 = the whole val split
+    # Also run each window mirrored left-right and add its logits, mirrored back (off in the paper's protocol).
+    e.flip = False
     # Networks evaluated at each evaluation: the Gen-Student (the method's model) and any other of the mode's, each
     # logged and recorded apart (eval/<network>/... in TensorBoard, "networks" in eval_<step>.json).
     e.networks = ("gen_student",)

@@ -1,4 +1,5 @@
 """Evaluation protocol of DESIGN.md §5: sliding window, summed window logits, single scale, no flip; mIoU.
+(``eval.flip`` adds each window's mirror image, an option outside the paper's protocol.)
 
 The window side is the training crop (VOC 512, Cityscapes 800); windows step by 2/3 of the side. An image smaller
 than the window is padded with the mean colour (0 after normalisation) and the padding is cropped away afterwards.
@@ -86,12 +87,18 @@ class WindowPredictor:
     and hands its devices their part; the outputs come back whole to every process.
     """
 
-    def __init__(self, model, window: int, windows_per_batch: int = 4, stride_rate: float = 2 / 3, sharding=None):
+    def __init__(self, model, window: int, windows_per_batch: int = 4, stride_rate: float = 2 / 3, sharding=None,
+                 flip: bool = False):
         self.window, self.windows_per_batch, self.sharding = window, windows_per_batch, sharding
         self.stride = max(1, int(math.ceil(window * stride_rate)))
 
         def apply(variables, windows):
-            logits = model.apply(variables, normalize(windows), train=False)["logits"]
+            x = normalize(windows)
+            if flip:  # each window and its mirror image in one pass; the mirror's logits mirrored back and added
+                both = model.apply(variables, jnp.concatenate([x, x[:, :, ::-1]]), train=False)["logits"]
+                logits = both[:x.shape[0]] + both[x.shape[0]:, :, ::-1]
+            else:
+                logits = model.apply(variables, x, train=False)["logits"]
             return logits, _class_ids(logits)  # the ids are read when an image is one window
 
         def zeros(shape):
@@ -195,9 +202,9 @@ def _finished(pending: "collections.deque[_Image]") -> Iterator[np.ndarray]:
 
 
 def make_window_predictor(model, window: int, windows_per_batch: int = 4, stride_rate: float = 2 / 3,
-                          sharding=None) -> WindowPredictor:
+                          sharding=None, flip: bool = False) -> WindowPredictor:
     """A `WindowPredictor`: ``predictor(variables, image)`` → summed logits, ``predictor.labels`` → class ids."""
-    return WindowPredictor(model, window, windows_per_batch, stride_rate, sharding)
+    return WindowPredictor(model, window, windows_per_batch, stride_rate, sharding, flip)
 
 
 def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
@@ -325,7 +332,8 @@ def main(argv) -> None:
     count = min(len(bundle.val), FLAGS.max_images) if FLAGS.max_images else len(bundle.val)
     print(f"{', '.join(networks)} of {path}" + (f" at step {step}" if step is not None else "")
           + f": {count} {bundle.info.name} val images, window {predictor.window}, stride rate "
-          f"{predictor.stride_rate:.3f}, {predictor.windows_per_batch} windows per batch on "
+          f"{predictor.stride_rate:.3f}{', flipped too' if predictor.flip else ''}, {predictor.windows_per_batch} "
+          f"windows per batch on "
           f"{jax.local_device_count()} device(s); the first batch compiles the network", flush=True)
     # One compiled network serves them all: they share the model and differ only in their variables.
     run, variables = predictor.window_predictor()
@@ -350,7 +358,7 @@ def main(argv) -> None:
                     "confusion": results[name]["confusion"].tolist(), "seconds": seconds[name]}
 
         record = {"checkpoint": os.path.abspath(path), "step": step, "dataset": bundle.info.name, "images": count,
-                  "window": predictor.window, "stride_rate": predictor.stride_rate}
+                  "window": predictor.window, "stride_rate": predictor.stride_rate, "flip": predictor.flip}
         if len(networks) == 1:
             record.update(network=networks[0], **network_record(networks[0]))
         else:

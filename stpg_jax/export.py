@@ -49,6 +49,7 @@ def export_model(
     variables: Mapping[str, Any],
     eval_window: int,
     eval_stride_rate: float = 2 / 3,
+    eval_flip: bool = False,
     overwrite: bool = False,
 ) -> str:
     """Writes the Gen-Student ``variables`` and its model config to ``out_dir``; returns the absolute path.
@@ -78,6 +79,7 @@ def export_model(
         "class_names": class_names,
         "eval_window": int(eval_window),
         "eval_stride_rate": float(eval_stride_rate),
+        "eval_flip": bool(eval_flip),
     }
     # Fail before writing anything if the variables do not fit the model the config describes.
     model = _build_model(meta)

@@ -40,6 +40,7 @@ class Predictor:
     stride_rate: float = 2 / 3
     windows_per_batch: int = 4
     step: Optional[int] = None  # the checkpoint's step (None for an export)
+    flip: bool = False  # also the mirrored windows (eval.flip)
 
     def _placement(self):
         """The window batches' sharding over the local devices and the variables' (None, None: one device), used
@@ -63,7 +64,7 @@ class Predictor:
 
         batch_sharding, _ = self._placement()
         run = make_window_predictor(self.model, self.window, self.windows_per_batch, self.stride_rate,
-                                    sharding=batch_sharding)
+                                    sharding=batch_sharding, flip=self.flip)
         return run, self.place(self.variables)
 
 
@@ -80,7 +81,7 @@ def load_predictor(checkpoint: str, config=None, windows_per_batch: Optional[int
                              "can be chosen only from a training work directory")
         model, variables, meta = export.load_model(checkpoint)
         p = Predictor(model, variables, meta["num_classes"], meta["dataset_name"], meta["eval_window"],
-                      meta["eval_stride_rate"])
+                      meta["eval_stride_rate"], flip=bool(meta.get("eval_flip", False)))
     elif os.path.isdir(checkpoint):
         from stpg_jax.checkpoint import load_network
         from stpg_jax.models import model_from_config
@@ -88,12 +89,13 @@ def load_predictor(checkpoint: str, config=None, windows_per_batch: Optional[int
         train_config, variables, num_classes, step = load_network(checkpoint, network, step)
         p = Predictor(model_from_config(train_config.model, num_classes), variables, num_classes,
                       train_config.data.dataset, train_config.eval.window, train_config.eval.stride_rate,
-                      train_config.eval.windows_per_batch, step)
+                      train_config.eval.windows_per_batch, step, bool(train_config.eval.get("flip", False)))
     else:
         raise FileNotFoundError(f"--checkpoint {checkpoint!r} is neither an export directory nor a work directory")
     if config is not None:
         p.window, p.stride_rate = int(config.eval.window), float(config.eval.stride_rate)
         p.windows_per_batch = int(config.eval.windows_per_batch)
+        p.flip = bool(config.eval.flip)
         p.dataset_name = config.data.dataset
     if windows_per_batch:
         p.windows_per_batch = int(windows_per_batch)

@@ -216,7 +216,7 @@ class Trainer:
             per_batch = c.eval.windows_per_batch
             shard = self.batch_sharding if per_batch % n_dev == 0 else None
             self._predictor = evaluate.make_window_predictor(
-                self.model, c.eval.window, per_batch, c.eval.stride_rate, sharding=shard
+                self.model, c.eval.window, per_batch, c.eval.stride_rate, sharding=shard, flip=c.eval.flip
             )
         predictor = self._predictor
         return evaluate.evaluate(
@@ -395,7 +395,7 @@ def _train(config, workdir, max_steps, stop) -> dict:
                 os.path.join(workdir, "export"), model_config=c.model, num_classes=trainer.num_classes,
                 dataset_name=trainer.info.name, class_names=trainer.info.class_names,
                 variables=jax.device_get(state.gen_student.variables), eval_window=c.eval.window,
-                eval_stride_rate=c.eval.stride_rate, overwrite=True,
+                eval_stride_rate=c.eval.stride_rate, eval_flip=c.eval.flip, overwrite=True,
             )
             log(f"Gen-Student exported to {path} (stpg_jax.load_model / python -m stpg_jax.predict)")
         return results

@@ -169,3 +169,19 @@ def test_evaluate_streams_through_the_predictor_as_through_a_plain_function(tiny
     per_image = evaluate(lambda v, image: predictor(v, image), variables, source, NUM_CLASSES, progress=False)
     np.testing.assert_array_equal(streamed["confusion"], per_image["confusion"])
     assert streamed["confusion"].sum() == sum(item["label"].size for item in source)
+
+
+def test_flip_adds_each_windows_mirror_image(tiny, large_image):
+    model, variables, forward, _ = tiny
+    flipping = make_window_predictor(model, WINDOW, windows_per_batch=4, flip=True)
+    h, w = large_image.shape[:2]
+    stride = math.ceil(WINDOW * 2 / 3)
+    expected = np.zeros((h, w, NUM_CLASSES), np.float64)
+    for y in window_origins(h, WINDOW, stride):
+        for x in window_origins(w, WINDOW, stride):
+            window = large_image[None, y:y + WINDOW, x:x + WINDOW]
+            mirrored = np.asarray(forward(variables, window[:, :, ::-1]))[0, :, ::-1]
+            expected[y:y + WINDOW, x:x + WINDOW] += np.asarray(forward(variables, window))[0] + mirrored
+    np.testing.assert_allclose(flipping(variables, large_image), expected, rtol=1e-5, atol=1e-4)
+    (labels,) = flipping.labels(variables, [large_image])
+    np.testing.assert_array_equal(labels, flipping(variables, large_image).argmax(-1))

@@ -79,6 +79,21 @@ def test_load_model_restores_the_export(exported):
     assert meta["num_classes"] == NUM_CLASSES and meta["dataset_name"] == "camvid"
     assert meta["eval_window"] == WINDOW and meta["eval_stride_rate"] == pytest.approx(2 / 3)
     assert meta["model"]["stage_blocks"] == [1, 1, 1, 1] and meta["class_names"][4] == "c4"
+    assert meta["eval_flip"] is False and predict.load_predictor(path).flip is False
+
+
+def test_an_export_carries_the_flip_of_its_evaluation(exported, tmp_path):
+    _, model, variables = exported
+    out = export.export_model(str(tmp_path / "flipped"), model_config=tiny_model_config(), num_classes=NUM_CLASSES,
+                              dataset_name="camvid", class_names=[], variables=variables, eval_window=WINDOW,
+                              eval_flip=True)
+    predictor = predict.load_predictor(out)
+    assert predictor.flip is True
+    image = np.random.default_rng(5).integers(0, 256, (20, 27, 3), dtype=np.uint8)
+    run, placed = predictor.window_predictor()
+    got = run(placed, image)
+    np.testing.assert_allclose(got, make_window_predictor(model, WINDOW, 4, flip=True)(variables, image), atol=1e-3)
+    assert np.abs(got - make_window_predictor(model, WINDOW, 4)(variables, image)).max() > 0.1
 
 
 def test_export_refuses_to_overwrite_and_checks_structure(exported, tmp_path):
