@@ -320,6 +320,8 @@ def main(argv) -> None:
             data_config = (override or run_config).data
             networks = list(MODE_NETWORKS[run_config.mode]) if networks == ["all"] else networks
         predictor = load_predictor(path, override, FLAGS.windows_per_batch, network=networks[0], step=step)
+        if FLAGS.flip is not None:
+            predictor.flip = FLAGS.flip
         bundle = build_data(data_config)
         if bundle.info.num_classes != predictor.num_classes:
             raise ValueError(f"the network predicts {predictor.num_classes} classes; data.dataset "
@@ -381,6 +383,8 @@ def _define_flags():
     flags.DEFINE_integer("step", -1, "checkpoint step of a work directory (-1: the latest)")
     flags.DEFINE_integer("max_images", 0, "evaluate the first N val images only (0: all)")
     flags.DEFINE_integer("windows_per_batch", 0, "windows per batch (0: from the config/export)")
+    flags.DEFINE_boolean("flip", None, "--flip / --noflip: add each window's mirror image or not (default: as the "
+                         "run's eval.flip or the export's)")
     flags.DEFINE_string("out", "", "write the result (IoUs, confusion matrix, protocol) to this JSON file")
     config_flags.DEFINE_config_file("config", None, "config whose data and eval sections to use", lock_config=True)
 

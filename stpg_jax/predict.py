@@ -199,8 +199,11 @@ def main(argv) -> None:
         raise SystemExit(f"unexpected arguments: {argv[1:]}")
     config = FLAGS.config if FLAGS["config"].present else None
     predictor = load_predictor(FLAGS.checkpoint, config, FLAGS.windows_per_batch)
+    if FLAGS.flip is not None:
+        predictor.flip = FLAGS.flip
     paths = list_images(FLAGS.images)
-    print(f"{len(paths)} images, window {predictor.window}, stride rate {predictor.stride_rate:.3f}, "
+    print(f"{len(paths)} images, window {predictor.window}, stride rate {predictor.stride_rate:.3f}"
+          f"{', flipped too' if predictor.flip else ''}, "
           f"{predictor.windows_per_batch} windows per batch on {jax.local_device_count()} device(s); the first "
           f"batch compiles the network")
     try:
@@ -220,6 +223,8 @@ def _define_flags():
     flags.DEFINE_string("images", None, "image directory, glob pattern or file", required=True)
     flags.DEFINE_string("out", None, "output directory", required=True)
     flags.DEFINE_integer("windows_per_batch", 0, "windows per device batch (0: from the config/export)")
+    flags.DEFINE_boolean("flip", None, "--flip / --noflip: add each window's mirror image or not (default: as the "
+                         "run's eval.flip or the export's)")
     config_flags.DEFINE_config_file("config", None, "training config; overrides the evaluation protocol",
                                     lock_config=True)
 

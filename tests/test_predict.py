@@ -192,11 +192,11 @@ def test_predict_command_with_config_override(exported, images, tmp_path):
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".jax_cache"))
     result = subprocess.run(
         [sys.executable, "-m", "stpg_jax.predict", f"--checkpoint={path}", f"--images={image_dir / 'wide.png'}",
-         f"--out={tmp_path / 'out'}", f"--config={config_file}"],
+         f"--out={tmp_path / 'out'}", f"--config={config_file}", "--flip"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "window 24" in result.stdout and "2 windows per batch" in result.stdout
+    assert "window 24" in result.stdout and "2 windows per batch" in result.stdout and "flipped too" in result.stdout
     mask_image = Image.open(tmp_path / "out" / "wide.png")
     assert mask_image.size == (75, 40)
     cityscapes = palette_for("cityscapes")
