@@ -1,6 +1,7 @@
 """Segments images with a trained Gen-Student and writes coloured masks.
 
     python -m stpg_jax.predict --checkpoint=EXPORT_DIR_OR_WORKDIR --images=DIR_OR_GLOB --out=DIR [--config=...]
+        [--network=gen_teacher] [--step=N] [--flip]
 
 ``--checkpoint`` is a directory written by `stpg_jax.export.export_model` or a training work directory (its latest
 Gen-Student). Each image goes through the evaluation protocol (sliding window of the config's side, stride 2/3,
@@ -198,7 +199,12 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {argv[1:]}")
     config = FLAGS.config if FLAGS["config"].present else None
-    predictor = load_predictor(FLAGS.checkpoint, config, FLAGS.windows_per_batch)
+    try:
+        predictor = load_predictor(FLAGS.checkpoint, config, FLAGS.windows_per_batch, network=FLAGS.network,
+                                   step=None if FLAGS.step < 0 else FLAGS.step)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if FLAGS.flip is not None:
         predictor.flip = FLAGS.flip
     paths = list_images(FLAGS.images)
@@ -223,6 +229,9 @@ def _define_flags():
     flags.DEFINE_string("images", None, "image directory, glob pattern or file", required=True)
     flags.DEFINE_string("out", None, "output directory", required=True)
     flags.DEFINE_integer("windows_per_batch", 0, "windows per device batch (0: from the config/export)")
+    flags.DEFINE_string("network", "gen_student", "network of a work directory's checkpoint: gen_student, "
+                        "pro_student, gen_teacher or pro_teacher")
+    flags.DEFINE_integer("step", -1, "checkpoint step of a work directory (-1: the latest)")
     flags.DEFINE_boolean("flip", None, "--flip / --noflip: add each window's mirror image or not (default: as the "
                          "run's eval.flip or the export's)")
     config_flags.DEFINE_config_file("config", None, "training config; overrides the evaluation protocol",
