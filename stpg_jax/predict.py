@@ -4,9 +4,10 @@
         [--network=gen_teacher] [--step=N] [--flip]
 
 ``--checkpoint`` is a directory written by `stpg_jax.export.export_model` or a training work directory (its latest
-Gen-Student). Each image goes through the evaluation protocol (sliding window of the config's side, stride 2/3,
-summed window logits, single scale, no flip; windows batched on the device). ``--config`` overrides the protocol
-(``eval.window``, ``eval.stride_rate``, ``eval.windows_per_batch``) and the palette (``data.dataset``).
+Gen-Student, or ``--network`` / ``--step``). Each image goes through the evaluation protocol (sliding window of the
+config's side, stride 2/3, summed window logits, single scale, no flip unless ``eval.flip`` / ``--flip``; windows
+batched on the device). ``--config`` overrides the protocol (``eval.window``, ``eval.stride_rate``, ``eval.flip``,
+``eval.windows_per_batch``) and the palette (``data.dataset``).
 
 For each ``<name>.<ext>`` it writes ``<name>.png`` (palette PNG whose pixel values are class ids) and
 ``<name>_overlay.jpg`` (the image blended with the class colours).
