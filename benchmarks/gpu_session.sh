@@ -16,7 +16,7 @@
 # after every phase (the profile right after the timed steps), so a run stopped by its timeout keeps what it
 # measured; BF16_ARGS (default --breakdown) adds the optional phases. AB_OVERRIDES (e.g.
 # model.bn_backward=closed_form) times bfloat16 once more with those config overrides (no profile), before float32.
-# BUDGET_S (default 225 s) bounds the whole script.
+# BUDGET_S (default 225 s) bounds the whole script; what is left of it at the end times the evaluation protocol.
 set -uo pipefail
 START=$SECONDS
 BUDGET_S=${BUDGET_S:-225}
@@ -81,5 +81,15 @@ if [ "$T" -gt 30 ]; then
   echo "float32 exit status ${PIPESTATUS[0]} (non-zero with RESOURCE_EXHAUSTED above = does not fit the pool)"
 else
   echo "== float32 skipped: ${T}s left"
+fi
+# Last, with what time is left: the evaluation protocol's throughput (benchmarks/eval_speed.py, BENCHMARKS.md §6) on
+# VOC-sized images, one window each (EVAL_CONFIG / EVAL_ARGS to change it).
+T=$(( $(left) - 5 ))
+if [ "$T" -gt 60 ]; then
+  echo "== evaluation throughput (timeout ${T}s)"
+  timeout -k 5 "$T" python3 benchmarks/eval_speed.py --config="${EVAL_CONFIG:-$CONFIG}" \
+    ${EVAL_ARGS:---size 375x500 --images 64 --warmup 4} --out "$OUT/eval_speed.json" 2>&1 | tee "$OUT/eval_speed.log"
+else
+  echo "== evaluation throughput skipped: ${T}s left"
 fi
 echo "total $((SECONDS - START))s"
