@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -28,7 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step_time import git_commit, load_config, num_classes_of  # noqa: E402  (the sibling script)
+from step_time import git_commit, load_config, num_classes_of, write_json  # noqa: E402  (the sibling script)
 
 from stpg_jax.config import ConfigError  # noqa: E402
 from stpg_jax.data import DataError  # noqa: E402
@@ -153,7 +152,7 @@ def main(argv=None) -> dict:
           f"| {timed} + {args.warmup} | {report['windows_per_image']:.2f} | {warmup_s:.1f} | "
           f"{report['images_per_s']:.2f} | {report['ms_per_image']:.1f} |", flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        write_json(args.out, report)
         print(f"wrote {args.out}")
     return report
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -28,7 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step_time import git_commit, load_config  # noqa: E402  (the sibling script)
+from step_time import git_commit, load_config, write_json  # noqa: E402  (the sibling script)
 
 from stpg_jax.config import ConfigError  # noqa: E402
 from stpg_jax.data import DataError, build_data, make_train_loader  # noqa: E402
@@ -129,7 +128,7 @@ def main(argv=None) -> dict:
     print(f"\n{report['date']} | commit {report['commit']} | host {report['host']}\ncommand: {report['command']}\n")
     print(markdown_table(rows), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        write_json(args.out, report)
         print(f"wrote {args.out}")
     return report
 

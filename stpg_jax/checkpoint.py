@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from stpg_jax.config import FIELDS_ADDED_LATER, ConfigError
+from stpg_jax.config import FIELDS_ADDED_LATER, MODE_NETWORKS, ConfigError
 
 # Fields that may change between a run and its resumption: they do not alter the state or the trajectory.
 RESUME_SAFE_PREFIXES = (
@@ -170,7 +170,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-NETWORKS = ("gen_student", "pro_student", "gen_teacher", "pro_teacher")
+NETWORKS = MODE_NETWORKS["stpg"]  # every network a train state can hold
 
 
 def load_network(workdir: str, network: str = "gen_student", step: int | None = None):

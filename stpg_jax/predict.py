@@ -47,12 +47,13 @@ class Predictor:
     def _placement(self):
         """The window batches' sharding over the local devices and the variables' (None, None: one device), used
         when the devices divide ``windows_per_batch``."""
+        from stpg_jax import sharding
+
         devices = jax.local_devices()
         if len(devices) < 2 or self.windows_per_batch % len(devices):
             return None, None
-        mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-        P = jax.sharding.PartitionSpec
-        return jax.sharding.NamedSharding(mesh, P("data")), jax.sharding.NamedSharding(mesh, P())
+        mesh = sharding.make_mesh(devices)
+        return sharding.batch_sharded(mesh), sharding.replicated(mesh)
 
     def place(self, variables):
         """``variables`` (these or another network's of the same model) placed for `window_predictor`'s ``run``."""

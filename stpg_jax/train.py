@@ -152,18 +152,17 @@ class Trainer:
     def init_state(self) -> TrainState:
         """The initial state: random heads, the ImageNet backbone of ``model.pretrained`` (if set), the anchors."""
         c = self.config
+        kwargs = self._state_kwargs()
         anchors = None
         if c.mode == "stpg":
-            anchors = losses.make_anchors(
-                self.num_classes, c.model.proj_dim or c.model.decoder_channels, seed=c.seed,
-                steps=c.stpg.anchor_steps, temperature=c.stpg.anchor_temperature,
-            )
+            anchors = losses.make_anchors(self.num_classes, kwargs["proj_dim"], seed=c.seed, steps=c.stpg.anchor_steps,
+                                          temperature=c.stpg.anchor_temperature)
         pretrained = load_pretrained(c.model) if self._pretrained is _NOT_LOADED else self._pretrained
         self._pretrained = _NOT_LOADED  # host copies no longer needed
         # Built by compiled programs straight onto the devices; the weights enter as an argument, not as constants
         # baked into a program. The dummy forward of the initialiser needs no more than a 64-pixel crop.
         return init_train_state(self.model, self.tx, jax.random.PRNGKey(c.seed), self.replicated, anchors=anchors,
-                                pretrained=pretrained, **self._state_kwargs())
+                                pretrained=pretrained, **kwargs)
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and placement of the state, the target a checkpoint is restored into: traced, not run (no
