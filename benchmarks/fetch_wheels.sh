@@ -9,8 +9,8 @@
 #   bash benchmarks/fetch_wheels.sh            # run in the repository root; .whl/ is ignored via .git/info/exclude
 #
 # On the GPU machine (see benchmarks/gpu_session.sh):
-#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl
-#   export PYTHONPATH=$PWD/.site:$PWD
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/stpg_keep/site .whl/*.whl
+#   export PYTHONPATH=/tmp/stpg_keep/site:$PWD   (gpu_session.sh does both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CamVid 1/8 experiment (supervised, mean teacher, STPG; issue 7) on the GPU machine in one call, aimed at 6-7
-# minutes (not measured yet).
+# minutes.
 #
 # The three runs start together on the one GPU (camvid_experiment.py --parallel), so that their start-up and XLA
 # compilation (each about a minute per R50 run on the H200; BENCHMARKS.md section 1) overlap instead of being paid
@@ -12,13 +12,17 @@
 # after another (paying start-up and compilation three times). TIMEOUT_S (480) bounds the experiment; when it
 # expires the runs are stopped and the results file and the train logs are still written.
 #
-# The data (37 MB) and the ImageNet weights (46 MB) exceed one call's 64 MiB together, so they travel in two calls
-# into ignored folders, which a warm machine keeps between calls (echo /.carry/ >> .git/info/exclude first):
-#   here:  mkdir -p .carry/weights && cp -r ../shared/data/camvid .carry/camvid \
+# The data (37 MB) and the ImageNet weights (46 MB) exceed one call's 64 MiB together, so they travel in two calls.
+# The repository's ignored folders do not stay on the machine from one call to the next (the working tree is sent
+# again), but /tmp does while the machine is warm (30 s after a call): the first call leaves the installed wheels and
+# the weights in KEEP (/tmp/stpg_keep), and this script takes from there whatever was not carried with it.
+#   here:  bash benchmarks/fetch_wheels.sh; echo /.carry/ >> .git/info/exclude
+#          mkdir -p .carry/weights && cp -r ../shared/data/camvid .carry/camvid \
 #            && cp ../shared/weights/resnet50_imagenet.npz .carry/weights/
-#   call 1 (e.g. with gpu_session.sh): carry [".whl", ".carry/weights"]
-#   call 2: carry [".carry/camvid"], timeout_s 540:  STPG_COMMIT=<sha> bash benchmarks/gpu_camvid.sh   (STEPS=600)
-# (A machine that went back in between has lost .carry/weights and .site: then carry them again.)
+#   call 1, carry [".whl", ".carry/weights"]:  bash benchmarks/gpu_session.sh   (it keeps both in KEEP)
+#   call 2 at once, carry [".carry/camvid"], timeout_s 540:  STPG_COMMIT=<sha> bash benchmarks/gpu_camvid.sh
+# (A machine that went back in between has lost KEEP: then carry .whl and .carry/weights again and call 1 again.)
+# On 2026-11-27 on an H200 the three 600-step runs took 296 s together (BENCHMARKS.md section 2).
 #
 # Writes into $OUT (8 files): camvid_results.{md,json}, commands.txt, split_labeled.txt, split.json and the three
 # train logs.
@@ -31,20 +35,25 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export STPG_COMMIT=${STPG_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 
-if [ ! -f .site/.installed ]; then
-  [ -d .whl ] || { echo ".whl/ missing: carry it (bash benchmarks/fetch_wheels.sh here)"; exit 1; }
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
-    && touch .site/.installed || { echo "wheel install failed"; exit 1; }
+KEEP=${KEEP:-/tmp/stpg_keep}
+SITE=$KEEP/site
+if [ ! -f "$SITE/.installed" ]; then
+  [ -d .whl ] || { echo ".whl/ missing and no wheels installed in $SITE: carry .whl (bash benchmarks/fetch_wheels.sh here)"; exit 1; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+    && touch "$SITE/.installed" || { echo "wheel install failed"; exit 1; }
 fi
-export PYTHONPATH=$PWD/.site:$PWD
-for f in .carry/camvid/train.txt .carry/weights/resnet50_imagenet.npz; do
-  [ -e "$f" ] || { echo "missing $f: carry it (see the top of this script)"; ls -la .carry 2>&1; exit 1; }
-done
+export PYTHONPATH=$SITE:$PWD
+# Each of the data and the weights: carried with this call (.carry/...) or left in KEEP by an earlier call.
+pick() { for d in ".carry/$1" "$KEEP/$1"; do [ -e "$d/$2" ] && { echo "$d"; return 0; }; done; return 1; }
+DATA=$(pick camvid train.txt) || { echo "CamVid missing: carry .carry/camvid (see the top of this script)"; exit 1; }
+WEIGHTS=$(pick weights resnet50_imagenet.npz) \
+  || { echo "weights missing in .carry/weights and $KEEP/weights: carry .carry/weights (see the top of this script)"; exit 1; }
+echo "data: $DATA, weights: $WEIGHTS/resnet50_imagenet.npz, packages: $SITE"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 
 ROOT=/tmp/camvid_exp
 rm -rf "$ROOT"
-OVERRIDES="data.root=.carry/camvid,model.pretrained=.carry/weights/resnet50_imagenet.npz,data.workers=$WORKERS"
+OVERRIDES="data.root=$DATA,model.pretrained=$WEIGHTS/resnet50_imagenet.npz,data.workers=$WORKERS"
 OVERRIDES+=",model.dtype=${DTYPE:-bfloat16}"  # bfloat16 compute (float32 parameters) for all three methods
 OVERRIDES+=",${EXTRA_OVERRIDES:-log_every_steps=50}"
 MODE_ARGS=(--parallel)

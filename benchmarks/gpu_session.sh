@@ -27,11 +27,21 @@ export STPG_COMMIT=${STPG_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || ec
 
 CONFIG=${CONFIG:-configs/voc_blender.py:1_4}
 STEP_ARGS=${STEP_ARGS:-}   # e.g. --tiny, to try this script on a CPU (with SKIP_INSTALL=1)
-if [ "${SKIP_INSTALL:-0}" != 1 ] && [ -d .whl ] && [ ! -f .site/.installed ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
-    && touch .site/.installed || { echo "wheel install failed"; exit 1; }
+# Wheels are installed into KEEP (/tmp/stpg_keep), which stays on the machine while it is warm (the repository's
+# ignored folders do not: the working tree is sent again with each call), so a following call (gpu_camvid.sh) finds
+# them; so does the ImageNet weights file when it was carried here as .carry/weights.
+KEEP=${KEEP:-/tmp/stpg_keep}
+if [ "${SKIP_INSTALL:-0}" != 1 ]; then
+  if [ -d .whl ] && [ ! -f "$KEEP/site/.installed" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$KEEP/site" .whl/*.whl \
+      && touch "$KEEP/site/.installed" || { echo "wheel install failed"; exit 1; }
+  fi
+  export PYTHONPATH=$KEEP/site:$PWD
+  if [ -f .carry/weights/resnet50_imagenet.npz ]; then
+    mkdir -p "$KEEP/weights" && cp .carry/weights/resnet50_imagenet.npz "$KEEP/weights/" \
+      && echo "weights kept in $KEEP/weights for the next call"
+  fi
 fi
-[ "${SKIP_INSTALL:-0}" = 1 ] || export PYTHONPATH=$PWD/.site:$PWD
 
 { date -u; nvidia-smi; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu --format=csv; } > "$OUT/nvidia_smi.txt" 2>&1
 head -n 20 "$OUT/nvidia_smi.txt"
