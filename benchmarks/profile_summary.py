@@ -14,7 +14,14 @@ sorts each instruction into a category:
 - ``matmul``: cuBLAS / Triton / CUTLASS GEMMs and dots;
 - ``reduction fusion``: fusions whose root reduces (BatchNorm statistics, losses, bias gradients);
 - ``elementwise fusion``: loop fusions (BatchNorm apply, ReLU, casts, the optimiser, EMA);
-- ``scatter`` / ``gather`` / ``copy / transpose`` / ``memcpy / memset`` / ``other``.
+- ``scatter`` / ``gather`` / ``copy / transpose`` / ``other``;
+- ``memcpy / memset``: memset and memcpy operations, also those an instruction issues before its kernel (a cuDNN
+  convolution zeroing its output): their time counts here, the instruction's kernels under its own category.
+
+A CUDA-graph command buffer (``command_buffer_N``: XLA captures runs of kernels into one graph) is not one
+instruction: its kernels are counted one by one under the instructions that launched them (a kernel named
+``loop_reduce_fusion_1`` under ``loop_reduce_fusion.1``, found in the HLO; a library kernel under its own name),
+and ``command_buffer_ms_per_step`` says how much of the time ran inside graphs.
 
 The category comes from the instruction in the optimised HLO when ``--hlo`` is given (opcode, fusion kind, custom-call
 target, and what the fused computation holds), else from the instruction's and the kernel's names. Times are device
@@ -142,6 +149,26 @@ def categorize(op_name: str, kernel_name: str = "", hlo: dict | None = None) -> 
     return "other"
 
 
+def _instruction_of(event: dict, known: set) -> tuple[str, bool]:
+    """The HLO instruction a kernel event belongs to, and whether it ran inside a command buffer."""
+    args = event.get("args") or {}
+    op = args.get("hlo_op") or event["name"]
+    if not op.startswith("command_buffer"):
+        return op, False
+    kernel = event["name"]
+    if kernel in known:
+        return kernel, True
+    numbered = re.fullmatch(r"(.+)_(\d+)", kernel)  # XLA names a fusion's kernel after it, "." becoming "_"
+    if numbered and f"{numbered[1]}.{numbered[2]}" in known:
+        return f"{numbered[1]}.{numbered[2]}", True
+    return kernel, True  # no HLO, or a library kernel (cuDNN, cuBLAS, memset): grouped by its own name
+
+
+def _is_memory_op(kernel_name: str) -> bool:
+    """A memset or memcpy (CUPTI names them "Memset …" / "Memcpy …"), not a compute kernel."""
+    return kernel_name.lower().startswith(("memset", "memcpy"))
+
+
 def _union_length(intervals: list[tuple[float, float]]) -> float:
     total, end = 0.0, -float("inf")
     for a, b in sorted(intervals):
@@ -205,15 +232,20 @@ def summarize(trace_dir: str | Path, hlo_text: str | None = None, steps: int | N
     hlo = parse_hlo(hlo_text) if hlo_text else None
     walls = step_walls(all_events)
     steps = steps or len(walls) or 1
-    by_op = defaultdict(lambda: {"us": 0.0, "count": 0, "kernel": ""})
+    by_op = defaultdict(lambda: {"us": 0.0, "count": 0, "kernel": "", "memset_us": 0.0})
     intervals = []
+    known = set(hlo["instructions"]) if hlo else set()
+    graph_us = 0.0
     for e in events:
-        args = e.get("args") or {}
-        op = args.get("hlo_op") or e["name"]
+        op, in_graph = _instruction_of(e, known)
+        graph_us += float(e["dur"]) if in_graph else 0.0
         entry = by_op[op]
         entry["us"] += float(e["dur"])
         entry["count"] += 1
-        if not entry["kernel"]:
+        if _is_memory_op(e["name"]):  # e.g. a cuDNN convolution zeroing its output before its kernel
+            entry["memset_us"] += float(e["dur"])
+            entry["memset_kernel"] = entry.get("memset_kernel") or e["name"]
+        elif not entry["kernel"]:
             entry["kernel"] = e["name"]
         intervals.append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
     total_us = sum(v["us"] for v in by_op.values())
@@ -223,11 +255,16 @@ def summarize(trace_dir: str | Path, hlo_text: str | None = None, steps: int | N
     scope_us = defaultdict(float)
     ops = []
     for name, v in by_op.items():
-        cat = categorize(name, v["kernel"], hlo)
-        categories[cat] += v["us"]
+        kernel = v["kernel"] or v.get("memset_kernel", "")
+        cat = categorize(name, kernel, hlo)
+        # An instruction's memsets and copies count as such; its other kernels under the instruction's category.
+        categories[cat] += v["us"] - v["memset_us"]
+        categories["memcpy / memset"] += v["memset_us"]
         op = {"op": name, "category": cat, "ms_per_step": v["us"] / steps / 1e3,
               "share": v["us"] / total_us if total_us else 0.0, "kernels_per_step": v["count"] / steps,
-              "kernel": v["kernel"][:90]}
+              "kernel": kernel[:90]}
+        if v["memset_us"] and v["kernel"]:
+            op["memset_ms_per_step"] = v["memset_us"] / steps / 1e3
         if name in traffic:
             nbytes, scope = traffic[name]
             category_bytes[cat] += nbytes
@@ -251,6 +288,7 @@ def summarize(trace_dir: str | Path, hlo_text: str | None = None, steps: int | N
         "steps": steps,
         "kernel_ms_per_step": total_us / steps / 1e3,
         "busy_ms_per_step": _union_length(intervals) / steps / 1e3,
+        "command_buffer_ms_per_step": graph_us / steps / 1e3,
         "step_wall_ms": [w / 1e3 for w in walls],
         "categories": summary_categories,
         # Kernel time by transformation scope (forward passes, their backward, ...), when the HLO names them.
@@ -285,7 +323,9 @@ def format_summary(s: dict) -> str:
     source = {"gpu": "device kernels", "host": "host XLA thunks"}.get(s["source"], s["source"])
     lines = [f"Profile of {s['steps']} step(s) ({source}; "
              f"{s['distinct_ops']} HLO instructions): kernel time {s['kernel_ms_per_step']:.2f} ms/step, "
-             f"busy {s['busy_ms_per_step']:.2f} ms/step{wall}", ""]
+             f"busy {s['busy_ms_per_step']:.2f} ms/step{wall}"
+             + (f"; {s['command_buffer_ms_per_step']:.2f} ms/step of it inside CUDA-graph command buffers, counted "
+                "under each kernel's own instruction" if s.get("command_buffer_ms_per_step") else ""), ""]
     traffic = any("gb_per_step" in c for c in s["categories"].values())
     if traffic:
         lines += ["| category | ms/step | share of kernel time | GB read + written / step | GB/s achieved |",

@@ -145,6 +145,62 @@ def test_summary_of_a_gpu_trace(tmp_path):
     assert json.loads(out.read_text())["categories"]["reduction fusion"]["share"] == pytest.approx(0.25)
 
 
+def test_command_buffer_kernels_are_counted_under_their_own_instructions(tmp_path):
+    """Kernels captured in a CUDA graph carry the graph's name as hlo_op; each is counted under its fusion."""
+    gpu = 7
+    meta = [{"ph": "M", "pid": gpu, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": gpu, "tid": 20, "name": "thread_name", "args": {"name": "Stream #20(Compute)"}}]
+    graph = {"hlo_op": "command_buffer_31"}
+    kernels = [("input_reduce_fusion_7", 30.0), ("loop_maximum_fusion", 10.0),
+               ("cutlass_tensorop_bf16_s16816fprop_optimized", 40.0), ("Memset 3", 5.0)]
+    events, t = [], 0.0
+    for name, dur in kernels:
+        events.append({"ph": "X", "pid": gpu, "tid": 20, "ts": t, "dur": dur, "name": name, "args": graph})
+        t += dur
+    events.append({"ph": "X", "pid": gpu, "tid": 20, "ts": t, "dur": 15.0, "name": "sm90_xmma_fprop_implicit_gemm",
+                   "args": {"hlo_op": "cudnn-conv.12"}})
+    _write_trace(tmp_path / "t.trace.json.gz", meta + events)
+
+    s = ps.summarize(tmp_path, HLO, steps=1)
+    assert s["command_buffer_ms_per_step"] == pytest.approx(0.085)
+    assert s["kernel_ms_per_step"] == pytest.approx(0.100)
+    ops = {o["op"]: o for o in s["top_ops"]}
+    assert "command_buffer_31" not in ops
+    # "input_reduce_fusion_7" is the kernel of HLO instruction input_reduce_fusion.7: its category, bytes and scope.
+    assert ops["input_reduce_fusion.7"]["category"] == "reduction fusion"
+    assert ops["input_reduce_fusion.7"]["gb_per_step"] > 0
+    assert s["scopes"]["transpose(jvp(Net))"] == pytest.approx(0.030)
+    assert ops["loop_maximum_fusion"]["category"] == "elementwise fusion"
+    # Library kernels inside the graph go by their own names.
+    assert s["categories"]["convolution"]["ms_per_step"] == pytest.approx(0.055)
+    assert s["categories"]["memcpy / memset"]["ms_per_step"] == pytest.approx(0.005)
+    assert "other" not in s["categories"]
+    assert "0.09 ms/step of it inside CUDA-graph command buffers" in ps.format_summary(s)
+
+    # Without the HLO the kernels are still split out and sorted by their names.
+    s = ps.summarize(tmp_path, steps=1)
+    assert s["categories"]["reduction fusion"]["ms_per_step"] == pytest.approx(0.030)
+    assert s["categories"]["convolution"]["ms_per_step"] == pytest.approx(0.055)
+
+
+def test_a_convolutions_memset_counts_as_memset_and_its_kernel_as_convolution(tmp_path):
+    gpu = 7
+    meta = [{"ph": "M", "pid": gpu, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": gpu, "tid": 20, "name": "thread_name", "args": {"name": "Stream #20(Compute)"}}]
+    conv = {"hlo_op": "cudnn-conv-bw-filter.4"}
+    events = [{"ph": "X", "pid": gpu, "tid": 20, "ts": 0.0, "dur": 6.0, "name": "Memset 3", "args": conv},
+              {"ph": "X", "pid": gpu, "tid": 20, "ts": 6.0, "dur": 30.0, "name": "sm90_xmma_wgrad_implicit_gemm",
+               "args": conv}]
+    _write_trace(tmp_path / "t.trace.json.gz", meta + events)
+    for hlo in (HLO, None):
+        s = ps.summarize(tmp_path, hlo, steps=1)
+        assert s["categories"]["convolution"]["ms_per_step"] == pytest.approx(0.030)
+        assert s["categories"]["memcpy / memset"]["ms_per_step"] == pytest.approx(0.006)
+        (op,) = s["top_ops"]
+        assert op["category"] == "convolution" and op["kernel"] == "sm90_xmma_wgrad_implicit_gemm"
+        assert op["ms_per_step"] == pytest.approx(0.036) and op["memset_ms_per_step"] == pytest.approx(0.006)
+
+
 def test_summary_without_device_lines_uses_host_thunks(tmp_path):
     events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
               {"ph": "X", "pid": 1, "tid": 3, "ts": 0.0, "dur": 30.0, "name": "convolution.1",
