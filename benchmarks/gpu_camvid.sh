@@ -23,6 +23,8 @@
 #   call 2 at once, carry [".carry/camvid"], timeout_s 540:  STPG_COMMIT=<sha> bash benchmarks/gpu_camvid.sh
 # (A machine that went back in between has lost KEEP: then carry .whl and .carry/weights again and call 1 again.)
 # On 2026-11-27 on an H200 the three 600-step runs took 296 s together (BENCHMARKS.md section 2).
+# Another training seed: EXTRA_OVERRIDES=seed=1,log_every_steps=50 (then camvid_experiment.py --combine with
+# benchmarks/results/camvid_1_8_600steps_h200_seed0.json; BENCHMARKS.md section 2).
 #
 # Writes into $OUT (8 files): camvid_results.{md,json}, commands.txt, split_labeled.txt, split.json and the three
 # train logs.
@@ -43,11 +45,18 @@ if [ ! -f "$SITE/.installed" ]; then
     && touch "$SITE/.installed" || { echo "wheel install failed"; exit 1; }
 fi
 export PYTHONPATH=$SITE:$PWD
-# Each of the data and the weights: carried with this call (.carry/...) or left in KEEP by an earlier call.
-pick() { for d in ".carry/$1" "$KEEP/$1"; do [ -e "$d/$2" ] && { echo "$d"; return 0; }; done; return 1; }
-DATA=$(pick camvid train.txt) || { echo "CamVid missing: carry .carry/camvid (see the top of this script)"; exit 1; }
-WEIGHTS=$(pick weights resnet50_imagenet.npz) \
+# Each of the data and the weights: carried with this call (.carry/...) or left in KEEP by an earlier call, then
+# linked as .carry/..., so that the commands (and the results' overrides, which --combine compares) stay the same.
+link() {
+  [ -e ".carry/$1/$2" ] && return 0
+  [ -e "$KEEP/$1/$2" ] || return 1
+  mkdir -p .carry && rm -rf ".carry/$1" && ln -s "$KEEP/$1" ".carry/$1"
+}
+link camvid train.txt || { echo "CamVid missing: carry .carry/camvid (see the top of this script)"; exit 1; }
+link weights resnet50_imagenet.npz \
   || { echo "weights missing in .carry/weights and $KEEP/weights: carry .carry/weights (see the top of this script)"; exit 1; }
+DATA=.carry/camvid
+WEIGHTS=.carry/weights
 echo "data: $DATA, weights: $WEIGHTS/resnet50_imagenet.npz, packages: $SITE"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 
