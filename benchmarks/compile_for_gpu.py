@@ -16,6 +16,12 @@ are not in the figures. For each compute dtype it prints:
   imply at the target's bandwidth and dense peak (``benchmarks/hlo_traffic.py``; properties of the program, not
   timings), with the step's FLOPs from XLA's cost analysis of the step lowered for the CPU, as in ``step_time.py``.
 
+``--state_init`` compiles instead the two programs that build a new run's initial state (``init_train_state``: the
+network initialiser, run once per student, and the rest of the state around the students), once with XLA's own
+lowering of jax.random's threefry and once with one kernel per call (``stpg_jax.state.threefry_kernels``, what
+``init_train_state`` uses), and prints each one's compile time and kernels: most of a GPU run's start-up before its
+first step.
+
 ``--target`` is ``h100``, ``h200`` or ``a100`` (``benchmarks/gpu_targets/*.txtpb``, SXM models) or the path of another XLA GPU target
 description (text proto). ``--num_devices N`` compiles for N such GPUs on one host, the batch split over them.
 """
@@ -23,6 +29,7 @@ description (text proto). ``--num_devices N`` compiles for N such GPUs on one ho
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import re
@@ -39,6 +46,7 @@ import hlo_traffic  # noqa: E402
 import step_time  # noqa: E402  (puts the repository on sys.path)
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 TARGETS = {"h100": HERE / "gpu_targets" / "h100_sxm.txtpb", "h200": HERE / "gpu_targets" / "h200_sxm.txtpb",
            "a100": HERE / "gpu_targets" / "a100_sxm.txtpb"}
@@ -137,6 +145,69 @@ def compile_dtype(args, dtype: str, target_text: str, target: dict) -> dict:
             "peak_tflops": peak, "traffic": traffic}
 
 
+def compile_state_init(args, target_text: str, target: dict) -> dict:
+    """Compile times of ``init_train_state``'s two programs for the target, without and with threefry kernels."""
+    import functools
+
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from stpg_jax.models import model_from_config
+    from stpg_jax.state import assemble_train_state, init_network, make_optimizer, threefry_kernels
+
+    c = step_time.load_config(args.config)
+    num_classes = step_time.num_classes_of(c, args.num_classes)
+    mesh = gpu_mesh(target_text, args.num_devices)
+    rep = NamedSharding(mesh, P())
+    model = model_from_config(c.model, num_classes)
+    crop = c.data.crop_size  # as the Trainer initialises (the forward pass is traced, then left out)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False)["params"])
+    tx, _ = make_optimizer(c.optim, 1000, params, train_projection_head=c.stpg.train_projection_head)
+    dim = c.model.proj_dim or c.model.decoder_channels
+
+    def on_target(tree):
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), tree)
+
+    key = on_target(jax.eval_shape(lambda: jax.random.PRNGKey(0)))
+    net = on_target(jax.eval_shape(lambda: init_network(model, jax.random.PRNGKey(0), crop)))
+    anchors = on_target(jax.ShapeDtypeStruct((num_classes, dim), jnp.float32)) if c.mode == "stpg" else None
+    pro = net if c.mode == "stpg" else None
+    programs = {
+        "network initialiser": lambda: jax.jit(lambda k: init_network(model, k, crop), out_shardings=rep).lower(key),
+        "rest of the state": lambda: jax.jit(
+            functools.partial(assemble_train_state, tx, mode=c.mode, num_classes=num_classes, proj_dim=dim,
+                              bank_capacity=c.stpg.bank_capacity),
+            out_shardings=rep, donate_argnums=(1, 2)).lower(key, net, pro, anchors=anchors),
+    }
+    results = {}
+    for lowering, context in (("XLA rounds", contextlib.nullcontext), ("threefry kernels", threefry_kernels)):
+        for name, lower in programs.items():
+            with context():
+                t0 = time.perf_counter()
+                lowered = lower()
+                lower_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                compiled = lowered.compile()
+                compile_s = time.perf_counter() - t0
+            kernels = len(hlo_traffic.kernels(compiled.as_text()))
+            step_time.log(f"[state init, {lowering}] {name}: lowered in {lower_s:.1f}s, compiled for "
+                          f"{args.num_devices} x {target['device_kind']} in {compile_s:.1f}s, {kernels} kernels")
+            results[f"{lowering} / {name}"] = {"lowering": lowering, "program": name, "lower_s": lower_s,
+                                               "compile_s": compile_s, "kernels": kernels}
+    return results
+
+
+def format_state_init(report: dict) -> str:
+    t = report["target"]
+    lines = [f"{report['config']}: the initial state's programs compiled for {report['num_devices']} x "
+             f"{t['device_kind']} without a GPU ({report['date']}, commit {report['commit']}, jax "
+             f"{report['jax_version']})", "", "| threefry lowering | program | lower s | compile s | kernels |",
+             "|---|---|---:|---:|---:|"]
+    for r in report["state_init"].values():
+        lines.append(f"| {r['lowering']} | {r['program']} | {r['lower_s']:.1f} | {r['compile_s']:.1f} "
+                     f"| {r['kernels']} |")
+    return "\n".join(lines)
+
+
 def format_report(report: dict) -> str:
     t = report["target"]
     lines = [f"{report['config']} compiled for {report['num_devices']} x {t['device_kind']} without a GPU "
@@ -171,6 +242,8 @@ def parse_args(argv=None):
     p.add_argument("--top", type=int, default=15, help="rows of the largest-traffic sources")
     p.add_argument("--hlo_dir", default="", help="write each dtype's optimised HLO here")
     p.add_argument("--out", default="", help="write the results as JSON here")
+    p.add_argument("--state_init", action="store_true",
+                   help="compile the initial state's programs (with and without threefry kernels), not the step")
     args = p.parse_args(argv)
     args.dtype_list = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for d in args.dtype_list:
@@ -197,6 +270,12 @@ def main(argv=None) -> dict:
         "num_devices": args.num_devices,
         "results": {},
     }
+    if args.state_init:
+        report["state_init"] = compile_state_init(args, target_text, target)
+        if args.out:
+            step_time.write_json(args.out, report)
+        print("\n" + format_state_init(report), flush=True)
+        return report
     for dtype in args.dtype_list:
         report["results"][dtype] = compile_dtype(args, dtype, target_text, target)
         if args.out:

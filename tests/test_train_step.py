@@ -259,6 +259,39 @@ def test_initial_state_is_compiled_onto_the_mesh_with_each_students_own_init(set
                     != s.addressable_shards[0].data.unsafe_buffer_pointer())
 
 
+def test_initial_state_traces_its_random_initialisers_as_gpu_threefry_kernels(setup, monkeypatch):
+    """For a GPU the initialisers' threefry lowers to one kernel per call (a quarter of the compile time for an H100);
+    the flag is set only while the state is built."""
+    from jax import export
+
+    from stpg_jax import state as state_module
+
+    def initialiser_for_cuda():
+        f = jax.jit(lambda k: init_network(setup.model, k, S))
+        return export.export(f, platforms=["cuda"])(jax.random.PRNGKey(0)).mlir_module()
+
+    assert "cu_threefry2x32" not in initialiser_for_cuda()  # XLA's own rounds by default
+    with state_module.threefry_kernels():
+        assert "cu_threefry2x32" in initialiser_for_cuda()
+    assert not jax.config.jax_threefry_gpu_kernel_lowering
+
+    seen = []
+    original = state_module._network_initialiser
+
+    def spy(*args):
+        init_net = original(*args)
+
+        def traced(*a):
+            seen.append(jax.config.jax_threefry_gpu_kernel_lowering)
+            return init_net(*a)
+        return traced
+
+    monkeypatch.setattr(state_module, "_network_initialiser", spy)
+    setup.init(seed=1)
+    assert seen == [True, True]  # both students' initialisers
+    assert not jax.config.jax_threefry_gpu_kernel_lowering
+
+
 def test_save_restore_continues_the_same_trajectory(setup, tmp_path):
     batches = [make_batch(i) for i in range(3)]
     state = setup.init()
