@@ -58,7 +58,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step_time import git_commit, load_config  # noqa: E402  (the sibling script)
+from step_time import git_commit, load_config, run_cli  # noqa: E402  (the sibling script)
 
 METHODS = ("supervised", "mean_teacher", "stpg")
 SPLIT_FILES = ("split_labeled.txt", "split_unlabeled.txt", "split.json")
@@ -609,10 +609,4 @@ def run_experiment(args, commands) -> int:
 
 
 if __name__ == "__main__":
-    from stpg_jax.config import ConfigError
-
-    try:
-        sys.exit(main())
-    except (ConfigError, FileNotFoundError) as e:  # a bad --config: one line, as launch.py says it
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

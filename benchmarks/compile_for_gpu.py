@@ -159,7 +159,7 @@ def compile_state_init(args, target_text: str, target: dict) -> dict:
     mesh = gpu_mesh(target_text, args.num_devices)
     rep = NamedSharding(mesh, P())
     model = model_from_config(c.model, num_classes)
-    crop = c.data.crop_size  # as the Trainer initialises (the forward pass is traced, then left out)
+    crop = min(c.data.crop_size, 64)  # the Trainer's dummy input (its forward pass is traced, then left out)
     params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False)["params"])
     tx, _ = make_optimizer(c.optim, 1000, params, train_projection_head=c.stpg.train_projection_head)
     dim = c.model.proj_dim or c.model.decoder_channels
@@ -285,10 +285,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from stpg_jax.config import ConfigError
-
-    try:
-        main()
-    except (ConfigError, FileNotFoundError, TargetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    step_time.run_cli(main, TargetError)

@@ -27,9 +27,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step_time import git_commit, load_config, num_classes_of, write_json  # noqa: E402  (the sibling script)
+from step_time import git_commit, load_config, num_classes_of, run_cli, write_json  # noqa: E402  (the sibling script)
 
-from stpg_jax.config import ConfigError  # noqa: E402
 from stpg_jax.data import DataError  # noqa: E402
 from stpg_jax.host import tune_malloc  # noqa: E402
 
@@ -158,8 +157,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DataError, ConfigError, FileNotFoundError) as e:  # bad data or config: one line, as launch.py says it
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, DataError)

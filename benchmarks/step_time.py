@@ -715,6 +715,19 @@ def parse_args(argv=None):
     return args
 
 
+def run_cli(main, *errors) -> None:
+    """Runs a benchmark script's ``main``: a bad config, a missing file or one of ``errors`` ends it with one
+    ``error:`` line (as launch.py says them) and exit status 2; an integer ``main`` returns is the exit status."""
+    from stpg_jax.config import ConfigError
+
+    try:
+        code = main()
+    except (ConfigError, FileNotFoundError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 def write_json(path: str, report: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
@@ -788,10 +801,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from stpg_jax.config import ConfigError
-
-    try:
-        main()
-    except (ConfigError, FileNotFoundError) as e:  # a bad --config: one line, as launch.py says it
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -154,8 +154,8 @@ def threefry_kernels():
     """On a GPU, jax.random's threefry lowered to one kernel per call instead of XLA's unrolled rounds while the
     block traces and compiles (``jax_threefry_gpu_kernel_lowering``; the same threefry2x32 function, so the same
     numbers; no effect on a CPU). A network's hundreds of random initialisers are most of its initialiser's compile
-    time: for an H100, the R50 DeepLabV3+ initialiser compiled in 19.2 s with XLA's rounds and 4.7 s with the kernels
-    (BENCHMARKS.md §1).
+    time: for an H100, the R50 DeepLabV3+ initialiser compiled in 22–24 s with XLA's rounds and 6–7 s with the
+    kernels (BENCHMARKS.md §1).
     The flag is part of jit's cache key, so a function compiled inside the block is found again only inside it."""
     name = "jax_threefry_gpu_kernel_lowering"
     before = getattr(jax.config, name)
