@@ -115,11 +115,13 @@ def compile_dtype(args, dtype: str, target_text: str, target: dict) -> dict:
         return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), tree)
 
     state, batch = abstract(b["state"], replicated), abstract(batch, batch_sharded)
+    assignment = step_time.assignment_arrays(state)
     del b["state"]
-    jitted = jax.jit(b["step_fn"], in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated),
-                     donate_argnums=() if b["speculates"] else 0)
+    keeps_input = b["speculates"] or b["same_step"]  # as the Trainer compiles it
+    jitted = jax.jit(b["step_fn"], in_shardings=(replicated, batch_sharded, replicated),
+                     out_shardings=(replicated, replicated), donate_argnums=() if keeps_input else 0)
     t0 = time.perf_counter()
-    lowered = jitted.lower(state, batch)
+    lowered = jitted.lower(state, batch, assignment)
     lower_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     compiled = lowered.compile()

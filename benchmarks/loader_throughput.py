@@ -35,7 +35,8 @@ from stpg_jax.host import tune_malloc  # noqa: E402
 
 def images_per_batch(batch: dict) -> int:
     """Decoded images in one batch: the labelled images plus every unlabelled stream's."""
-    return sum(int(v.shape[0]) for k, v in batch.items() if k == "image" or k.startswith("unlabeled"))
+    return sum(int(v.shape[0]) for k, v in batch.items()
+               if (k == "image" or k.startswith("unlabeled")) and not k.endswith("_box"))
 
 
 def time_loader(bundle, data_config, seed: int, with_unlabeled: bool, workers: int, batches: int,

@@ -79,6 +79,13 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
+
+def assignment_arrays(state):
+    """The step's third argument, as the training loop passes it (imported late: JAX is set up first)."""
+    from stpg_jax.host_matching import assignment_arrays as arrays
+
+    return arrays(state)
+
 # ----------------------------------------------------------------------------------------------------------------
 # Config
 
@@ -178,7 +185,8 @@ def model_flops_per_step(step_fn, state, batch):
     work, so MFU uses this hardware-independent count of the program's operations instead.
     """
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), (state, batch))
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
+                                      (state, batch, assignment_arrays(state)))
     try:
         return flops_of(jax.jit(step_fn).lower(*abstract))
     except Exception:  # noqa: BLE001 - report n/a rather than fail the benchmark
@@ -236,7 +244,7 @@ def build(config, num_classes: int, num_devices: int, batch_groups: int = 0):
     from stpg_jax import losses, sharding
     from stpg_jax.models import model_from_config
     from stpg_jax.state import init_train_state, make_optimizer
-    from stpg_jax.train import speculative_matching
+    from stpg_jax.train import same_step_matching, speculative_matching
     from stpg_jax.train_step import StepSettings, make_train_step
 
     devices = jax.devices()[:num_devices] if num_devices else jax.devices()
@@ -270,11 +278,13 @@ def build(config, num_classes: int, num_devices: int, batch_groups: int = 0):
         state = state.replace(contrast=jax.device_put(contrast, replicated))
 
     step = make_train_step(model, tx, schedule, settings)
-    speculates = speculative_matching(c, mesh)  # then the step keeps its input, as the Trainer compiles it
-    jitted = jax.jit(step, in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
-                     donate_argnums=() if speculates else 0)
+    speculates = speculative_matching(c, mesh)
+    keeps_input = speculates or same_step_matching(c)  # then the step keeps its input, as the Trainer compiles it
+    jitted = jax.jit(step, in_shardings=(replicated, batch_sharding, replicated),
+                     out_shardings=(replicated, replicated), donate_argnums=() if keeps_input else 0)
     return dict(model=model, settings=settings, mesh=mesh, devices=devices, state=state, jitted=jitted, step_fn=step,
-                batch_sharding=batch_sharding, replicated=replicated, start_step=start, speculates=speculates)
+                batch_sharding=batch_sharding, replicated=replicated, start_step=start, speculates=speculates,
+                same_step=same_step_matching(c))
 
 
 def random_batches(config, num_classes: int, batch_sharding, count: int = 2, seed: int = 0):
@@ -428,17 +438,18 @@ def time_matching_loop(compiled, state, batches, steps: int, b, speculate: bool,
     """Mean ms per step of ``steps`` back-to-back steps with the Hungarian matching on the host after each
     (stpg_jax.host_matching, as train.py runs it), after ``warmup`` untimed ones (where the first matching of the
     benchmark's random state changes its assignment)."""
-    from stpg_jax.host_matching import HostMatching
+    from stpg_jax.host_matching import HostMatching, SameStepMatching
 
-    matching = HostMatching(jax.device_get(state.contrast.anchors), b["replicated"], speculate)
+    kind = SameStepMatching if b["same_step"] else HostMatching
+    matching = kind(jax.device_get(state.contrast.anchors), b["replicated"], speculate)
     t0 = ahead = reruns = None
+    metrics = None
     for i in range(warmup + steps):
         if i == warmup:
             state = jax.block_until_ready(state)
             t0, ahead, reruns = time.perf_counter(), matching.ahead, matching.reruns
-        state, _ = matching.step(compiled, state, batches[i % len(batches)])
-        matching.pending = True
-    state = jax.block_until_ready(matching.resolve(state))
+        state, metrics = matching.run(compiled, state, batches[i % len(batches)], True)
+    state = jax.block_until_ready(matching.finish(state, metrics)[0])
     mean_ms = (time.perf_counter() - t0) / steps * 1e3
     return state, {"mean_ms": mean_ms, "steps": steps, "ahead": matching.ahead - ahead,
                    "reruns": matching.reruns - reruns}
@@ -466,7 +477,7 @@ def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
 
     log(f"[{dtype}] compiling the step (lower, then compile)...")
     t0 = time.perf_counter()
-    lowered = b["jitted"].lower(state, batches[0])
+    lowered = b["jitted"].lower(state, batches[0], assignment_arrays(state))
     lower_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     compiled = lowered.compile()
@@ -482,7 +493,7 @@ def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
     holder = {"state": state}
 
     def one_step(batch):
-        holder["state"], metrics = compiled(holder["state"], batch)
+        holder["state"], metrics = compiled(holder["state"], batch, assignment_arrays(holder["state"]))
         return holder["state"], metrics
 
     times = time_synchronised(one_step, lambda i: (batches[i % len(batches)],), args.steps, args.warmup)
@@ -549,7 +560,8 @@ def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
         with jax.profiler.trace(trace_dir):
             for i in range(args.profile_steps):
                 with jax.profiler.StepTraceAnnotation("train_step", step_num=i):
-                    holder["state"], out = compiled(holder["state"], batches[i % len(batches)])
+                    holder["state"], out = compiled(holder["state"], batches[i % len(batches)],
+                                                    assignment_arrays(holder["state"]))
                     jax.block_until_ready(out)
         hlo_text = compiled.as_text()
         Path(trace_dir, "step_hlo.txt").write_text(hlo_text)

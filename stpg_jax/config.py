@@ -26,7 +26,21 @@ class ConfigError(ValueError):
 
 # Fields added after runs and exports were written without them, with the value those had (the network's behaviour
 # before the field existed). Checkpoint resumption and model building fill them in from here.
-FIELDS_ADDED_LATER = {"model.remat": False, "model.bn_backward": "autodiff", "model.proj_dropout": 0.1}
+# The fields of the released training step (DESIGN.md §8) entered later: runs and exports from before follow the
+# project's earlier behaviour, which each field keeps one switch away.
+FIELDS_ADDED_LATER = {
+    "model.remat": False, "model.bn_backward": "autodiff", "model.proj_dropout": 0.1,
+    "model.bn_statistics": "joined", "model.bn_running_var": "biased", "model.aspp_activation": "relu",
+    "model.proj_conv_bias": False, "model.proj_dropout_kind": "element", "model.head_init": "legacy",
+    "stpg.assignment_timing": "previous_step", "stpg.anchors_file": "", "data.augmentation": "legacy",
+    "reference": "paper",
+}
+
+# What `reference=release` in the config argument sets: every point where the paper and the released code differ
+# (DESIGN.md §6). Fields given explicitly in the same argument win.
+RELEASE_FIELDS = {"stpg.prototype_momentum": 0.9, "stpg.bank_source": "pro_teacher",
+                  "stpg.train_projection_head": False, "model.depth": 50}
+REFERENCES = ("paper", "release")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -35,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
     # 'stpg' (the method), 'supervised' (labelled data only, the paper's baseline), 'mean_teacher' (one student).
     c.mode = "stpg"
     c.split = "1_4"
+    # 'release' sets the released code's choice wherever it differs from the paper (RELEASE_FIELDS); the points where
+    # the paper is silent (DESIGN.md §8) follow the release either way.
+    c.reference = "paper"
 
     c.data = d = ml_collections.ConfigDict()
     d.dataset = "synthetic"
@@ -51,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
     d.ignore_index = 255
     d.crop_size = 512
     d.scales = (0.5, 0.75, 1.0, 1.5, 1.75, 2.0)
+    # 'release': scaled size rounded down, bilinear without antialiasing, crop then centred padding with exactly 0
+    # after normalisation (DESIGN.md §8.7). 'legacy': rounded size, PIL's antialiased bilinear, top-left image in
+    # mean-colour padding, then the crop.
+    d.augmentation = "release"
     d.batch_labeled = 8  # GLOBAL batch sizes, split over all devices of all hosts
     d.batch_unlabeled = 8
     d.workers = 4
@@ -71,6 +92,15 @@ def base_config() -> ml_collections.ConfigDict:
     m.low_level_channels = 48
     m.proj_dim = 256
     m.proj_dropout = 0.1  # dropout in the projection head, between its BN + ReLU and its 1x1 conv
+    m.proj_dropout_kind = "channel"  # 'channel' (whole channels, PyTorch's Dropout2d, as released) or 'element'
+    m.proj_conv_bias = True  # the projection head's 3x3 conv has a bias (as released)
+    m.aspp_activation = "leaky_relu"  # ASPP's three activations: 'leaky_relu' (slope 0.01, as released) or 'relu'
+    m.head_init = "kaiming_fan_in"  # layers after the backbone: 'kaiming_fan_in' (as released) or 'legacy'
+    # BatchNorm statistics of a network that sees several inputs in one step: 'per_input' (each input normalised by
+    # its own statistics and the running averages updated once per input, in order, as the released code's separate
+    # passes; computed in one joined pass) or 'joined' (one set of statistics over all inputs).
+    m.bn_statistics = "per_input"
+    m.bn_running_var = "unbiased"  # running variance stored as PyTorch does (x n/(n-1)), or 'biased' (flax)
     m.dtype = "float32"  # compute dtype; parameters stay float32
     m.remat = False  # recompute block activations in the backward pass: less memory, more compute; same parameters
     # BatchNorm's backward pass: 'autodiff' (nn.BatchNorm differentiated by JAX) or 'closed_form' (written out, with
@@ -111,6 +141,12 @@ def base_config() -> ml_collections.ConfigDict:
     t.bank_capacity = 256
     t.bank_k = 7  # rows added per labelled image per class and step: n_add = batch_labeled * bank_k
     t.bank_confidence = 0.95
+    # A (C, D) .npy file of anchors (the released code ships VOC's 21x256 and Cityscapes' 19x256) used instead of
+    # optimising new ones; '' = optimise (anchor_steps, anchor_temperature, seed).
+    t.anchors_file = ""
+    # 'same_step': a step's contrastive losses use the assignment matched after that step's prototype and bank
+    # update (as released); 'previous_step': the one matched after the previous step.
+    t.assignment_timing = "same_step"
     # Schedule in epochs (counted from 0), turned into steps with the run's steps_per_epoch.
     t.bank_start_epoch = 6
     t.contrastive_start_epoch = 11
@@ -247,6 +283,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.model.proj_dropout must be in [0, 1), got {c.model.proj_dropout!r}")
     if c.model.bn_backward not in ("autodiff", "closed_form"):
         raise ConfigError(f"config.model.bn_backward must be 'autodiff' or 'closed_form', got {c.model.bn_backward!r}")
+    choices = {"reference": REFERENCES, "data.augmentation": ("release", "legacy"),
+               "model.proj_dropout_kind": ("channel", "element"), "model.aspp_activation": ("leaky_relu", "relu"),
+               "model.head_init": ("kaiming_fan_in", "legacy"), "model.bn_statistics": ("per_input", "joined"),
+               "model.bn_running_var": ("unbiased", "biased"),
+               "stpg.assignment_timing": ("same_step", "previous_step")}
+    for key, allowed in choices.items():
+        node, name = parent_of(c, key)
+        if node[name] not in allowed:
+            raise ConfigError(f"config.{key} must be one of {list(allowed)}, got {node[name]!r}")
+    if not isinstance(c.model.proj_conv_bias, bool):
+        raise ConfigError(f"config.model.proj_conv_bias must be True or False, got {c.model.proj_conv_bias!r}")
     if not c.model.stage_blocks and c.model.depth not in (50, 101):
         raise ConfigError(f"config.model.depth must be 50 or 101 (or set model.stage_blocks), got {c.model.depth}")
     networks = tuple(c.eval.networks)
@@ -265,5 +312,15 @@ def finalize(c: ml_collections.ConfigDict, arg: str | None, split_fields: Mappin
     c.split = split
     apply_overrides(c, {k: repr(v) if not isinstance(v, str) else v for k, v in split_fields[split].items()})
     apply_overrides(c, overrides)
+    if c.reference == "release":
+        apply_reference(c, explicit=overrides)
     validate(c)
     return c
+
+
+def apply_reference(c: ml_collections.ConfigDict, explicit: Mapping = ()) -> None:
+    """Sets the released code's value of every paper-vs-release field (RELEASE_FIELDS) not in ``explicit``."""
+    for key, value in RELEASE_FIELDS.items():
+        if key not in explicit:
+            node, name = parent_of(c, key)
+            node[name] = value

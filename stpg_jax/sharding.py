@@ -116,6 +116,15 @@ def concat_local(parts, groups: int):
     return joined.reshape(-1, *joined.shape[2:])
 
 
+def group_ids(sizes, groups: int) -> tuple:
+    """The input index (0, 1, ...) of each sample of ``concat_local`` of parts of batch sizes ``sizes``: static, for
+    BatchNorm statistics per input (``models.batchnorm``)."""
+    if groups == 1:
+        return tuple(i for i, n in enumerate(sizes) for _ in range(n))
+    one_shard = [i for i, n in enumerate(sizes) for _ in range(n // groups)]
+    return tuple(one_shard * groups)
+
+
 def split_local(x, sizes, groups: int) -> list:
     """The inverse of ``concat_local``: the parts of batch sizes ``sizes``, each in its own order again."""
     if sum(sizes) != x.shape[0]:

@@ -23,9 +23,9 @@ from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
 from stpg_jax import checkpoint, evaluate, export, losses, sharding
-from stpg_jax.config import validate
+from stpg_jax.config import ConfigError, validate
 from stpg_jax.data import DataError, build_data, make_train_loader
-from stpg_jax.host_matching import HostMatching
+from stpg_jax.host_matching import HostMatching, SameStepMatching
 from stpg_jax.models import model_from_config
 from stpg_jax.models.pretrained import load_backbone_weights_for
 from stpg_jax.state import TrainState, create_train_state, init_train_state, make_optimizer
@@ -64,9 +64,14 @@ def uses_matching(config) -> bool:
     return config.mode == "stpg" and config.stpg.contrastive
 
 
+def same_step_matching(config) -> bool:
+    """Whether a run's contrastive losses use the assignment matched within the same step (DESIGN.md §8.3)."""
+    return uses_matching(config) and config.stpg.get("assignment_timing", "previous_step") == "same_step"
+
+
 def speculative_matching(config, mesh) -> bool:
     """Whether a run starts steps ahead of their host matching (stpg_jax.host_matching), which needs a step that
-    keeps its input state. Not on several CPU devices: there, a step that keeps its input can hang in XLA's CPU
+    keeps its input state. Not on several CPU devices: there, two steps in flight can hang in XLA's CPU
     collectives (seen with virtual devices on 2 cores), and the host shares the cores anyway."""
     if not (uses_matching(config) and config.stpg.speculative_matching):
         return False
@@ -83,6 +88,28 @@ def load_pretrained(model_config):
             "weights (.npz, .pth or a converted file; see docs/weights.md), or set it to '' for a random init."
         )
     return load_backbone_weights_for(model_config)
+
+
+def load_anchors(config, num_classes: int, dim: int) -> np.ndarray:
+    """The (C, D) anchors of ``stpg.anchors_file`` (a .npy of unit rows, e.g. the released code's VOC 21x256 or
+    Cityscapes 19x256 files), or ConfigError naming the field and what was expected."""
+    path = config.stpg.anchors_file
+    field = f"config.stpg.anchors_file = {path!r}"
+    if not os.path.isfile(path):
+        raise ConfigError(f"{field}: no such file; expected a .npy file of a ({num_classes}, {dim}) float array")
+    try:
+        anchors = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{field}: not a readable .npy array ({e}); expected a ({num_classes}, {dim}) float "
+                          "array") from None
+    if anchors.shape != (num_classes, dim) or not np.issubdtype(anchors.dtype, np.floating):
+        raise ConfigError(f"{field}: holds a {anchors.dtype} array of shape {anchors.shape}; expected a "
+                          f"({num_classes}, {dim}) float array (classes x model.proj_dim)")
+    norms = np.linalg.norm(anchors.astype(np.float64), axis=1)
+    if not np.all(np.abs(norms - 1.0) < 1e-3):
+        raise ConfigError(f"{field}: rows must be unit vectors; their norms range from {norms.min():.4f} to "
+                          f"{norms.max():.4f}")
+    return anchors.astype(np.float32)
 
 
 def _build_data_in_turn(data_config, workdir):
@@ -154,7 +181,9 @@ class Trainer:
         c = self.config
         kwargs = self._state_kwargs()
         anchors = None
-        if c.mode == "stpg":
+        if c.mode == "stpg" and c.stpg.get("anchors_file", ""):
+            anchors = load_anchors(c, self.num_classes, kwargs["proj_dim"])
+        elif c.mode == "stpg":
             anchors = losses.make_anchors(self.num_classes, kwargs["proj_dim"], seed=c.seed, steps=c.stpg.anchor_steps,
                                           temperature=c.stpg.anchor_temperature)
         pretrained = load_pretrained(c.model) if self._pretrained is _NOT_LOADED else self._pretrained
@@ -186,8 +215,14 @@ class Trainer:
 
     @property
     def donates_state(self) -> bool:
-        """Whether the compiled step donates its input state (it may not when steps start ahead of the matching)."""
-        return not self.speculates
+        """Whether the compiled step donates its input state: not when a step may run again from its input (steps
+        ahead of the matching, or the same-step assignment)."""
+        return not (self.speculates or same_step_matching(self.config))
+
+    def matching(self, anchors_host):
+        """The host matching between (or within) steps, for the run's assignment timing."""
+        kind = SameStepMatching if same_step_matching(self.config) else HostMatching
+        return kind(anchors_host, self.replicated, speculate=self.speculates)
 
     def compile_step(self):
         """The jitted train step. A run in the same process with the same step (a run resumed there after
@@ -201,7 +236,7 @@ class Trainer:
                 _COMPILED_STEPS.pop(next(iter(_COMPILED_STEPS)))
             _COMPILED_STEPS[key] = jax.jit(
                 step,
-                in_shardings=(self.replicated, self.batch_sharding),
+                in_shardings=(self.replicated, self.batch_sharding, self.replicated),
                 out_shardings=(self.replicated, self.replicated),
                 donate_argnums=0 if self.donates_state else (),
             )
@@ -303,10 +338,7 @@ def _train(config, workdir, max_steps, stop) -> dict:
         log(f"  resumed from {ckpt.directory}/{start_step} (step {start_step})")
     matching_on = uses_matching(c)
     multi_process = jax.process_count() > 1
-    matching = HostMatching(
-        jax.device_get(state.contrast.anchors) if state.contrast is not None else None,
-        trainer.replicated, speculate=trainer.speculates,
-    )
+    matching = trainer.matching(jax.device_get(state.contrast.anchors) if state.contrast is not None else None)
 
     writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else None
 
@@ -325,12 +357,11 @@ def _train(config, workdir, max_steps, stop) -> dict:
             if step == start_step:
                 log("  compiling the train step (the first step includes XLA compilation)...", flush=True)
                 t0 = time.time()
-            state, metrics = matching.step(step_fn, state, batch)
+            state, metrics = matching.run(step_fn, state, batch, matching_on and needs_matching(step, trainer.sched))
             if step == start_step:
                 jax.block_until_ready(metrics)
                 log(f"  first step done in {time.time() - t0:.1f}s (compile + run)", flush=True)
                 t_log, step_log = time.time(), step + 1
-            matching.pending = matching_on and needs_matching(step, trainer.sched)
 
             done = step + 1
             is_last = done == trainer.total_steps
@@ -348,6 +379,7 @@ def _train(config, workdir, max_steps, stop) -> dict:
                 stop["signal"] = stop["signal"] or "max_steps"
             want_ckpt = done % c.checkpoint_every_steps == 0 or is_last or stopping
             if done % c.log_every_steps == 0 or want_ckpt:
+                state, metrics = matching.finish(state, metrics)  # the step's final values (and its matching)
                 scalars = _scalar_metrics(jax.device_get(metrics))
                 if not math.isfinite(scalars["loss"]):
                     bad = {k: v for k, v in scalars.items() if not math.isfinite(v)}
@@ -370,11 +402,11 @@ def _train(config, workdir, max_steps, stop) -> dict:
                     if done > step_log:
                         writer.add_scalar("train/images_per_second", rate, done)
                 t_log, step_log = now, done
-                if want_ckpt:
-                    state = matching.resolve(state)  # a checkpoint holds the matching its next step uses
+                if want_ckpt:  # the state holds the matching its next step uses (finished above)
                     save(done, state)
                     last_good = done
             if c.eval.every_steps and done % c.eval.every_steps == 0 and not is_last:
+                state, metrics = matching.finish(state, metrics)
                 results = _run_eval(trainer, state, writer, done, log)
             if stopping:
                 if matching.matchings:

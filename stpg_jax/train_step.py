@@ -5,6 +5,17 @@
 images (normalised here, on the device) and int32 labels:
 ``image (Bl,S,S,3)``, ``label (Bl,S,S)``, ``unlabeled0``/``unlabeled1`` ``(Bu,S,S,3)``.
 
+A network that sees several inputs (a student: x_l then u_mix; a teacher: u0, u1, then x_l for the bank) sees them
+joined in one pass. With ``StepSettings.bn_per_input`` each input is normalised by its own BatchNorm statistics and
+the running averages move once per input, in that order, as the released code's separate passes (DESIGN.md §8.1).
+
+The STPG step takes a third argument, the assignment its contrastive losses use (``{'assignment': (C,) int32,
+'matched': () bool}``). With ``same_step_assignment`` (the release, DESIGN.md §8.3) that is the matching of the
+prototypes this very step updates, which the host computes from the step's output
+(``stpg_jax.host_matching.SameStepMatching`` starts the step with a guess and runs it again when the matching
+differs); the bank's proximity ranking uses the assignment the state carries from before the update. The output
+state carries the loss's assignment. Without it (or None), the loss uses the state's assignment.
+
 Under a data-parallel mesh the step is the same function: batches are sharded along the batch axis and the
 state replicated, so means, BatchNorm statistics and the pixel-selection confusion matrix cover the global batch.
 Where one network sees several inputs in one pass (a student: labelled and mixed images; a teacher: both weak views),
@@ -23,6 +34,7 @@ import optax
 
 from stpg_jax import losses, sharding
 from stpg_jax.data.augment import normalize
+from stpg_jax.models.batchnorm import BEFORE_LAST_GROUP
 from stpg_jax.state import ContrastState, Network, TrainState, ema
 
 
@@ -56,6 +68,9 @@ class StepSettings:
     # inputs that one network sees in one pass are concatenated device by device (stpg_jax.sharding.concat_local),
     # so none moves between devices.
     batch_groups: int = 1
+    # DESIGN.md §8.1 and §8.3 (see the module docstring).
+    bn_per_input: bool = True
+    same_step_assignment: bool = True
 
     @classmethod
     def from_config(cls, config, num_classes: int, steps_per_epoch: int, batch_groups: int = 1) -> "StepSettings":
@@ -83,6 +98,8 @@ class StepSettings:
             contrastive_start_step=t.contrastive_start_epoch * steps_per_epoch,
             proximity_start_step=t.proximity_start_epoch * steps_per_epoch,
             batch_groups=batch_groups,
+            bn_per_input=config.model.get("bn_statistics", "joined") == "per_input",
+            same_step_assignment=t.get("assignment_timing", "previous_step") == "same_step",
         )
 
 
@@ -94,15 +111,22 @@ def _downsample_nhwc(x, size):
 def make_train_step(model, tx, schedule, s: StepSettings):
     """Returns the pure step function of the configured mode."""
 
-    def forward(net: Network, params, images, key):
-        # train=True: batch statistics in BatchNorm and dropout on, for students and teachers alike (as released).
-        out, mutated = model.apply(
+    def forward(net: Network, params, images, key, sizes=None, before_last=False):
+        """The network on ``images`` (the inputs of batch sizes ``sizes`` joined by ``join``). train=True: batch
+        statistics in BatchNorm and dropout on, for students and teachers alike (as released). ``before_last``: also
+        the running averages as they were before the last input's update."""
+        grouped = s.bn_per_input and sizes is not None and len(sizes) > 1
+        net_model = model.clone(bn_groups=sharding.group_ids(sizes, s.batch_groups)) if grouped else model
+        collections = ["batch_stats"] + ([BEFORE_LAST_GROUP] if before_last and grouped else [])
+        out, mutated = net_model.apply(
             {"params": params, "batch_stats": net.batch_stats},
             images,
             train=True,
             rngs={"dropout": key},
-            mutable=["batch_stats"],
+            mutable=collections,
         )
+        if len(collections) > 1:
+            return out, (mutated["batch_stats"], mutated[BEFORE_LAST_GROUP])
         return out, mutated["batch_stats"]
 
     def supervised_loss(logits, labels):
@@ -129,12 +153,12 @@ def make_train_step(model, tx, schedule, s: StepSettings):
         pieces = {k: sharding.split_local(v, sizes, s.batch_groups) for k, v in out.items()}
         return [{k: v[i] for k, v in pieces.items()} for i in range(len(sizes))]
 
-    def step(state: TrainState, batch: dict[str, Any]):
+    def step(state: TrainState, batch: dict[str, Any], assignment: dict | None = None):
         key = jax.random.fold_in(state.rng, state.step)
         k_mix, k_gen, k_pro, k_tg, k_tp = jax.random.split(key, 5)
 
         # 1. Weak views (augmented on the host), normalised here.
-        x_l = normalize(batch["image"])
+        x_l = normalize(batch["image"], batch.get("image_box"))
         y = batch["label"].astype(jnp.int32)
         n_l = x_l.shape[0]
         metrics = {"lr": schedule(state.step)}
@@ -150,7 +174,8 @@ def make_train_step(model, tx, schedule, s: StepSettings):
             metrics.update(terms)
             return state.replace(step=state.step + 1, gen_student=gen, gen_opt_state=gen_opt), metrics
 
-        u0, u1 = normalize(batch["unlabeled0"]), normalize(batch["unlabeled1"])
+        u0 = normalize(batch["unlabeled0"], batch.get("unlabeled0_box"))
+        u1 = normalize(batch["unlabeled1"], batch.get("unlabeled1_box"))
         n_u, height, width = u0.shape[:3]
 
         # 2. Strong view: CutMix of the two unlabelled batches.
@@ -162,8 +187,15 @@ def make_train_step(model, tx, schedule, s: StepSettings):
         # Returns the teacher's outputs on x_l (or None) for the memory bank.
         def teacher_pass(teacher: Network, k, with_labelled: bool):
             parts = (u0, u1, x_l) if with_labelled else (u0, u1)
-            out, stats = forward(teacher, teacher.params, join(*parts), k)
-            outs = split(jax.lax.stop_gradient(out), [p.shape[0] for p in parts])
+            sizes = [p.shape[0] for p in parts]
+            # Per input, the labelled pass counts in the running averages from the bank's start on (DESIGN.md §8.1).
+            late = with_labelled and s.bn_per_input
+            out, stats = forward(teacher, teacher.params, join(*parts), k, sizes, before_last=late)
+            if late:
+                with_l, without_l = stats
+                stats = jax.tree_util.tree_map(lambda a, b: jnp.where(state.step >= s.bank_start_step, a, b),
+                                               with_l, without_l)
+            outs = split(jax.lax.stop_gradient(out), sizes)
             labels, confidence = losses.pseudo_labels(outs[0]["logits"], outs[1]["logits"], mask)
             return labels, confidence, outs[2] if with_labelled else None, stats
 
@@ -174,7 +206,7 @@ def make_train_step(model, tx, schedule, s: StepSettings):
 
         if s.mode == "mean_teacher":
             def loss_fn(params):
-                out, stats = forward(state.gen_student, params, students_in, k_gen)
+                out, stats = forward(state.gen_student, params, students_in, k_gen, (n_l, n_u))
                 out_l, out_u = split(out, (n_l, n_u))
                 sup = supervised_loss(out_l["logits"], y)
                 unsup = losses.weighted_cross_entropy(out_u["logits"], yhat_g, conf_g, s.ignore_index)
@@ -198,7 +230,12 @@ def make_train_step(model, tx, schedule, s: StepSettings):
 
         # 8 (bank part). Prototypes, then the bank, from the source teacher's features on x_l (DESIGN.md §3 order).
         contrast = state.contrast
-        assigned = contrast.assigned_anchors()
+        assigned = contrast.assigned_anchors()  # before this step's update: the bank's proximity ranking
+        if s.same_step_assignment and assignment is not None and contrast is not None:
+            loss_contrast = contrast.replace(assignment=assignment["assignment"], matched=assignment["matched"])
+        else:
+            loss_contrast = contrast
+        loss_anchors = loss_contrast.assigned_anchors() if contrast is not None else None
         if with_bank:
             bank_out = tp_on_l if bank_from_pro else tg_on_l
             feats = bank_out["features"]
@@ -222,9 +259,9 @@ def make_train_step(model, tx, schedule, s: StepSettings):
         def contrastive_terms(features_l, features_u, y_small_l, pseudo_small):
             dim = features_l.shape[-1]
             args = dict(num_classes=s.num_classes, ignore_index=s.ignore_index, temperature=s.contrastive_temperature)
-            lab = losses.dual_contrastive_loss(features_l.reshape(-1, dim), y_small_l.reshape(-1), assigned,
+            lab = losses.dual_contrastive_loss(features_l.reshape(-1, dim), y_small_l.reshape(-1), loss_anchors,
                                                contrast.bank.features, contrast.bank.count, **args)
-            unl = losses.dual_contrastive_loss(features_u.reshape(-1, dim), pseudo_small.reshape(-1), assigned,
+            unl = losses.dual_contrastive_loss(features_u.reshape(-1, dim), pseudo_small.reshape(-1), loss_anchors,
                                                contrast.bank.features, contrast.bank.count, **args)
             # Computed at every step and switched on by a select, not a lax.cond: a cond's outputs include the
             # residuals its gradient needs, which XLA's GPU partitioner gathers whole onto every device (1.1 GB per
@@ -235,8 +272,8 @@ def make_train_step(model, tx, schedule, s: StepSettings):
         def loss_fn(params):
             gen_params, pro_params = params
             # 3 + 5. Students on [x_l, u_mix] in one pass each.
-            g_out, g_stats = forward(state.gen_student, gen_params, students_in, k_gen)
-            p_out, p_stats = forward(state.pro_student, pro_params, students_in, k_pro)
+            g_out, g_stats = forward(state.gen_student, gen_params, students_in, k_gen, (n_l, n_u))
+            p_out, p_stats = forward(state.pro_student, pro_params, students_in, k_pro, (n_l, n_u))
             (g_on_l, g_on_u), (p_on_l, p_on_u) = split(g_out, (n_l, n_u)), split(p_out, (n_l, n_u))
             g_l, g_u, p_l, p_u = g_on_l["logits"], g_on_u["logits"], p_on_l["logits"], p_on_u["logits"]
             sup_gen, sup_pro = supervised_loss(g_l, y), supervised_loss(p_l, y)
@@ -287,7 +324,7 @@ def make_train_step(model, tx, schedule, s: StepSettings):
             pro_opt_state=pro_opt,
             gen_teacher=gen_teacher,
             pro_teacher=pro_teacher,
-            contrast=contrast,
+            contrast=contrast.replace(assignment=loss_contrast.assignment, matched=loss_contrast.matched),
         )
         return new_state, metrics
 

@@ -96,7 +96,7 @@ def test_weak_augment_pads_and_keeps_labels():
     label = rng.integers(0, 5, (10, 12), dtype=np.uint8)
     seen_pad = False
     for seed in range(20):
-        out, lab = augment.weak_augment(np.random.default_rng(seed), image, label, 16, (0.5, 1.0, 2.0))
+        out, lab, _ = augment.weak_augment(np.random.default_rng(seed), image, label, 16, (0.5, 1.0, 2.0))
         assert out.shape == (16, 16, 3) and lab.shape == (16, 16)
         assert set(np.unique(lab)) <= set(range(5)) | {255}  # nearest resize: no new class ids
         pad = lab == 255
@@ -108,7 +108,7 @@ def test_weak_augment_pads_and_keeps_labels():
     img = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
     lbl = rng.integers(0, 5, (8, 8), dtype=np.uint8)
     for seed in range(6):
-        out, lab = augment.weak_augment(np.random.default_rng(seed), img, lbl, 8, (1.0,))
+        out, lab, _ = augment.weak_augment(np.random.default_rng(seed), img, lbl, 8, (1.0,))
         assert np.array_equal(out, img) or np.array_equal(out, img[:, ::-1])
         assert np.array_equal(lab, lbl) == np.array_equal(out, img)
 
@@ -130,7 +130,11 @@ def test_loader_shapes_and_dtypes(bundle):
     assert not np.array_equal(batch['unlabeled0'], batch['unlabeled1'])
     assert set(np.unique(batch['label'])) <= set(range(11)) | {255}
     only = next(make_train_loader(bundle, data_config(), seed=0, with_unlabeled=False))
-    assert set(only) == {'image', 'label'}
+    assert set(only) == {'image', 'label', 'image_box'}
+    # Each view's box: the image's own pixels in the crop (release augmentation), within the crop.
+    boxes = batch['unlabeled0_box']
+    assert boxes.shape == (4, 4) and boxes.dtype == np.int32
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, :2] + boxes[:, 2:] <= 48).all() and (boxes[:, 2:] > 0).all()
     np.testing.assert_array_equal(only['image'], batch['image'])
 
 

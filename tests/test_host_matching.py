@@ -1,4 +1,5 @@
-"""HostMatching: a step started before its matching is known is kept only when the matching agrees."""
+"""HostMatching and SameStepMatching: a step started before its matching is known is kept only when the matching
+agrees, and the trajectory is the plain loop's."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 from flax import struct
 
-from stpg_jax.host_matching import HostMatching
+from stpg_jax import losses
+from stpg_jax.host_matching import HostMatching, SameStepMatching
 
 C = 3
 ANCHORS = np.eye(C, dtype=np.float32)
@@ -31,7 +33,7 @@ def initial_state():
                  Contrast(jnp.zeros((C, C)), jnp.arange(C, dtype=jnp.int32), jnp.asarray(False)))
 
 
-def fake_step(state, batch):
+def fake_step(state, batch, assignment=None):
     """Prototypes become the batch's permutation matrix; the metrics say which assignment the step saw."""
     seen = jnp.where(state.contrast.matched, state.contrast.assignment, -1)
     contrast = state.contrast.replace(prototypes=batch)
@@ -86,3 +88,61 @@ def test_speculating_with_a_donating_step_is_refused(steps):
     matching.pending, matching.last_changed = True, False
     with pytest.raises(ValueError, match="does not donate"):
         matching.step(steps[False], initial_state(), jnp.asarray(ANCHORS[PERM_A]))
+
+
+# SameStepMatching: a step's loss uses the matching of the prototypes that step itself produces.
+T = 8
+
+
+@struct.dataclass
+class LoggedState:
+    count: jax.Array
+    contrast: Contrast
+    log: jax.Array  # (T, C): the loss assignment each step used, -1 = unmatched
+
+
+def same_step(state, batch, assignment):
+    """Prototypes become the batch's permutation matrix (so the matching after this step is that permutation); the
+    'loss' records the assignment it was given, which the output state carries."""
+    seen = jnp.where(assignment["matched"], assignment["assignment"], -1)
+    contrast = state.contrast.replace(prototypes=batch, assignment=assignment["assignment"],
+                                      matched=assignment["matched"])
+    return state.replace(count=state.count + 1, contrast=contrast, log=state.log.at[state.count].set(seen)), seen
+
+
+def logged_initial_state():
+    return LoggedState(jnp.zeros((), jnp.int32), initial_state().contrast, jnp.full((T, C), -9, jnp.int32))
+
+
+@pytest.mark.parametrize("speculate", [True, False])
+def test_same_step_matching_equals_the_loop_that_waits_for_every_matching(speculate):
+    step_fn = jax.jit(same_step)
+    perms = [PERM_A, PERM_A, PERM_B, PERM_B, PERM_B, PERM_A, PERM_A, PERM_B]
+    match = [False, True, True, True, True, True, True, False]  # no matching in the first and the last step
+
+    # The plain loop: every step waits for its own matching and runs with it.
+    plain = logged_initial_state()
+    for perm, m in zip(perms, match):
+        carried = {"assignment": plain.contrast.assignment, "matched": plain.contrast.matched}
+        guess, _ = step_fn(plain, jnp.asarray(ANCHORS[perm]), carried)
+        if m:
+            new = losses.hungarian_assignment(np.asarray(guess.contrast.prototypes), ANCHORS)
+            carried = {"assignment": jnp.asarray(new, jnp.int32), "matched": jnp.asarray(True)}
+        plain, _ = step_fn(plain, jnp.asarray(ANCHORS[perm]), carried)
+
+    matching = SameStepMatching(ANCHORS, None, speculate=speculate)
+    state, metrics = logged_initial_state(), None
+    for perm, m in zip(perms, match):
+        state, metrics = matching.run(step_fn, state, jnp.asarray(ANCHORS[perm]), m)
+    state, metrics = matching.finish(state, metrics)
+
+    # Step 0 unmatched; each matched step sees its own permutation; the last (not matched) keeps step 6's.
+    expected = [[-1] * C] + [p.tolist() for p in perms[1:7]] + [perms[6].tolist()]
+    assert np.asarray(plain.log).tolist() == expected
+    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(plain)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (matching.matchings, matching.changes) == (6, 3)  # unmatched -> A, A -> B, B -> A
+    assert matching.reruns == 3  # steps 1, 2 and 5 ran again with their own matching
+    # Ahead: steps dispatched before the previous step's matching was checked, never right after a change: steps 5
+    # and 6 (step 6 was dispatched again once step 5 ran again).
+    assert matching.ahead == (2 if speculate else 0)

@@ -61,7 +61,10 @@ def test_deep_stem_adds_the_expected_parameters():
 def test_projection_head_parameter_count():
     with_head = count_params(DeepLabV3Plus(num_classes=21, stem="standard", proj_dim=256))
     without = count_params(DeepLabV3Plus(num_classes=21, stem="standard", proj_dim=0))
-    assert with_head - without == 3 * 3 * 256 * 256 + 2 * 256 + 256 * 256 + 256
+    # 3x3 conv with its bias (as released), BN scale and bias, 1x1 conv with bias.
+    assert with_head - without == 3 * 3 * 256 * 256 + 256 + 2 * 256 + 256 * 256 + 256
+    legacy = count_params(DeepLabV3Plus(num_classes=21, stem="standard", proj_dim=256, proj_conv_bias=False))
+    assert with_head - legacy == 256
 
 
 def reference_resize(x, out_h, out_w):

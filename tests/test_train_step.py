@@ -117,7 +117,9 @@ def test_two_steps_change_both_students_and_teachers_are_their_ema(setup):
 
 
 def reference_terms(setup, state, batch):
-    """Recomputes the step's selection and contrastive terms with the library functions, outside the step."""
+    """Recomputes the step's selection and contrastive terms with the library functions, outside the step, running
+    each network once per input as the released code does (the step joins them, with BatchNorm statistics per
+    input)."""
     st = setup.settings
     key = jax.random.fold_in(state.rng, state.step)
     k_mix, k_gen, k_pro, k_tg, k_tp = jax.random.split(key, 5)
@@ -130,8 +132,12 @@ def reference_terms(setup, state, batch):
         out, _ = setup.model.apply(net.variables, images, train=True, rngs={"dropout": k}, mutable=["batch_stats"])
         return out
 
-    tg = fwd(state.gen_teacher, jnp.concatenate([u0, u1, x_l]), k_tg)
-    tp = fwd(state.pro_teacher, jnp.concatenate([u0, u1]), k_tp)
+    def fwd_each(net, parts, k):
+        outs = [fwd(net, p, k) for p in parts]
+        return {name: jnp.concatenate([o[name] for o in outs]) for name in outs[0]}
+
+    tg = fwd_each(state.gen_teacher, [u0, u1, x_l], k_tg)
+    tp = fwd_each(state.pro_teacher, [u0, u1], k_tp)
     yhat_g, conf_g = losses.pseudo_labels(tg["logits"][:B], tg["logits"][B:2 * B], mask)
     yhat_p, _ = losses.pseudo_labels(tp["logits"][:B], tp["logits"][B:2 * B], mask)
 
@@ -145,9 +151,8 @@ def reference_terms(setup, state, batch):
     bank = losses.update_memory_bank(state.contrast.bank, feats_t.reshape(-1, D), y_small.reshape(-1), cand,
                                      assigned, st.bank_n_add, True)
 
-    students_in = jnp.concatenate([x_l, u_mix])
-    g = fwd(state.gen_student, students_in, k_gen)
-    p = fwd(state.pro_student, students_in, k_pro)
+    g = fwd_each(state.gen_student, [x_l, u_mix], k_gen)
+    p = fwd_each(state.pro_student, [x_l, u_mix], k_pro)
     sel = losses.select_pixels(yhat_g, jnp.argmax(p["logits"][B:], -1), C, variant="consistent+high")
     unsup_pro = losses.weighted_cross_entropy(p["logits"][B:], yhat_g, conf_g * sel["keep"])
     f = g["features"]

@@ -23,16 +23,17 @@ _STREAMS = ('labeled', 'unlabeled0', 'unlabeled1')
 class _Stream:
     """A source in endless reshuffled order, augmented deterministically per position."""
 
-    def __init__(self, source, seed, stream_index, crop_size, scales, with_label):
+    def __init__(self, source, seed, stream_index, crop_size, scales, with_label, variant="release"):
         self.order = grain.MapDataset.source(source).shuffle(seed=(seed * 7919 + stream_index) % 2**32).repeat(None)
         self.seed, self.stream_index = seed, stream_index
         self.crop_size, self.scales, self.with_label = crop_size, tuple(scales), with_label
+        self.variant = variant
 
     def __getitem__(self, position):
         item = self.order[position]
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.stream_index, position]))
         label = item['label'] if self.with_label else None
-        return weak_augment(rng, item['image'], label, self.crop_size, self.scales)
+        return weak_augment(rng, item['image'], label, self.crop_size, self.scales, variant=self.variant)
 
 
 class _MakeBatch(grain.transforms.Map):
@@ -48,11 +49,11 @@ class _MakeBatch(grain.transforms.Map):
             g, b = self.global_batches[name], self.local_batches[name]
             start = k * g + self.process_index * b
             views = [stream[start + i] for i in range(b)]
+            key = 'image' if name == 'labeled' else name
+            batch[key] = np.stack([v[0] for v in views])
+            batch[f'{key}_box'] = np.stack([v[2] for v in views])
             if name == 'labeled':
-                batch['image'] = np.stack([v[0] for v in views])
                 batch['label'] = np.stack([v[1] for v in views]).astype(np.int32)
-            else:
-                batch[name] = np.stack([v[0] for v in views])
         return batch
 
 
@@ -108,7 +109,8 @@ def _from_jsonable(obj):
 
 
 def make_train_loader(bundle, config, seed, process_index=0, process_count=1, with_unlabeled=True):
-    """Batches: 'image' uint8 (Bl, S, S, 3), 'label' int32 (Bl, S, S) [+ 'unlabeled0', 'unlabeled1' uint8 (Bu, S, S, 3)].
+    """Batches: 'image' uint8 (Bl, S, S, 3), 'label' int32 (Bl, S, S) [+ 'unlabeled0', 'unlabeled1' uint8 (Bu, S, S, 3)],
+    and each image's box in its crop, '<name>_box' int32 (B, 4) (``augment.normalize``).
 
     Bl = batch_labeled / process_count, Bu = batch_unlabeled / process_count (global sizes in the config).
     """
@@ -136,10 +138,11 @@ def make_train_loader(bundle, config, seed, process_index=0, process_count=1, wi
             'images for semi-supervised training, or with_unlabeled=False'
         )
     seed = int(seed) % 2**31
-    streams = {'labeled': _Stream(bundle.labeled, seed, 0, crop, scales, True)}
+    variant = str(_get(config, 'augmentation', 'legacy'))
+    streams = {'labeled': _Stream(bundle.labeled, seed, 0, crop, scales, True, variant)}
     if with_unlabeled:
-        streams['unlabeled0'] = _Stream(bundle.unlabeled, seed, 1, crop, scales, False)
-        streams['unlabeled1'] = _Stream(bundle.unlabeled, seed, 2, crop, scales, False)
+        streams['unlabeled0'] = _Stream(bundle.unlabeled, seed, 1, crop, scales, False, variant)
+        streams['unlabeled1'] = _Stream(bundle.unlabeled, seed, 2, crop, scales, False, variant)
 
     workers = int(_get(config, 'workers', 0))
     prefetch = int(_get(config, 'prefetch', 2))

@@ -16,7 +16,7 @@ from stpg_jax.losses.memory_bank import (
 )
 from stpg_jax.losses.mixing import cutmix_box_mask, mix, pseudo_labels
 from stpg_jax.losses.prototypes import class_sums, init_prototypes, update_prototypes
-from stpg_jax.losses.selection import VARIANTS, confusion_matrix, mismatch_scores, select_pixels
+from stpg_jax.losses.selection import VARIANTS, confusion_counts, confusion_matrix, mismatch_scores, select_pixels
 from stpg_jax.losses.supervised import (
     CITYSCAPES_CLASS_WEIGHTS,
     cross_entropy,
@@ -27,7 +27,7 @@ from stpg_jax.losses.utils import l2_normalize, nearest_downsample, nearest_resi
 
 __all__ = [
     "CITYSCAPES_CLASS_WEIGHTS", "MemoryBank", "VARIANTS", "assigned_anchors", "bank_candidates", "class_sums",
-    "confusion_matrix", "cross_entropy", "cutmix_box_mask", "dual_contrastive_loss", "hungarian_assignment",
+    "confusion_counts", "confusion_matrix", "cross_entropy", "cutmix_box_mask", "dual_contrastive_loss", "hungarian_assignment",
     "init_memory_bank", "init_prototypes", "l2_normalize", "make_anchors", "memory_bank_contents", "mismatch_scores",
     "mix", "nearest_downsample", "nearest_resize", "ohem_cross_entropy", "pseudo_labels", "push_rows",
     "select_pixels", "select_rows", "uniformity_objective", "update_memory_bank", "update_prototypes",

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 VARIANTS = ("stpg", "consistent", "consistent+low", "consistent+high", "all")
 
 
-def confusion_matrix(labels_a, labels_b, num_classes, valid=None):
-    """K[i, j] = #pixels with labels_a == i and labels_b == j, as a (C, C) float32 matrix (no +1 here).
+def confusion_counts(labels_a, labels_b, num_classes, valid=None):
+    """K[i, j] = #pixels with labels_a == i and labels_b == j, as a (C, C) int32 matrix (no +1 here).
 
     labels_a, labels_b: same shape (...) int; valid: optional (...) bool/float mask. Pixels with a label outside
     [0, C) in either map are skipped. Counts are accumulated in int32 by a fixed-length bincount (memory O(pixels)),
@@ -20,20 +20,32 @@ def confusion_matrix(labels_a, labels_b, num_classes, valid=None):
         ok = ok & (jnp.asarray(valid).reshape(-1) > 0)
     idx = jnp.where(ok, a * num_classes + b, 0)
     counts = jnp.bincount(idx, weights=ok.astype(jnp.int32), length=num_classes * num_classes)
-    return counts.reshape(num_classes, num_classes).astype(jnp.float32)
+    return counts.reshape(num_classes, num_classes).astype(jnp.int32)
+
+
+def confusion_matrix(labels_a, labels_b, num_classes, valid=None):
+    """``confusion_counts`` as float32 (exact up to 2**24 pixels per entry)."""
+    return confusion_counts(labels_a, labels_b, num_classes, valid).astype(jnp.float32)
 
 
 def mismatch_scores(confusion):
     """Per-class mismatch m_c = (1 − precision_c) + (1 − recall_c), (C,) float32.
 
-    confusion: (C, C) raw counts, rows = teacher label, columns = student prediction. The +1 on every diagonal
-    entry (DESIGN.md §2 step 6) is added HERE, which also keeps every denominator >= 1:
-    precision_c = K[c,c] / Σ_i K[i,c], recall_c = K[c,c] / Σ_j K[c,j] with K = confusion + I.
+    confusion: (C, C) raw counts (int, or float holding integers), rows = teacher label, columns = student
+    prediction. The +1 on every diagonal entry (DESIGN.md §2 step 6) is added HERE, which also keeps every
+    denominator >= 1: precision_c = K[c,c] / Σ_i K[i,c], recall_c = K[c,c] / Σ_j K[c,j] with K = confusion + I.
+    Each term is computed as (Σ − K[c,c]) / Σ from exact integer counts (DESIGN.md §8.8): ``1 − K[c,c]/Σ`` in
+    float32 rounds two large classes' scores to the same number at a real batch's millions of pixels, and the
+    strict ``>`` of the selection then drops pixels.
     """
-    k = jnp.asarray(confusion).astype(jnp.float32)
-    k = k + jnp.eye(k.shape[0], dtype=jnp.float32)
+    k = jnp.asarray(confusion)
+    if not jnp.issubdtype(k.dtype, jnp.integer):
+        k = jnp.round(k)
+    k = k.astype(jnp.int32) + jnp.eye(k.shape[0], dtype=jnp.int32)
     diag = jnp.diagonal(k)
-    return (1.0 - diag / jnp.sum(k, axis=0)) + (1.0 - diag / jnp.sum(k, axis=1))
+    col, row = jnp.sum(k, axis=0), jnp.sum(k, axis=1)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    return f32(col - diag) / f32(col) + f32(row - diag) / f32(row)
 
 
 def select_pixels(teacher_labels, student_pred, num_classes, variant="stpg", valid=None):
@@ -51,8 +63,9 @@ def select_pixels(teacher_labels, student_pred, num_classes, variant="stpg", val
     t = jnp.asarray(teacher_labels).astype(jnp.int32)
     s = jnp.asarray(student_pred).astype(jnp.int32)
     ok = jnp.ones(t.shape, bool) if valid is None else jnp.asarray(valid) > 0
-    conf = confusion_matrix(t, s, num_classes, ok)
-    scores = mismatch_scores(conf)
+    counts = confusion_counts(t, s, num_classes, ok)
+    scores = mismatch_scores(counts)
+    conf = counts.astype(jnp.float32)
     consistent = (t == s) & ok
     mismatched = (t != s) & ok
     high = mismatched & (scores[jnp.clip(t, 0, num_classes - 1)] > scores[jnp.clip(s, 0, num_classes - 1)])

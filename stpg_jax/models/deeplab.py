@@ -11,7 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from stpg_jax.config import FIELDS_ADDED_LATER
-from stpg_jax.models.resnet import STAGE_BLOCKS, ResNet, batch_norm, conv, maybe_remat
+from stpg_jax.models.batchnorm import BatchNormSpec
+from stpg_jax.models.resnet import KAIMING_FAN_IN, KAIMING_FAN_OUT, STAGE_BLOCKS, ResNet, batch_norm, conv, maybe_remat
+
+# The released code's ASPP uses LeakyReLU (PyTorch's default slope) for its three activations (DESIGN.md §8.2).
+ASPP_SLOPES = {"leaky_relu": 0.01, "relu": 0.0}
+HEAD_INITS = ("kaiming_fan_in", "legacy")
 
 
 def _axis_weights(in_size: int, out_size: int):
@@ -91,31 +96,42 @@ def resize_bilinear_align_corners(x, size: Sequence[int]):
 
 
 class ConvBNReLU(nn.Module):
+    """Conv → BN → ReLU (LeakyReLU with ``negative_slope`` > 0)."""
+
     features: int
     kernel: int = 1
     dilation: int = 1
     dtype: Any = jnp.float32
-    bn_backward: str = "autodiff"
+    bn: BatchNormSpec = BatchNormSpec()
+    negative_slope: float = 0.0
+    kernel_init: Any = KAIMING_FAN_IN
 
     @nn.compact
     def __call__(self, x, train: bool):
-        x = conv(self.features, self.kernel, 1, self.dilation, dtype=self.dtype, name="conv")(x)
-        return batch_norm(train, self.dtype, "bn", self.bn_backward, relu=True)(x)
+        x = conv(self.features, self.kernel, 1, self.dilation, dtype=self.dtype, name="conv",
+                 kernel_init=self.kernel_init)(x)
+        return batch_norm(train, self.dtype, "bn", self.bn, negative_slope=self.negative_slope)(x)
 
 
 class ASPP(nn.Module):
-    """Atrous spatial pyramid pooling: 1×1, three dilated 3×3, image pooling; then a 1×1 projection."""
+    """Atrous spatial pyramid pooling: 1×1, three dilated 3×3, image pooling; then a 1×1 projection.
+
+    The release's layout (the four branches concatenated → one BN → activation → 1×1; pooling → BN → activation → 1×1;
+    their sum → BN → activation) is this one: BN is per channel, and a 1×1 conv of a concatenation is the sum of 1×1
+    convs of its parts, so ``project`` holds the release's two reduction convs stacked."""
 
     features: int = 256
     rates: Sequence[int] = (6, 12, 18)
     dtype: Any = jnp.float32
     remat: bool = False
-    bn_backward: str = "autodiff"
+    bn: BatchNormSpec = BatchNormSpec()
+    negative_slope: float = 0.0
+    kernel_init: Any = KAIMING_FAN_IN
 
     @nn.compact
     def __call__(self, x, train: bool):
         conv_bn_relu = maybe_remat(ConvBNReLU, self.remat)
-        kw = dict(dtype=self.dtype, bn_backward=self.bn_backward)
+        kw = dict(dtype=self.dtype, bn=self.bn, negative_slope=self.negative_slope, kernel_init=self.kernel_init)
         branches = [conv_bn_relu(self.features, 1, **kw, name="branch0")(x, train)]
         for i, rate in enumerate(self.rates):
             branches.append(conv_bn_relu(self.features, 3, rate, **kw, name=f"branch{i + 1}")(x, train))
@@ -128,8 +144,15 @@ class ASPP(nn.Module):
 class DeepLabV3Plus(nn.Module):
     """DeepLabV3+ returning ``{'logits': (B,H,W,C) float32, 'features': (B,H/4,W/4,proj_dim) float32}``.
 
-    ``features`` come from the projection head (3×3 conv → BN → ReLU → Dropout(``proj_dropout``, 0.1) → 1×1 conv) on
-    the 256-channel decoder output; with ``proj_dim=0`` the head is left out and ``features`` is the decoder output.
+    ``features`` come from the projection head (3×3 conv (with a bias if ``proj_conv_bias``) → BN → ReLU →
+    Dropout(``proj_dropout``, 0.1; whole channels if ``proj_dropout_kind`` is 'channel', as PyTorch's Dropout2d) → 1×1
+    conv) on the 256-channel decoder output; with ``proj_dim=0`` the head is left out and ``features`` is the decoder
+    output. ``aspp_activation``: 'leaky_relu' (the release) or 'relu'. ``head_init``: 'kaiming_fan_in' (the release,
+    for every layer after the backbone) or 'legacy'.
+
+    BatchNorm: ``bn_groups`` (static, one group index per sample) normalises each input group of a joined batch with
+    its own statistics, as separate passes would (``batchnorm``); None is one group. ``bn_running_var`` 'unbiased'
+    stores running variances as PyTorch does, 'biased' as flax.
     Parameters are float32; ``dtype`` sets the compute dtype (bfloat16 for mixed precision). ``remat`` recomputes
     the activations inside the stem, every bottleneck, ASPP branch and decoder conv in the backward pass instead of
     keeping them (for the R50 train step, less than half of XLA's temporary memory for ~21 % more FLOPs); the
@@ -150,38 +173,59 @@ class DeepLabV3Plus(nn.Module):
     low_level_channels: int = 48
     proj_dim: int = 256
     proj_dropout: float = 0.1
+    proj_dropout_kind: str = "channel"
+    proj_conv_bias: bool = True
+    aspp_activation: str = "leaky_relu"
+    head_init: str = "kaiming_fan_in"
     dtype: Any = jnp.float32
     remat: bool = False
     bn_backward: str = "autodiff"
+    bn_groups: Optional[tuple] = None
+    bn_running_var: str = "unbiased"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         in_h, in_w = x.shape[1], x.shape[2]
         blocks = tuple(self.stage_blocks) if self.stage_blocks else STAGE_BLOCKS[self.depth]
+        if self.aspp_activation not in ASPP_SLOPES:
+            raise ValueError(f"model.aspp_activation must be one of {sorted(ASPP_SLOPES)}, got {self.aspp_activation!r}")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"model.head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
+        bn = BatchNormSpec(self.bn_backward, self.bn_groups, self.bn_running_var == "unbiased")
+        legacy_init = self.head_init == "legacy"
+        head_init = KAIMING_FAN_OUT if legacy_init else KAIMING_FAN_IN
+        out_init = nn.linear.default_kernel_init if legacy_init else KAIMING_FAN_IN  # the two 1×1 output convs
         x = x.astype(self.dtype)
         low, high = ResNet(
-            blocks, self.width, self.stem, self.stride_in_1x1, self.output_stride, self.dtype, self.remat,
-            self.bn_backward, name="backbone",
+            blocks, self.width, self.stem, self.stride_in_1x1, self.output_stride, self.dtype, self.remat, bn,
+            name="backbone",
         )(x, train)
 
         conv_bn_relu = maybe_remat(ConvBNReLU, self.remat)
         rates = (6, 12, 18) if self.output_stride == 16 else (12, 24, 36)
-        kw = dict(dtype=self.dtype, bn_backward=self.bn_backward)
-        y = ASPP(self.aspp_channels, rates, self.dtype, self.remat, self.bn_backward, name="aspp")(high, train)
+        kw = dict(dtype=self.dtype, bn=bn, kernel_init=head_init)
+        y = ASPP(self.aspp_channels, rates, self.dtype, self.remat, bn, ASPP_SLOPES[self.aspp_activation], head_init,
+                 name="aspp")(high, train)
         low = conv_bn_relu(self.low_level_channels, 1, **kw, name="low_level")(low, train)
         y = resize_bilinear_align_corners(y, low.shape[1:3])
         y = jnp.concatenate([y, low], axis=-1)
         y = conv_bn_relu(self.decoder_channels, 3, **kw, name="decoder1")(y, train)
         y = conv_bn_relu(self.decoder_channels, 3, **kw, name="decoder2")(y, train)
 
-        logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="classifier")(y)
+        logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, kernel_init=out_init,
+                         name="classifier")(y)
         logits = resize_bilinear_align_corners(logits.astype(jnp.float32), (in_h, in_w))
 
         if self.proj_dim:
-            f = conv(self.decoder_channels, 3, dtype=self.dtype, name="proj_conv1")(y)
-            f = batch_norm(train, self.dtype, "proj_bn", self.bn_backward, relu=True)(f)
-            f = nn.Dropout(self.proj_dropout, deterministic=not train)(f)
-            f = nn.Conv(self.proj_dim, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="proj_conv2")(f)
+            if self.proj_dropout_kind not in ("channel", "element"):
+                raise ValueError(f"model.proj_dropout_kind must be 'channel' or 'element', got {self.proj_dropout_kind!r}")
+            f = conv(self.decoder_channels, 3, dtype=self.dtype, name="proj_conv1", use_bias=self.proj_conv_bias,
+                     kernel_init=head_init)(y)
+            f = batch_norm(train, self.dtype, "proj_bn", bn, relu=True)(f)
+            channels = (1, 2) if self.proj_dropout_kind == "channel" else ()  # Dropout2d: one draw per channel
+            f = nn.Dropout(self.proj_dropout, broadcast_dims=channels, deterministic=not train)(f)
+            f = nn.Conv(self.proj_dim, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, kernel_init=out_init,
+                        name="proj_conv2")(f)
         else:
             f = y
         return {"logits": logits, "features": f.astype(jnp.float32)}
@@ -211,7 +255,12 @@ def model_from_config(model_config, num_classes: int) -> DeepLabV3Plus:
         low_level_channels=model_config.low_level_channels,
         proj_dim=model_config.proj_dim,
         proj_dropout=float(later("proj_dropout")),
+        proj_dropout_kind=later("proj_dropout_kind"),
+        proj_conv_bias=bool(later("proj_conv_bias")),
+        aspp_activation=later("aspp_activation"),
+        head_init=later("head_init"),
         dtype=dtypes[model_config.dtype],
         remat=bool(later("remat")),
         bn_backward=later("bn_backward"),
+        bn_running_var=later("bn_running_var"),
     )

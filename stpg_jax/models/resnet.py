@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from stpg_jax.models.batchnorm import BatchNorm
+from stpg_jax.models.batchnorm import BACKWARDS as BN_BACKWARDS, BatchNorm, BatchNormSpec
 
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
@@ -21,24 +21,33 @@ STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 MULTI_GRID = (1, 2, 4)
 
 
-BN_BACKWARDS = ("autodiff", "closed_form")
-
-
-def batch_norm(train: bool, dtype: Any, name: str, backward: str = "autodiff", relu: bool = False):
-    """BatchNorm (then ReLU if ``relu``) with PyTorch's defaults: running stats updated with momentum 0.1 (flax
-    momentum 0.9), eps 1e-5. ``backward``: 'autodiff' is ``nn.BatchNorm`` differentiated by JAX; 'closed_form' is
-    ``batchnorm.BatchNorm``, same variables and forward values, its backward pass (with the ReLU's) written out."""
-    if backward == "closed_form":
-        return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, relu=relu, name=name)
-    if backward != "autodiff":
-        raise ValueError(f"model.bn_backward must be one of {BN_BACKWARDS}, got {backward!r}")
+def batch_norm(train: bool, dtype: Any, name: str, spec="autodiff", relu: bool = False, negative_slope=None):
+    """BatchNorm, then ReLU if ``relu`` (or LeakyReLU with ``negative_slope``), with PyTorch's defaults: running stats
+    updated with momentum 0.1 (flax momentum 0.9), eps 1e-5. ``spec``: a ``BatchNormSpec`` or its backward name.
+    One group with the biased running variance and 'autodiff' is ``nn.BatchNorm`` itself; everything else is
+    ``batchnorm.BatchNorm`` (same variables and forward values; per-group statistics, closed-form backward)."""
+    spec = BatchNormSpec(backward=spec) if isinstance(spec, str) else spec
+    slope = negative_slope if negative_slope is not None else (0.0 if relu else None)
+    if spec.backward == "closed_form" or not spec.legacy:
+        return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                         negative_slope=slope, spec=spec, name=name)
     bn = nn.BatchNorm(
         use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, name=name
     )
-    return (lambda x: nn.relu(bn(x))) if relu else bn
+    if slope is None:
+        return bn
+    return (lambda x: nn.relu(bn(x))) if slope == 0.0 else (lambda x: nn.leaky_relu(bn(x), slope))
 
 
-def conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, dtype: Any = jnp.float32, name=None, use_bias=False):
+# The backbone's convs (ImageNet weights replace them) and, by default, the new layers: kaiming normal with PyTorch's
+# gain for ReLU and fan_in, as the released code initialises ASPP, decoder, classifier and projection head
+# (DESIGN.md §8.6). 'legacy' is this project's earlier choice (fan_out; flax's default for the two 1×1 output convs).
+KAIMING_FAN_IN = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, dtype: Any = jnp.float32, name=None,
+         use_bias=False, kernel_init=KAIMING_FAN_OUT):
     pad = dilation * (kernel - 1) // 2
     return nn.Conv(
         features,
@@ -49,7 +58,7 @@ def conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, dtype: 
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=jnp.float32,
-        kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+        kernel_init=kernel_init,
         name=name,
     )
 
@@ -108,10 +117,10 @@ def resnet_stem(net: ResNet, x, train: bool):
     if net.stem == "deep":
         for i, ch in enumerate((net.width, net.width, 2 * net.width)):
             x = conv(ch, 3, 2 if i == 0 else 1, dtype=net.dtype, name=f"stem_conv{i + 1}")(x)
-            x = batch_norm(train, net.dtype, f"stem_bn{i + 1}", net.bn_backward, relu=True)(x)
+            x = batch_norm(train, net.dtype, f"stem_bn{i + 1}", net.bn, relu=True)(x)
     elif net.stem == "standard":
         x = conv(net.width, 7, 2, dtype=net.dtype, name="conv1")(x)
-        x = batch_norm(train, net.dtype, "bn1", net.bn_backward, relu=True)(x)
+        x = batch_norm(train, net.dtype, "bn1", net.bn, relu=True)(x)
     else:
         raise ValueError(f"model.stem must be 'deep' or 'standard', got {net.stem!r}")
     return max_pool_3x3_s2(x)
@@ -130,20 +139,20 @@ class Bottleneck(nn.Module):
     downsample: bool = False
     stride_in_1x1: bool = False
     dtype: Any = jnp.float32
-    bn_backward: str = "autodiff"
+    bn: BatchNormSpec = BatchNormSpec()
 
     @nn.compact
     def __call__(self, x, train: bool):
         s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
         y = conv(self.planes, 1, s1, dtype=self.dtype, name="conv1")(x)
-        y = batch_norm(train, self.dtype, "bn1", self.bn_backward, relu=True)(y)
+        y = batch_norm(train, self.dtype, "bn1", self.bn, relu=True)(y)
         y = conv(self.planes, 3, s3, self.dilation, dtype=self.dtype, name="conv2")(y)
-        y = batch_norm(train, self.dtype, "bn2", self.bn_backward, relu=True)(y)
+        y = batch_norm(train, self.dtype, "bn2", self.bn, relu=True)(y)
         y = conv(self.planes * 4, 1, dtype=self.dtype, name="conv3")(y)
-        y = batch_norm(train, self.dtype, "bn3", self.bn_backward)(y)
+        y = batch_norm(train, self.dtype, "bn3", self.bn)(y)
         if self.downsample:
             x = conv(self.planes * 4, 1, self.stride, dtype=self.dtype, name="downsample_conv")(x)
-            x = batch_norm(train, self.dtype, "downsample_bn", self.bn_backward)(x)
+            x = batch_norm(train, self.dtype, "downsample_bn", self.bn)(x)
         return nn.relu(y + x)
 
 
@@ -157,7 +166,8 @@ class ResNet(nn.Module):
       output_stride: 16 (layer4 dilated) or 8 (layers 3 and 4 dilated).
       remat: recompute the activations inside the stem and each bottleneck in the backward pass instead of keeping
         them (``nn.remat``); the variables are the same either way.
-      bn_backward: 'autodiff' or 'closed_form' (see ``batch_norm``); the variables are the same either way.
+      bn: every BatchNorm's ``BatchNormSpec`` (backward pass, statistics groups, running variance); the variables
+        are the same either way.
     """
 
     stage_blocks: Sequence[int] = STAGE_BLOCKS[50]
@@ -167,7 +177,7 @@ class ResNet(nn.Module):
     output_stride: int = 16
     dtype: Any = jnp.float32
     remat: bool = False
-    bn_backward: str = "autodiff"
+    bn: BatchNormSpec = BatchNormSpec()
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -198,7 +208,7 @@ class ResNet(nn.Module):
                     downsample=(i == 0 and (stride != 1 or in_ch != planes * 4)),
                     stride_in_1x1=self.stride_in_1x1,
                     dtype=self.dtype,
-                    bn_backward=self.bn_backward,
+                    bn=self.bn,
                     name=f"layer{stage + 1}_{i}",
                 )(x, train)
                 in_ch = planes * 4
