@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
-from stpg_jax import checkpoint, evaluate, export, losses, sharding
+from stpg_jax import checkpoint, evaluate, export, losses, plots, sharding, visualize
 from stpg_jax.config import validate
 from stpg_jax.data import DataError, build_data, make_train_loader
 from stpg_jax.host_matching import HostMatching
@@ -309,6 +309,9 @@ def _train(config, workdir, max_steps, stop) -> dict:
     )
 
     writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else None
+    if writer is not None:
+        writer.add_custom_scalars(visualize.class_layout(trainer.info.class_names))
+    log_images = visualize.ImageLogger(c, trainer.bundle, trainer.model, trainer.replicated)
 
     def save(step, state):
         ckpt.save(step, state, {"step": step, "loader": loader.get_state(), "num_classes": trainer.num_classes,
@@ -365,7 +368,7 @@ def _train(config, workdir, max_steps, stop) -> dict:
                 log(f"step {done}/{trainer.total_steps} | loss {scalars['loss']:.4f} | lr {scalars['lr']:.5f}"
                     f"{extra}{speed}", flush=True)
                 if writer is not None:
-                    for k, v in scalars.items():
+                    for k, v in visualize.name_classes(scalars, trainer.info.class_names).items():
                         writer.add_scalar(f"train/{k}", v, done)
                     if done > step_log:
                         writer.add_scalar("train/images_per_second", rate, done)
@@ -374,6 +377,7 @@ def _train(config, workdir, max_steps, stop) -> dict:
                     state = matching.resolve(state)  # a checkpoint holds the matching its next step uses
                     save(done, state)
                     last_good = done
+            log_images(done, state, writer)
             if c.eval.every_steps and done % c.eval.every_steps == 0 and not is_last:
                 results = _run_eval(trainer, state, writer, done, log)
             if stopping:
@@ -433,6 +437,7 @@ def _run_eval(trainer: Trainer, state: TrainState, writer, step: int, log) -> di
             record["networks"] = {name: evaluate.result_record(r, names) for name, r in results.items()}
         with open(os.path.join(trainer.workdir, f"eval_{step}.json"), "w") as f:
             json.dump(record, f, indent=2)
+        plots.save_eval_png(results, names, os.path.join(trainer.workdir, f"eval_{step}.png"), step, log)
     if writer is not None:
         for network, r in results.items():
             prefix = "eval" if network == "gen_student" else f"eval/{network}"
