@@ -186,3 +186,31 @@ def test_without_matplotlib_a_png_fails_in_one_line_and_training_only_notes_it(t
     for _ in range(2):
         assert plots.save_eval_png(result, ["a", "b"], str(tmp_path / "x.png"), 1, lines.append) is None
     assert len(lines) == 1 and "matplotlib" in lines[0] and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("mode", ["mean_teacher", "supervised"])
+def test_modes_without_some_networks_show_the_panels_they_have(run, mode):
+    # The trained run's networks, handed to the panel function of a mode that has only some of them.
+    from stpg_jax import checkpoint
+    from stpg_jax.config import MODE_NETWORKS
+    from stpg_jax.models import model_from_config
+    from stpg_jax.state import Network
+
+    workdir, config, _, _ = run
+    networks = {}
+    for name in MODE_NETWORKS[mode]:
+        _, variables, _, _ = checkpoint.load_network(str(workdir), name)
+        networks[name] = Network(variables["params"], variables["batch_stats"])
+    bundle = build_data(config.data)
+    images, labels = visualize.fixed_images(bundle.val, COUNT, CROP, with_label=True)
+    maps = visualize.make_panel_fn(model_from_config(config.model, 11), mode, 11)(networks, images,
+                                                                                   np.zeros(2, np.uint32))
+    columns = visualize.panel_columns(mode, with_label=True)
+    assert set(maps) == set(columns) - {"image", "ground_truth"}
+    expected = {"mean_teacher": ["image", "gen_teacher_labels", "gen_teacher_confidence", "gen_student_prediction",
+                                 "ground_truth"],
+                "supervised": ["image", "gen_student_prediction", "ground_truth"]}[mode]
+    assert columns == expected
+    strip = visualize.render_strip(columns, images[0], {k: np.asarray(v)[0] for k, v in maps.items()}, labels[0],
+                                   bundle.info.palette)
+    assert strip.shape == (CROP, len(columns) * CROP + (len(columns) - 1) * visualize.PANEL_GAP, 3)
