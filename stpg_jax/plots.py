@@ -12,6 +12,7 @@ needs it only for these files; without it, ``PlotsUnavailable`` says so in one l
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Mapping, Sequence
 
@@ -61,7 +62,7 @@ def _bar_chart(series: dict, class_names, rare, title: str, ylabel: str, note: s
     from matplotlib.figure import Figure
 
     n_classes, n_series = len(class_names), len(series)
-    fig = Figure(figsize=(max(6.0, 0.42 * n_classes * max(2, n_series) + 1.5), 4.6), dpi=100,
+    fig = Figure(figsize=(max(6.0, 0.3 * n_classes * max(2, n_series) + 2.0), 4.6), dpi=100,
                  layout="constrained")
     ax = fig.add_subplot()
     rare = set(rare or ())
@@ -130,6 +131,7 @@ def eval_iou_png(results, class_names: Sequence[str], path: str, step: int | Non
     pixels = int(np.asarray(first["confusion"]).sum())
     note = f"* rare: under {100 * threshold:g} % of the {pixels} evaluated ground-truth pixels (shaded)"
     fig = _bar_chart(series, list(class_names), rare, title, "IoU %", note, labels_on_bars=len(results) == 1)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     return path
 
@@ -168,5 +170,6 @@ def method_comparison_png(per_method_per_seed_iou: Mapping[str, Sequence], class
     note = (f"bars: mean over {counts} seed(s)" + ("; whiskers: min–max; dots: each seed" if seeds[-1] > 1 else "")
             + ("; * rare class (shaded)" if rare else ""))
     fig = _bar_chart(series, list(class_names), rare, title, ylabel, note, labels_on_bars=False)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     return path

@@ -214,3 +214,21 @@ def test_modes_without_some_networks_show_the_panels_they_have(run, mode):
     strip = visualize.render_strip(columns, images[0], {k: np.asarray(v)[0] for k, v in maps.items()}, labels[0],
                                    bundle.info.palette)
     assert strip.shape == (CROP, len(columns) * CROP + (len(columns) - 1) * visualize.PANEL_GAP, 3)
+
+
+def test_evaluate_command_draws_the_chart_of_several_networks(run, tmp_path):
+    import os
+    import subprocess
+
+    workdir, _, _, _ = run
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(repo, ".jax_cache"))
+    chart = tmp_path / "charts" / "eval.png"
+    proc = subprocess.run([sys.executable, "-m", "stpg_jax.evaluate", f"--checkpoint={workdir}", "--max_images=1",
+                           "--network=gen_student,pro_teacher", f"--plot={chart}"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"chart: {chart}" in proc.stdout
+    with Image.open(chart) as im:
+        assert im.format == "PNG" and im.width >= 600
