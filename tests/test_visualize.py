@@ -232,3 +232,13 @@ def test_evaluate_command_draws_the_chart_of_several_networks(run, tmp_path):
     assert f"chart: {chart}" in proc.stdout
     with Image.open(chart) as im:
         assert im.format == "PNG" and im.width >= 600
+
+
+def test_a_run_with_pictures_gets_the_same_jitted_step_as_one_without(tmp_path):
+    # The pictures may not touch the training step: the Trainer must hand both runs one and the same step program.
+    def step_of(every):
+        t = train.Trainer(loop_config(log_images_every_steps=every), str(tmp_path / f"run{every}"))
+        t.init_state()  # builds the optimiser the step uses
+        return t.compile_step()
+
+    assert step_of(0) is step_of(2)
