@@ -21,8 +21,10 @@ runs; the variable set in the environment wins), and its output goes to ``ROOT/M
 ``[M] ``, to stdout. Concurrent runs share the device, so their wall times are not solo times; the results say so.
 SIGINT or SIGTERM stops every run (SIGTERM, then SIGKILL after a few seconds) and still writes the results.
 
-Results: ``camvid_results.md`` (rows = classes, columns = methods, IoU %, plus mIoU and wall time) and
-``camvid_results.json`` in ``--out`` (default: the workdir root), read from the IoU table each run prints at its end.
+Results: ``camvid_results.md`` (rows = classes, columns = methods, IoU %, plus mIoU and wall time),
+``camvid_results.json`` and ``camvid_results.png`` (per class, a bar per method; rare classes, under 2 % of CamVid's
+labelled pixels, marked; ``--no-plot`` leaves it out, and without matplotlib the script stops before training unless
+given) in ``--out`` (default: the workdir root), read from the IoU table each run prints at its end.
 
 Repeats with other training seeds (``--overrides seed=1`` and another ``--workdir_root``) are summarised by
 
@@ -31,7 +33,12 @@ Repeats with other training seeds (``--overrides seed=1`` and another ``--workdi
 which writes ``camvid_results_combined.md`` (each cell: the mean over the repeats, then every repeat's value; then
 the mIoU difference of each pair of methods within each seed, with its mean, sd and 95 % t-interval) after checking
 that the repeats ran the same config, steps, methods and labelled split, alike one after another or concurrently, and
-differ only in ``seed=``.
+differ only in ``seed=``, and ``camvid_results_combined.png``: per class, a bar per method at its mean over the
+repeats, whiskers from the lowest to the highest repeat and a dot per repeat. The same figure from a combined table
+kept in a Markdown file (the first table after the first line that contains TEXT; ``--config`` names the dataset,
+whose rare classes are marked):
+
+    python benchmarks/camvid_experiment.py --plot_markdown BENCHMARKS.md --section "TEXT" --out DIR
 """
 
 from __future__ import annotations
@@ -59,6 +66,10 @@ if str(REPO) not in sys.path:
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from step_time import git_commit, load_config, run_cli  # noqa: E402  (the sibling script)
+
+from stpg_jax import plots  # noqa: E402
+from stpg_jax.config import ConfigError  # noqa: E402
+from stpg_jax.data.palettes import rare_classes  # noqa: E402
 
 METHODS = ("supervised", "mean_teacher", "stpg")
 SPLIT_FILES = ("split_labeled.txt", "split_unlabeled.txt", "split.json")
@@ -99,7 +110,16 @@ def parse_args(argv=None):
     p.add_argument("--dry_run", action="store_true", help="print the commands and stop")
     p.add_argument("--combine", nargs="+", metavar="RESULTS_JSON",
                    help="instead of training: summarise repeats (camvid_results.json of each) into --out")
+    p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the per-class comparison PNG (needs matplotlib: pip install 'stpg_jax[plots]')")
+    p.add_argument("--plot_markdown", metavar="FILE", help="instead of training: draw camvid_results_combined.png "
+                   "into --out from a combined table in FILE (the first after the line holding --section)")
+    p.add_argument("--section", default="", help="--plot_markdown: text of a line before the table")
     args = p.parse_args(argv)
+    if args.plot_markdown:
+        if not args.out:
+            p.error("--plot_markdown needs --out (the folder for camvid_results_combined.png)")
+        return args
     if args.combine:
         if not args.out:
             p.error("--combine needs --out (the folder for camvid_results_combined.md)")
@@ -430,6 +450,80 @@ def paired_differences(repeats: list[dict]) -> str | None:
     return "\n".join(lines)
 
 
+def per_seed_iou(repeats: list[dict]) -> tuple[dict, list[str]]:
+    """({method: [{class: IoU %, ..., 'mIoU': %} per repeat]}, class names + 'mIoU') of the methods with an IoU
+    table in every repeat ({method: run_info} each)."""
+    methods = _methods_with_result(repeats, repeats[0])
+    names = list(repeats[0][methods[0]]["result"]["iou"]) + ["mIoU"] if methods else []
+    return {m: [{**runs[m]["result"]["iou"], "mIoU": runs[m]["result"]["miou"]} for runs in repeats]
+            for m in methods}, names
+
+
+def dataset_of(spec: str) -> str:
+    """The dataset of config ``spec`` ('' if it cannot be read): it says which classes are rare."""
+    try:
+        return load_config(spec).data.dataset
+    except (ConfigError, FileNotFoundError, OSError):
+        return ""
+
+
+def write_figure(per_method, names, path: str, title: str, dataset: str) -> str:
+    print(f"figure: {path}", flush=True)
+    # Each method in the same colour in every figure: this script's methods first, in their order.
+    per_method = {m: per_method[m] for m in sorted(per_method, key=lambda m: (m not in METHODS, METHODS.index(m)
+                                                                                if m in METHODS else 0))}
+    return plots.method_comparison_png(per_method, names, path, rare=rare_classes(dataset), title=title)
+
+
+_CELL = re.compile(r"^\**\s*(-?[\d.]+|n/a)\s*(?:\(([^)]*)\))?\s*\**$")
+
+
+def parse_combined_table(text: str, section: str = "") -> tuple[dict, list[str]]:
+    """``per_seed_iou``'s result from a combined table as ``combine_results`` writes it (cells 'mean (a / b / …)'),
+    the first one after the first line that contains ``section``; the wall-time row is left out."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if section in line), None)
+    if start is None:
+        raise ValueError(f"no line contains {section!r}")
+    head = next((i for i in range(start, len(lines)) if lines[i].startswith("| class |")), None)
+    if head is None:
+        raise ValueError(f"no table with a '| class |' header after the line holding {section!r}")
+    methods = [c.strip() for c in lines[head].strip().strip("|").split("|")[1:]]
+    per_method, names = {m: [] for m in methods}, []
+    for line in lines[head + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        name = cells[0].strip("*").strip()
+        if name.startswith("wall time"):
+            continue
+        names.append(name)
+        for method, cell in zip(methods, cells[1:]):
+            m = _CELL.match(cell)
+            if not m:
+                raise ValueError(f"cell {cell!r} of {name!r}: not 'mean (a / b / …)'")
+            values = [v.strip() for v in m[2].split("/")] if m[2] else [m[1]]
+            for k, v in enumerate(values):
+                if len(per_method[method]) <= k:
+                    per_method[method].append({})
+                per_method[method][k][name] = None if v == "n/a" else float(v)
+    return per_method, names
+
+
+def plot_markdown_main(args) -> int:
+    try:
+        per_method, names = parse_combined_table(Path(args.plot_markdown).read_text(), args.section)
+    except ValueError as e:
+        print(f"error: --plot_markdown {args.plot_markdown}: {e}", file=sys.stderr)
+        return 2
+    seeds = max(len(v) for v in per_method.values())
+    os.makedirs(args.out, exist_ok=True)
+    title = f"{args.config}, {seeds} seed(s): IoU % per class (from {os.path.basename(args.plot_markdown)})"
+    write_figure(per_method, names, os.path.join(args.out, "camvid_results_combined.png"), title,
+                 dataset_of(args.config))
+    return 0
+
+
 def collect_split(args, runs: dict) -> dict:
     """Copies the split files of the first run next to the results; checks every run used the same one."""
     digests = {}
@@ -518,11 +612,21 @@ def combine_main(args) -> int:
     with open(os.path.join(args.out, "camvid_results_combined.md"), "w") as f:
         f.write(text)
     print(text, end="")
+    if args.plot:
+        per_method, names = per_seed_iou([r["runs"] for r in reports])
+        title = (f"CamVid {reports[0]['config']}, {reports[0]['steps']} steps, {len(reports)} seed(s): "
+                 "IoU % per class")
+        write_figure(per_method, names, os.path.join(args.out, "camvid_results_combined.png"), title,
+                     dataset_of(reports[0]["config"]))
     return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.plot_markdown or (args.plot and not args.dry_run):
+        plots.require_matplotlib("the comparison PNG (--no-plot leaves it out)")  # before any training
+    if args.plot_markdown:
+        return plot_markdown_main(args)
     if args.combine:
         return combine_main(args)
     if not args.data_dir:
@@ -601,6 +705,11 @@ def run_experiment(args, commands) -> int:
               "host_cpus": os.cpu_count()}
     with open(os.path.join(args.out, "camvid_results.json"), "w") as f:
         json.dump(report, f, indent=1)
+    per_method, names = per_seed_iou([runs])
+    if args.plot and per_method:
+        write_figure(per_method, names, os.path.join(args.out, "camvid_results.png"),
+                     f"CamVid {args.config}, {args.steps} steps{' (smoke)' if args.smoke else ''}: IoU % per class",
+                     dataset_of(args.config))
     failed = [m for m, _ in commands if m not in runs or runs[m]["returncode"] != 0 or not runs[m]["result"]]
     if failed:
         print(f"failed: {', '.join(failed)} (see their train.log)", file=sys.stderr)
@@ -609,4 +718,4 @@ def run_experiment(args, commands) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, plots.PlotsUnavailable)

@@ -43,5 +43,6 @@ def get_config(arg=None):
     c.eval.window = 96
     c.eval.windows_per_batch = 4
     c.log_every_steps = 25
+    c.log_images_every_steps = 100  # TensorBoard pictures of the pseudo-labels and the selection (README.md)
     c.checkpoint_every_steps = 50
     return finalize(c, arg, SPLITS, default_split="1_8")

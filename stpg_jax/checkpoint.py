@@ -20,6 +20,7 @@ from stpg_jax.config import FIELDS_ADDED_LATER, MODE_NETWORKS, ConfigError
 # Fields that may change between a run and its resumption: they do not alter the state or the trajectory.
 RESUME_SAFE_PREFIXES = (
     "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval.", "data.workers", "data.prefetch",
+    "log_images_",  # TensorBoard panels, computed beside the step from its state (stpg_jax/visualize.py)
     "data.root", "data.sbd_root", "data.data_dir", "data.prepare_if_missing", "model.pretrained",
     "model.remat",  # recomputes the same values in the backward pass instead of keeping them
     "model.bn_backward",  # the same variables and BatchNorm gradients, up to float rounding

@@ -170,6 +170,10 @@ def base_config() -> ml_collections.ConfigDict:
     e.networks = ("gen_student",)
 
     c.log_every_steps = 50
+    # TensorBoard panels (stpg_jax/visualize.py): pseudo-labels, confidence, selection and predictions of a fixed
+    # set of unlabelled and val images, every N steps by a separate jitted function (0 = off; the step is unchanged).
+    c.log_images_every_steps = 0
+    c.log_images_count = 3  # images of each set (unlabelled, val)
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 2
     return c
@@ -301,6 +305,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
             MODE_NETWORKS.get(c.mode, ())):
         raise ConfigError(f"config.eval.networks must list 'gen_student' and others of the {c.mode!r} mode's "
                           f"networks {list(MODE_NETWORKS.get(c.mode, ()))}, each once; got {list(networks)}")
+    for name in ("log_images_every_steps", "log_images_count"):
+        if not isinstance(c[name], int) or c[name] < 0:
+            raise ConfigError(f"config.{name} must be an int >= 0, got {c[name]!r}")
     for name in ("batch_labeled", "batch_unlabeled", "crop_size"):
         if c.data[name] <= 0:
             raise ConfigError(f"config.data.{name} must be positive, got {c.data[name]}")

@@ -297,7 +297,7 @@ def format_iou_columns(results: dict, class_names: Sequence[str]) -> str:
 def main(argv) -> None:
     from absl import flags, logging
 
-    from stpg_jax import checkpoint, export
+    from stpg_jax import checkpoint, export, plots
     from stpg_jax.config import MODE_NETWORKS
     from stpg_jax.data import DataError, build_data
     from stpg_jax.predict import load_predictor
@@ -310,6 +310,8 @@ def main(argv) -> None:
     step = None if FLAGS.step < 0 else FLAGS.step
     networks = list(FLAGS.network)
     try:
+        if FLAGS.plot:
+            plots.require_matplotlib("--plot")  # before the evaluation, not after it
         if export.is_export(path):
             if override is None:
                 raise ValueError(f"{path} is an export: give --config for the val data (data.dataset, data.root)")
@@ -327,7 +329,7 @@ def main(argv) -> None:
             raise ValueError(f"the network predicts {predictor.num_classes} classes; data.dataset "
                              f"{bundle.info.name!r} has {bundle.info.num_classes}")
         others = {name: checkpoint.load_network(path, name, predictor.step)[1] for name in networks[1:]}
-    except (ValueError, FileNotFoundError, DataError) as e:
+    except (ValueError, FileNotFoundError, DataError, plots.PlotsUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     step = predictor.step
@@ -369,6 +371,8 @@ def main(argv) -> None:
         with open(FLAGS.out, "w") as f:
             json.dump(record, f, indent=2)
         print(f"written to {FLAGS.out}")
+    if FLAGS.plot:
+        print(f"chart: {plots.eval_iou_png(results, bundle.info.class_names, FLAGS.plot, step)}")
 
 
 def _define_flags():
@@ -386,6 +390,8 @@ def _define_flags():
     flags.DEFINE_boolean("flip", None, "--flip / --noflip: add each window's mirror image or not (default: as the "
                          "run's eval.flip or the export's)")
     flags.DEFINE_string("out", "", "write the result (IoUs, confusion matrix, protocol) to this JSON file")
+    flags.DEFINE_string("plot", "", "write a per-class IoU bar chart (rare classes marked) to this PNG file; needs "
+                        "matplotlib (pip install 'stpg_jax[plots]')")
     config_flags.DEFINE_config_file("config", None, "config whose data and eval sections to use", lock_config=True)
 
 

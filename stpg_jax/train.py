@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
-from stpg_jax import checkpoint, evaluate, export, losses, sharding
+from stpg_jax import checkpoint, evaluate, export, losses, plots, sharding, visualize
 from stpg_jax.config import ConfigError, validate
 from stpg_jax.data import DataError, build_data, make_train_loader
 from stpg_jax.host_matching import HostMatching, SameStepMatching
@@ -341,6 +341,9 @@ def _train(config, workdir, max_steps, stop) -> dict:
     matching = trainer.matching(jax.device_get(state.contrast.anchors) if state.contrast is not None else None)
 
     writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else None
+    if writer is not None:
+        writer.add_custom_scalars(visualize.class_layout(trainer.info.class_names))
+    log_images = visualize.ImageLogger(c, trainer.bundle, trainer.model, trainer.replicated)
 
     def save(step, state):
         ckpt.save(step, state, {"step": step, "loader": loader.get_state(), "num_classes": trainer.num_classes,
@@ -397,7 +400,7 @@ def _train(config, workdir, max_steps, stop) -> dict:
                 log(f"step {done}/{trainer.total_steps} | loss {scalars['loss']:.4f} | lr {scalars['lr']:.5f}"
                     f"{extra}{speed}", flush=True)
                 if writer is not None:
-                    for k, v in scalars.items():
+                    for k, v in visualize.name_classes(scalars, trainer.info.class_names).items():
                         writer.add_scalar(f"train/{k}", v, done)
                     if done > step_log:
                         writer.add_scalar("train/images_per_second", rate, done)
@@ -405,6 +408,9 @@ def _train(config, workdir, max_steps, stop) -> dict:
                 if want_ckpt:  # the state holds the matching its next step uses (finished above)
                     save(done, state)
                     last_good = done
+            if c.log_images_every_steps and done % c.log_images_every_steps == 0:
+                state, metrics = matching.finish(state, metrics)  # pictures of the step's final state
+                log_images(done, state, writer)
             if c.eval.every_steps and done % c.eval.every_steps == 0 and not is_last:
                 state, metrics = matching.finish(state, metrics)
                 results = _run_eval(trainer, state, writer, done, log)
@@ -465,6 +471,7 @@ def _run_eval(trainer: Trainer, state: TrainState, writer, step: int, log) -> di
             record["networks"] = {name: evaluate.result_record(r, names) for name, r in results.items()}
         with open(os.path.join(trainer.workdir, f"eval_{step}.json"), "w") as f:
             json.dump(record, f, indent=2)
+        plots.save_eval_png(results, names, os.path.join(trainer.workdir, f"eval_{step}.png"), step, log)
     if writer is not None:
         for network, r in results.items():
             prefix = "eval" if network == "gen_student" else f"eval/{network}"

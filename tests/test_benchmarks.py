@@ -158,6 +158,21 @@ def test_camvid_experiment_combines_seeds(tmp_path, capsys):
         paths[-1].write_text(json.dumps(r))
     assert ce.main(["--combine", *map(str, paths), "--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "camvid_results_combined.md").read_text()
+    from PIL import Image
+
+    with Image.open(tmp_path / "out" / "camvid_results_combined.png") as im:
+        assert im.format == "PNG" and im.width >= 600
+
+    # The figure again from the table as printed (here kept in a Markdown file): the same values per seed.
+    (tmp_path / "notes.md").write_text("# notes\n\n| class | x |\n|---|---:|\n| a | 1 |\n\n## run\n\n" + text)
+    per_method, names = ce.parse_combined_table((tmp_path / "notes.md").read_text(), "## run")
+    assert names == ["sky", "pole", "mIoU"]
+    assert per_method["stpg"] == [{"sky": 90.0, "pole": 0.0, "mIoU": 40.0}, {"sky": 92.0, "pole": 0.0, "mIoU": 41.0}]
+    assert ce.main(["--plot_markdown", str(tmp_path / "notes.md"), "--section", "## run", "--out",
+                    str(tmp_path / "md")]) == 0
+    assert (tmp_path / "md" / "camvid_results_combined.png").exists()
+    assert ce.main(["--plot_markdown", str(tmp_path / "notes.md"), "--section", "## none", "--out",
+                    str(tmp_path / "md")]) == 2
     assert "seeds 0 (config default), 1" in text
     assert "| sky | 91.00 (90.00 / 92.00) | 91.00 (90.00 / 92.00) |" in text
     assert "| **mIoU** | **40.50 (40.00 / 41.00)** |" in text and "| 100 (100 / 101) | 300 (300 / 300) |" in text
@@ -189,6 +204,34 @@ def test_camvid_experiment_combines_seeds(tmp_path, capsys):
     assert ce.paired_differences([runs(40, 41, 43)]) is None
     with pytest.raises(SystemExit):
         ce.parse_args(["--steps", "10"])  # training needs --workdir_root
+
+
+def test_camvid_experiment_without_matplotlib_stops_before_training_in_one_line(tmp_path, monkeypatch, capsys):
+    ce = _load("camvid_experiment")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    started = []
+    monkeypatch.setattr(ce, "run_experiment", lambda *a: started.append(a) or 0)
+    with pytest.raises(SystemExit) as info:
+        ce.run_cli(lambda: ce.main(["--methods", "stpg", "--workdir_root", str(tmp_path)]),
+                   ce.plots.PlotsUnavailable)
+    assert info.value.code == 2 and not started
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "matplotlib" in err[0] and "--no-plot" in err[0]
+    assert ce.main(["--methods", "stpg", "--workdir_root", str(tmp_path), "--no-plot"]) == 0 and started
+
+
+def test_camvid_experiment_writes_its_figure_beside_the_table(tmp_path, monkeypatch):
+    ce = _load("camvid_experiment")
+    result = {"miou": 40.0, "iou": {"sky": 90.0, "pole": None}}
+    monkeypatch.setattr(ce, "run_methods", lambda jobs, parallel: (
+        {m: {"command": "c", "returncode": 0, "wall_s": 1.0, "result": result} for m, *_ in jobs}, None))
+    assert ce.main(["--config=configs/demo.py:1_8", "--methods", "supervised,stpg", "--workdir_root",
+                    str(tmp_path)]) == 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "camvid_results.png") as im:
+        assert im.format == "PNG" and im.width >= 600
+    assert (tmp_path / "camvid_results.md").exists()
 
 
 def _alive(pid: int) -> bool:

@@ -129,6 +129,22 @@ CAMVID_PALETTE = np.array(
 
 SYNTHETIC_PALETTE = CAMVID_PALETTE
 
+# Share of the labelled pixels per class, percent: CamVid train from the dataset folder's README.md (void excluded;
+# tests/test_data_camvid.py checks it against the prepared data), the embedded scenes as measured in docs/data.md.
+PIXEL_SHARES = {
+    'camvid': {'sky': 17.54, 'building': 24.21, 'pole': 1.02, 'road': 32.96, 'pavement': 4.67, 'tree': 10.12,
+               'sign_symbol': 1.22, 'fence': 1.17, 'car': 6.11, 'pedestrian': 0.67, 'bicyclist': 0.30},
+    'synthetic': {'sky': 14.97, 'building': 17.86, 'pole': 0.92, 'road': 29.87, 'pavement': 17.11, 'tree': 10.79,
+                  'sign_symbol': 0.97, 'fence': 0.90, 'car': 5.99, 'pedestrian': 0.42, 'bicyclist': 0.20},
+}
+
+
+def rare_classes(name, threshold=0.02):
+    """Classes of dataset ``name`` with less than ``threshold`` of its labelled pixels (PIXEL_SHARES); () when the
+    shares of ``name`` are not known."""
+    return tuple(c for c, share in PIXEL_SHARES.get(name, {}).items() if share / 100 < threshold)
+
+
 _BY_NAME = {
     'voc': VOC_PALETTE,
     'cityscapes': CITYSCAPES_PALETTE,
