@@ -237,7 +237,8 @@ def spread(values: list[float]) -> dict:
 
 
 def rare_mean(run: dict) -> float:
-    return statistics.fmean(run["iou"][c] or 0.0 for c in RARE)
+    """Mean IoU of the rare classes the val set holds (a class absent from it has no IoU)."""
+    return statistics.fmean(run["iou"][c] for c in RARE if run["iou"][c] is not None)
 
 
 def summarize(report: dict) -> dict:
@@ -286,9 +287,9 @@ def markdown(report: dict) -> str:
     steps = f"{report['steps']} steps per run (shortened)" if report["steps"] else "the config's own schedule"
     intro = (
         f"`{report['config']}` ({report['split']}: {d['labeled']} labelled + {d['unlabeled']} unlabelled generated "
-        f"scenes, {d['val']} val; the ceiling: all {d['ceiling_labeled']} labelled), {steps}, measured {report['date']} at commit {commit} "
-        f"(JAX {v.get('jax')}, flax {v.get('flax')}, {report['host']['cpus']} CPUs) by "
-        f"`python benchmarks/demo_table.py`: "
+        f"scenes, {d['val']} val; the ceiling: all {d['ceiling_labeled']} labelled), {steps}, measured "
+        f"{report['date']} at commit {commit} (JAX {v.get('jax')}, flax {v.get('flax')}, "
+        f"{report['host']['cpus']} CPUs) by `python benchmarks/demo_table.py`: "
         f"{len(seeds)} training seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}; the same scenes "
         "and labelled split), each run alone in a fresh work directory. Gen-Student IoU %, mean ± sample standard "
         "deviation over the seeds:")
