@@ -136,10 +136,11 @@ def run_one(method: str, seed: int, workdir: str, steps: int) -> dict:
     """Trains one run in ``workdir`` (must not exist), output to ``workdir/train.log`` and stdout; its record."""
     argv = run_command(method, seed, workdir, steps)
     print(f"\n=== {method}, seed {seed}: {shlex.join(argv)}", flush=True)
-    os.makedirs(workdir)
+    where = REPO / workdir  # workdir is as the run sees it, from the repository root
+    where.mkdir(parents=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.monotonic()
-    with open(os.path.join(workdir, "train.log"), "w") as log:
+    with open(where / "train.log", "w") as log:
         proc = subprocess.Popen([sys.executable] + argv[1:], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, errors="replace")
         try:
@@ -154,9 +155,9 @@ def run_one(method: str, seed: int, workdir: str, steps: int) -> dict:
               "wall_s": round(time.monotonic() - t0, 1), "returncode": returncode}
     if returncode != 0:
         raise RuntimeError(f"{method} seed {seed} failed (exit status {returncode}); see {workdir}/train.log")
-    result = last_eval(workdir)
+    result = last_eval(str(where))
     record.update(step=result["step"], miou=result["miou"], pixel_accuracy=result["pixel_accuracy"],
-                  iou=result["iou"], split_labeled_sha256_16=split_digest(workdir))
+                  iou=result["iou"], split_labeled_sha256_16=split_digest(str(where)))
     print(f"=== {method}, seed {seed}: mIoU {100 * result['miou']:.2f} after {record['wall_s']:.0f} s", flush=True)
     return record
 
@@ -184,15 +185,22 @@ def git_state() -> dict:
     return {"commit": commit, "dirty": dirty}
 
 
+def repo_path(path: str) -> str:
+    """``path`` (relative to the current directory) as the runs see it from the repository root: relative to the
+    root when it lies inside it, else absolute."""
+    full = Path(path).resolve()
+    return str(full.relative_to(REPO)) if full.is_relative_to(REPO) else str(full)
+
+
 def measure(args) -> dict:
-    root = args.workdir_root
+    root = repo_path(args.workdir_root)
     jobs = [(m, s, os.path.join(root, f"{m}_seed{s}")) for s in args.seed_list for m in args.method_list]
-    existing = [w for _, _, w in jobs if os.path.exists(w)]
+    existing = [w for _, _, w in jobs if (REPO / w).exists()]
     if existing and not args.overwrite:
         raise FileExistsError(f"work directories already exist (a run there would resume, not start fresh): "
                               f"{', '.join(existing)}; remove them or pass --overwrite")
     for w in existing:
-        shutil.rmtree(w)
+        shutil.rmtree(REPO / w)
     report = {
         "what": "configs/demo.py Gen-Student IoU on the generated val set, by method and training seed",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -217,13 +225,17 @@ def data_sizes() -> dict:
 
 
 def check_splits(runs: list[dict]):
-    """Every run of one data split trained on the same labelled images."""
-    by_split = {}
+    """Every run of one data split trained on the same labelled images, every seed of a method as many steps."""
+    by_split, steps = {}, {}
     for r in runs:
         by_split.setdefault(METHODS[r["method"]][0], set()).add(r["split_labeled_sha256_16"])
+        steps.setdefault(r["method"], set()).add(r.get("step"))
     for split, digests in by_split.items():
         if len(digests) > 1:
             raise RuntimeError(f"runs of split {split} trained on different labelled images ({sorted(digests)})")
+    for method, counts in steps.items():
+        if len(counts) > 1:
+            raise RuntimeError(f"the {method} runs were evaluated after different steps ({sorted(counts)})")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -191,6 +191,9 @@ def test_runs_of_one_split_must_share_the_labelled_images():
     dt.check_splits(runs)
     with pytest.raises(RuntimeError, match="different labelled images"):
         dt.check_splits(runs + [{"method": "mean_teacher", "split_labeled_sha256_16": "c"}])
+    with pytest.raises(RuntimeError, match="different steps"):
+        dt.check_splits([{**r, "step": 516} for r in runs] + [{"method": "stpg", "split_labeled_sha256_16": "a",
+                                                                "step": 400}])
 
 
 def test_arguments():
@@ -202,6 +205,12 @@ def test_arguments():
         dt.parse_args(["--seeds", "0,0"])
     args = dt.parse_args(["--steps", "4", "--seeds", "3,1", "--out", "x"])
     assert args.seed_list == [3, 1] and args.method_list == list(dt.METHODS)
+
+
+def test_work_directories_as_the_runs_see_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert dt.repo_path(str(dt.REPO / "runs" / "x")) == "runs/x"
+    assert dt.repo_path("elsewhere") == str(tmp_path / "elsewhere")
 
 
 def test_existing_work_directories_are_not_resumed(tmp_path):
