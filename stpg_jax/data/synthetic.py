@@ -2,8 +2,8 @@
 
 Classes are CamVid's 11 (sky, building, pole, road, pavement, tree, sign_symbol, fence, car, pedestrian,
 bicyclist) with a long tail like CamVid/Cityscapes: the thin and small classes cover about 1% of the pixels
-or less (measured shares in docs/data.md), yet none is sub-pixel at the demo's scale: poles are at least 3 pixels
-wide, fence slats 4-6, pedestrians at least 16 pixels tall, so each spans a few of the decoder's stride-4 cells.
+or less (measured shares in docs/data.md), yet none is sub-pixel at the demo's scale: poles are at least 4 pixels
+wide, fence slats 4-6, pedestrians at least 22 pixels tall, so each spans a few of the decoder's stride-4 cells.
 Colours are textured and noisy, lit differently per image, and cars, pedestrians and signs take random colours, so
 colour alone does not give the class; shape and context do.
 Each item is generated on demand from (seed, split, index) in some 15-20 ms of CPU; nothing is stored on disk.
@@ -124,7 +124,9 @@ def generate_scene(rng, height=96, width=128):
             top = horizon - fh
             rail = c.box(top, top + max(2.0, 0.25 * fh), x0, x0 + length)
             mask = (rail | (c.box(top, horizon + 0.02 * H, x0, x0 + length) & slats)) & ~road
-            c.paint(mask, FENCE, c.jitter((130, 110, 80), 20))
+            # Painted, not the buildings' brick and plaster colours behind it.
+            colour = rng.choice([(205, 200, 185), (75, 55, 40), (70, 105, 70)])
+            c.paint(mask, FENCE, c.jitter(colour, 15))
 
         objects.append((horizon, fence))
 
@@ -152,8 +154,8 @@ def generate_scene(rng, height=96, width=128):
             row = int(min(max(y, 0), H - 1))
             edge = left[row, 0] if side < 0 else right[row, 0]
             px = edge + side * rng.uniform(2.0, 6.0) * (0.5 + s)
-            # At least 3 pixels wide: thinner poles fall between the decoder's stride-4 cells.
-            ph, pw = (0.2 + 0.3 * s) * H, 3.0 + 3.0 * s
+            # At least 4 pixels wide: thinner poles fall between the decoder's stride-4 cells.
+            ph, pw = (0.18 + 0.27 * s) * H, 4.0 + 3.0 * s
             colour = c.jitter(rng.choice([(125, 125, 120), (90, 95, 90), (150, 150, 145)]), 20)
             c.paint(c.box(y - ph, y, px - pw / 2, px + pw / 2), POLE, colour)
             if rng.random() < 0.8:
@@ -168,35 +170,37 @@ def generate_scene(rng, height=96, width=128):
 
         objects.append((y, pole))
 
-    for _ in range(rng.poisson(0.9)):
+    for _ in range(rng.poisson(0.6)):
         y, s = place(0.1, 1.0)
 
         def pedestrian(y=y, s=s):
             row = int(min(max(y, 0), H - 1))
             edge = left[row, 0] if rng.random() < 0.5 else right[row, 0]
             px = edge + rng.choice([-1, 1]) * rng.uniform(2, 10) * (0.5 + s)
-            ph = (0.15 + 0.25 * s) * H  # s >= 0.1: at least 16 pixels tall, 5 wide
+            ph = (0.2 + 0.3 * s) * H  # s >= 0.1: at least 22 pixels tall, 7 wide
             clothes = c.jitter(rng.uniform(20, 230, 3), 10)
-            body = c.ellipse(y - ph * 0.55, px, ph * 0.3, ph * 0.15)
+            body = c.ellipse(y - ph * 0.55, px, ph * 0.3, ph * 0.16)
             legs = c.box(y - ph * 0.3, y, px - ph * 0.12, px - ph * 0.02)
             legs |= c.box(y - ph * 0.3, y, px + ph * 0.02, px + ph * 0.12)
-            c.paint(body | legs, PEDESTRIAN, clothes)
-            c.paint(c.ellipse(y - ph * 0.9, px, ph * 0.1, ph * 0.08), PEDESTRIAN, c.jitter((200, 160, 130), 25))
+            c.paint(body, PEDESTRIAN, clothes)
+            c.paint(legs, PEDESTRIAN, c.jitter((50, 50, 65), 15))  # trousers: dark, like the cars' windows
+            c.paint(c.ellipse(y - ph * 0.9, px, ph * 0.12, ph * 0.1), PEDESTRIAN, c.jitter((200, 160, 130), 25))
 
         objects.append((y, pedestrian))
 
-    if rng.random() < 0.4:
+    if rng.random() < 0.35:
         y, s = place(0.1, 0.9)
 
         def bicyclist(y=y, s=s):
             row = int(min(max(y, 0), H - 1))
             bx = rng.uniform(left[row, 0], right[row, 0])
-            r = (0.03 + 0.05 * s) * H  # s >= 0.1: wheels at least 3 pixels in radius, their rims 1.7 thick
+            r = (0.04 + 0.05 * s) * H  # s >= 0.1: wheels at least 4 pixels in radius, their tyres 2 thick
             wheels = c.ellipse(y - r, bx - 1.6 * r, r, r) ^ c.ellipse(y - r, bx - 1.6 * r, 0.5 * r, 0.5 * r)
             wheels |= c.ellipse(y - r, bx + 1.6 * r, r, r) ^ c.ellipse(y - r, bx + 1.6 * r, 0.5 * r, 0.5 * r)
             frame = c.box(y - 1.4 * r, y - 0.9 * r, bx - 1.6 * r, bx + 1.6 * r)
             rider = c.ellipse(y - 3.0 * r, bx, 1.4 * r, 0.7 * r) | c.ellipse(y - 4.8 * r, bx, 0.5 * r, 0.45 * r)
-            c.paint(wheels | frame | rider, BICYCLIST, c.jitter(rng.uniform(20, 230, 3), 10))
+            c.paint(frame | rider, BICYCLIST, c.jitter(rng.uniform(20, 230, 3), 10))
+            c.paint(wheels, BICYCLIST, c.jitter((35, 35, 38), 8))  # black tyres
 
         objects.append((y, bicyclist))
 
