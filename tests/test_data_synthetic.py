@@ -1,9 +1,9 @@
 """Embedded road scenes, weak augmentation and the grain train loader."""
 
 import json
+import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,17 +38,49 @@ def test_scenes_are_deterministic_and_well_formed():
     assert 'label' not in synthetic.SyntheticSource('unlabeled', 2, with_label=False)[0]
 
 
-def test_long_tailed_class_shares_and_generation_speed():
-    src = synthetic.SyntheticSource('labeled', 200, 96, 128, seed=0)
-    start = time.perf_counter()
-    shares = synthetic.class_shares(src)
-    assert time.perf_counter() - start < 10.0  # hundreds of images in a few seconds
-    names = dict(zip(synthetic.CLASS_NAMES, shares))
-    assert all(s > 0 for s in shares), names  # every class occurs
-    for rare in ('pole', 'sign_symbol', 'fence', 'pedestrian', 'bicyclist'):
-        assert names[rare] < 0.02, (rare, names[rare])
+@pytest.fixture(scope='module')
+def scene_labels():
+    # The 500 images docs/data.md measures its shares on.
+    src = synthetic.SyntheticSource('labeled', 500, 96, 128, seed=0)
+    return src, np.stack([src[i]['label'] for i in range(len(src))])
+
+
+RARE = ('pole', 'sign_symbol', 'fence', 'pedestrian', 'bicyclist')
+
+
+def test_long_tailed_class_shares(scene_labels):
+    src, _ = scene_labels
+    names = dict(zip(synthetic.CLASS_NAMES, synthetic.class_shares(src)))
+    for rare in RARE:  # rare, but each a few tenths of a percent: enough pixels to learn from
+        assert 0.003 < names[rare] < 0.015, (rare, names[rare])
     for common in ('sky', 'building', 'road', 'pavement'):
         assert names[common] > 0.1, (common, names[common])
+
+
+def test_docs_give_the_measured_shares(scene_labels):
+    src, _ = scene_labels
+    text = (REPO / 'docs' / 'data.md').read_text()
+    table = text[text.index('Measured pixel shares (500 labelled images, 96×128, seed 0'):]
+    table = table[:table.index('For comparison')]
+    documented = {name: float(v) for name, v in re.findall(r'\| (\w+) \| (\d+\.\d\d) (?=\|)', table)}
+    measured = dict(zip(synthetic.CLASS_NAMES, synthetic.class_shares(src)))
+    assert set(documented) == set(measured)
+    for name, share in measured.items():
+        assert abs(documented[name] - 100 * share) < 0.006, (name, documented[name], 100 * share)
+
+
+def test_rare_classes_survive_the_decoders_stride_4_grid(scene_labels):
+    # DeepLabV3+ predicts on a stride-4 grid. Labels sampled at the centres of 4x4 cells and blown back up keep most
+    # of each rare class (IoU with the full-resolution label > 0.5): its objects are a few cells wide, not sub-pixel.
+    # The generator before issue 28 (1-3 pixel poles, 1-pixel fence slats, thin bicycle rims) scored 0.34-0.42 on
+    # pole, fence and bicyclist.
+    _, labels = scene_labels
+    coarse = np.repeat(np.repeat(labels[:, 2::4, 2::4], 4, 1), 4, 2)
+    for rare in RARE:
+        cls = synthetic.CLASS_NAMES.index(rare)
+        fine, blown_up = labels == cls, coarse == cls
+        iou = (fine & blown_up).sum() / (fine | blown_up).sum()
+        assert iou > 0.5, (rare, iou)
 
 
 def test_colour_alone_does_not_give_the_class():

@@ -2,9 +2,11 @@
 
 Classes are CamVid's 11 (sky, building, pole, road, pavement, tree, sign_symbol, fence, car, pedestrian,
 bicyclist) with a long tail like CamVid/Cityscapes: the thin and small classes cover about 1% of the pixels
-or less (measured shares in docs/data.md). Colours are textured and noisy, lit differently per image, and
-cars, pedestrians and signs take random colours, so colour alone does not give the class; shape and context do.
-Each item is generated on demand from (seed, split, index) in about a millisecond; nothing is stored on disk.
+or less (measured shares in docs/data.md), yet none is sub-pixel at the demo's scale: poles are at least 4 pixels
+wide, fence slats 4-6, pedestrians at least 22 pixels tall, so each spans a few of the decoder's stride-4 cells.
+Colours are textured and noisy, lit differently per image, and cars, pedestrians and signs take random colours, so
+colour alone does not give the class; shape and context do.
+Each item is generated on demand from (seed, split, index) in some 15-20 ms of CPU; nothing is stored on disk.
 """
 
 import numpy as np
@@ -111,14 +113,20 @@ def generate_scene(rng, height=96, width=128):
     objects = []  # (base y, painter) painted far to near
     side = rng.choice([-1.0, 1.0])
 
-    if rng.random() < 0.35:  # a fence along one side of the road
+    if rng.random() < 0.4:  # a stretch of fence along one side of the road, a top rail over slats
 
         def fence(y=horizon):
-            fh = rng.uniform(0.05, 0.09) * H
-            x0, x1 = (0.0, vx - 0.05 * W) if side < 0 else (vx + 0.05 * W, W)
-            slats = np.sin(c.xx * rng.uniform(0.9, 1.6)) > -0.3
-            mask = c.box(horizon - fh, horizon + 0.02 * H, x0, x1) & slats & ~road
-            c.paint(mask, FENCE, c.jitter((130, 110, 80), 20))
+            fh = rng.uniform(0.08, 0.12) * H
+            lo, hi = (0.0, vx - 0.05 * W) if side < 0 else (vx + 0.05 * W, W)
+            length = rng.uniform(0.2, 0.4) * W
+            x0 = rng.uniform(lo, max(lo, hi - length))
+            slats = np.sin(c.xx * rng.uniform(0.6, 0.9) + rng.uniform(0, 2 * np.pi)) > -0.3
+            top = horizon - fh
+            rail = c.box(top, top + max(2.0, 0.25 * fh), x0, x0 + length)
+            mask = (rail | (c.box(top, horizon + 0.02 * H, x0, x0 + length) & slats)) & ~road
+            # Painted, not the buildings' brick and plaster colours behind it.
+            colour = rng.choice([(205, 200, 185), (75, 55, 40), (70, 105, 70)])
+            c.paint(mask, FENCE, c.jitter(colour, 15))
 
         objects.append((horizon, fence))
 
@@ -139,18 +147,19 @@ def generate_scene(rng, height=96, width=128):
 
         objects.append((y, car))
 
-    for _ in range(rng.integers(1, 5)):
-        y, s = place(0.05, 0.9)
+    for _ in range(rng.integers(1, 3)):
+        y, s = place(0.1, 0.9)
 
         def pole(y=y, s=s):
             row = int(min(max(y, 0), H - 1))
             edge = left[row, 0] if side < 0 else right[row, 0]
-            px = edge + side * rng.uniform(1.0, 6.0) * (0.3 + s)
-            ph, pw = (0.25 + 0.45 * s) * H, 1.0 + 2.0 * s
-            colour = c.jitter((125, 125, 120), 25)
+            px = edge + side * rng.uniform(2.0, 6.0) * (0.5 + s)
+            # At least 4 pixels wide: thinner poles fall between the decoder's stride-4 cells.
+            ph, pw = (0.18 + 0.27 * s) * H, 4.0 + 3.0 * s
+            colour = c.jitter(rng.choice([(125, 125, 120), (90, 95, 90), (150, 150, 145)]), 20)
             c.paint(c.box(y - ph, y, px - pw / 2, px + pw / 2), POLE, colour)
             if rng.random() < 0.8:
-                sz = (0.05 + 0.08 * s) * W
+                sz = (0.07 + 0.08 * s) * W
                 sign_colour = c.jitter(rng.choice([(200, 30, 30), (30, 60, 190), (230, 200, 40), (235, 235, 235)]), 20)
                 shape = (
                     c.ellipse(y - ph, px, sz / 2, sz / 2)
@@ -161,31 +170,37 @@ def generate_scene(rng, height=96, width=128):
 
         objects.append((y, pole))
 
-    for _ in range(rng.poisson(1.2)):
-        y, s = place(0.05, 1.0)
+    for _ in range(rng.poisson(0.6)):
+        y, s = place(0.1, 1.0)
 
         def pedestrian(y=y, s=s):
             row = int(min(max(y, 0), H - 1))
             edge = left[row, 0] if rng.random() < 0.5 else right[row, 0]
-            px = edge + rng.choice([-1, 1]) * rng.uniform(2, 10) * (0.3 + s)
-            ph = (0.08 + 0.25 * s) * H
+            px = edge + rng.choice([-1, 1]) * rng.uniform(2, 10) * (0.5 + s)
+            ph = (0.2 + 0.3 * s) * H  # s >= 0.1: at least 22 pixels tall, 7 wide
             clothes = c.jitter(rng.uniform(20, 230, 3), 10)
-            c.paint(c.ellipse(y - ph * 0.45, px, ph * 0.42, ph * 0.14), PEDESTRIAN, clothes)
-            c.paint(c.ellipse(y - ph * 0.9, px, ph * 0.1, ph * 0.08), PEDESTRIAN, c.jitter((200, 160, 130), 25))
+            body = c.ellipse(y - ph * 0.55, px, ph * 0.3, ph * 0.16)
+            legs = c.box(y - ph * 0.3, y, px - ph * 0.12, px - ph * 0.02)
+            legs |= c.box(y - ph * 0.3, y, px + ph * 0.02, px + ph * 0.12)
+            c.paint(body, PEDESTRIAN, clothes)
+            c.paint(legs, PEDESTRIAN, c.jitter((50, 50, 65), 15))  # trousers: dark, like the cars' windows
+            c.paint(c.ellipse(y - ph * 0.9, px, ph * 0.12, ph * 0.1), PEDESTRIAN, c.jitter((200, 160, 130), 25))
 
         objects.append((y, pedestrian))
 
-    if rng.random() < 0.3:
+    if rng.random() < 0.35:
         y, s = place(0.1, 0.9)
 
         def bicyclist(y=y, s=s):
             row = int(min(max(y, 0), H - 1))
             bx = rng.uniform(left[row, 0], right[row, 0])
-            r = (0.015 + 0.05 * s) * H
-            wheels = c.ellipse(y - r, bx - 1.6 * r, r, r) ^ c.ellipse(y - r, bx - 1.6 * r, 0.6 * r, 0.6 * r)
-            wheels |= c.ellipse(y - r, bx + 1.6 * r, r, r) ^ c.ellipse(y - r, bx + 1.6 * r, 0.6 * r, 0.6 * r)
-            rider = c.ellipse(y - 3.2 * r, bx, 1.4 * r, 0.6 * r) | c.ellipse(y - 4.9 * r, bx, 0.45 * r, 0.4 * r)
-            c.paint(wheels | rider, BICYCLIST, c.jitter(rng.uniform(20, 230, 3), 10))
+            r = (0.04 + 0.05 * s) * H  # s >= 0.1: wheels at least 4 pixels in radius, their tyres 2 thick
+            wheels = c.ellipse(y - r, bx - 1.6 * r, r, r) ^ c.ellipse(y - r, bx - 1.6 * r, 0.5 * r, 0.5 * r)
+            wheels |= c.ellipse(y - r, bx + 1.6 * r, r, r) ^ c.ellipse(y - r, bx + 1.6 * r, 0.5 * r, 0.5 * r)
+            frame = c.box(y - 1.4 * r, y - 0.9 * r, bx - 1.6 * r, bx + 1.6 * r)
+            rider = c.ellipse(y - 3.0 * r, bx, 1.4 * r, 0.7 * r) | c.ellipse(y - 4.8 * r, bx, 0.5 * r, 0.45 * r)
+            c.paint(frame | rider, BICYCLIST, c.jitter(rng.uniform(20, 230, 3), 10))
+            c.paint(wheels, BICYCLIST, c.jitter((35, 35, 38), 8))  # black tyres
 
         objects.append((y, bicyclist))
 
