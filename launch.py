@@ -13,7 +13,7 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from stpg_jax import cli, train
+from stpg_jax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, with the split and overrides after ':'.",
@@ -26,11 +26,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
+    if not FLAGS.workdir.strip():  # '' would be the current directory
+        cli.fail("empty work directory, --workdir, expected a path")
     # Our progress lines go to stdout; keep absl/Orbax/tfds INFO chatter off the console.
     logging.set_verbosity(logging.WARNING)
     logging.get_absl_logger().addFilter(
         lambda record: record.levelno >= py_logging.ERROR or "tensorflow_datasets" not in record.pathname)
     enable_compilation_cache(FLAGS.compilation_cache, FLAGS.workdir)
+    from stpg_jax import train  # here, not above: a mistyped flag or config string is answered before JAX loads
+
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if result.get("signal"):  # stopped by SIGTERM or Ctrl-C, with a checkpoint: tell a scheduler it did not finish
         sys.exit(cli.EXIT_INTERRUPTED)

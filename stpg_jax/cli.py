@@ -182,7 +182,9 @@ def _root_cause(error: BaseException) -> BaseException:
         seen.add(id(error))
         chain.append(error)
         error = error.__cause__ or error.__context__
-    expected = expected_errors()
+    from stpg_jax.config import ConfigError
+
+    expected = (ConfigError, InputError, OSError)  # what flags can raise; light, so a typo is answered at once
     for candidate in chain:
         text = str(candidate)
         if isinstance(candidate, expected) and "Traceback" not in text and "Error whilst parsing" not in text:

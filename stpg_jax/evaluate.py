@@ -308,6 +308,8 @@ def main(argv) -> None:
     path, override = FLAGS.checkpoint, (FLAGS.config if FLAGS["config"].present else None)
     step = None if FLAGS.step == -1 else FLAGS.step
     networks = list(FLAGS.network)
+    if not networks:
+        raise cli.InputError("no network given, --network, expected one or more of the run's networks, or 'all'")
     if export.is_export(path):
         if override is None:
             raise cli.InputError(f"{path} is an export, --config is missing, expected --config for the val data "
