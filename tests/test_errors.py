@@ -89,6 +89,8 @@ def copy_of(workdir, tmp_path):
     (f"--config={REPO}/configs/demo.py:1_8,optim.lr=abc", ["optim.lr", "abc", "float"]),
     (f"--config={REPO}/configs/demo.py:1_8,optim.lrr=0.1", ["optim.lrr", "allowed", "'lr'"]),
     (f"--config={REPO}/configs/demo.py:1_3", ["1_3", "1_16", "full"]),
+    # A count of zero would divide by zero deep inside the run.
+    (f"--config={REPO}/configs/demo.py:1_8,log_every_steps=0", ["config.log_every_steps", "at least 1"]),
 ])
 def test_config_mistakes_are_named(tmp_path, config, needles):
     result = launch(tmp_path, config, f"--workdir={tmp_path}/w")
