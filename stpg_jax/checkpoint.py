@@ -6,9 +6,12 @@ the items ``state`` (every array of TrainState) and ``meta`` (step, data-loader 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any
+import shutil
+import tempfile
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -28,6 +31,18 @@ RESUME_SAFE_PREFIXES = (
 )
 
 
+class CheckpointError(ValueError):
+    """A checkpoint or work-directory file that cannot be used: the message names it, why, and what was expected.
+    ``step``: the damaged checkpoint's step, where it is one."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+
+DAMAGED_DIR = "damaged_checkpoints"  # <workdir>/damaged_checkpoints/<step>: kept aside, never deleted
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -38,14 +53,42 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def check_workdir(workdir: str) -> None:
+    """Refuses, before anything is written, a work directory that is a file, lies under a file, or cannot be written
+    (read-only file system, no permission). Creates nothing: writability is probed with a file removed at once."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise CheckpointError(f"the work directory is a file, {workdir}, expected a directory (or a path to create)")
+    existing = workdir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CheckpointError(f"the work directory lies under a file, {existing} (in {workdir}), expected a path "
+                              "under directories")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".stpg_write_probe", dir=existing)
+    except OSError as e:
+        raise CheckpointError(f"the work directory cannot be written ({e.strerror or e}), {workdir}, expected a "
+                              "writable directory") from e
+    os.close(fd)
+    os.remove(probe)
+
+
+def _read_json(path: str, what: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{what} is not valid JSON ({e}), {path}, expected the file this package wrote; "
+                              "restore it, or use a new --workdir") from e
+
+
 def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     """On a work directory that holds a run, refuses a config that differs from that run's in any field that
     shapes the state or the trajectory, naming those fields."""
     path = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json())
     if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+        saved = _read_json(path, "the run's config")
         a, b = {**FIELDS_ADDED_LATER, **_flatten(saved)}, _flatten(current)
         diffs = [
             f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now"
@@ -54,9 +97,8 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
         ]
         if diffs:
             raise ConfigError(
-                f"the work directory {workdir} holds a run with another config ({path}); differing fields:\n  "
-                + "\n  ".join(diffs)
-                + "\nUse a new --workdir, or the same config to resume."
+                f"the config differs from the run's in the work directory, {path}, in {'; '.join(diffs)}; "
+                "expected the same config to resume, or a new --workdir"
             )
 
 
@@ -130,22 +172,88 @@ class Checkpointer:
 
     def restore(self, abstract_state: Any, step: int | None = None):
         step = self.latest_step() if step is None else step
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)
+        with reading(self.directory, step):
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)
+                    ),
+                    meta=ocp.args.JsonRestore(),
                 ),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
-        return restored["state"], restored["meta"]
+            )
+            return restored["state"], restored["meta"]
+
+    def restore_newest_intact(self, abstract_state: Any):
+        """(state, meta, damaged): the newest checkpoint that reads back whole, and the CheckpointErrors of the newer
+        ones that did not. Only reads; if none reads back, raises naming each."""
+        damaged = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, meta = self.restore(abstract_state, step)
+            except CheckpointError as e:
+                damaged.append(e)
+                continue
+            return state, meta, damaged
+        raise CheckpointError(f"no checkpoint in {self.directory} reads back ({'; '.join(map(str, damaged))}); "
+                              "expected at least one intact: move the damaged ones elsewhere to start again, or use "
+                              "a new --workdir")
+
+    def move_aside(self, step: int) -> str:
+        """Moves checkpoint ``step`` to <workdir>/damaged_checkpoints/ (never deleted: a damaged file may still be
+        worth a look), so that the run can write that step again; returns where it went."""
+        aside = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+        os.makedirs(aside, exist_ok=True)
+        target, n = os.path.join(aside, str(step)), 1
+        while os.path.exists(target):
+            target, n = os.path.join(aside, f"{step}.{n}"), n + 1
+        shutil.move(os.path.join(self.directory, str(step)), target)
+        self.manager.reload()
+        return target
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+@contextlib.contextmanager
+def reading(directory: str, step):
+    """Turns any failure while Orbax reads checkpoint ``step`` into a CheckpointError naming it. Orbax and
+    tensorstore report a truncated, emptied or missing file with several exception types (ValueError, KeyError,
+    JSON errors, OSError ...); all of them mean this checkpoint cannot be used."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as error:
+        text = str(error).strip()
+        reason = text.splitlines()[0].split(" See full TensorStore details")[0] if text else type(error).__name__
+        if isinstance(error, KeyError):
+            reason = f"an item is missing ({reason})"
+        raise CheckpointError(f"checkpoint {os.path.join(directory, str(step))} is damaged ({type(error).__name__}: "
+                              f"{reason}), expected a whole checkpoint as written by a run", step=step) from error
+
+
+def all_finite(tree: Any) -> dict:
+    """{field: whether every float in it is finite} for the top-level fields of a (train state) pytree that hold
+    floats; one small compiled reduction, on the devices that hold the arrays."""
+    import jax.numpy as jnp
+
+    fields = dict(tree) if isinstance(tree, dict) else vars(tree)
+    floats = {name: [x for x in jax.tree_util.tree_leaves(value) if jnp.issubdtype(x.dtype, jnp.inexact)]
+              for name, value in fields.items()}
+    floats = {name: leaves for name, leaves in floats.items() if leaves}
+    flags = _all_finite_of(floats)
+    return {name: bool(ok) for name, ok in jax.device_get(flags).items()}
+
+
+@jax.jit
+def _all_finite_of(floats):
+    import jax.numpy as jnp
+
+    return {name: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) for name, leaves in floats.items()}
 
 
 def latest_step(workdir: str) -> int | None:
@@ -165,37 +273,63 @@ def abstract_like(tree: Any, sharding) -> Any:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: {workdir} is not a stpg_jax work directory")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    if not os.path.isfile(path):
+        what = "no such directory" if not os.path.isdir(workdir) else f"not a work directory (no {path})"
+        raise FileNotFoundError(f"{what}, {workdir}, expected a training work directory (or an export directory)")
+    return ml_collections.ConfigDict(_read_json(path, "the run's config"))
 
 
 NETWORKS = MODE_NETWORKS["stpg"]  # every network a train state can hold
 
 
-def load_network(workdir: str, network: str = "gen_student", step: int | None = None):
+def load_network(workdir: str, network: str = "gen_student", step: int | None = None,
+                 on_damaged: Callable[[CheckpointError], None] | None = None):
     """(config, variables, num_classes, step) of one network in a checkpoint of a training work directory: the
-    latest checkpoint, or ``step``. Errors name the steps and networks the work directory holds."""
+    latest checkpoint, or ``step``. Errors name the steps and networks the work directory holds. A damaged latest
+    checkpoint is passed over for the newest intact one (``on_damaged`` hears of each passed over); a damaged
+    ``step`` asked for by number is an error. Reads only: nothing in the work directory changes."""
+    from stpg_jax.cli import InputError
+
     if network not in NETWORKS:
-        raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
+        raise InputError(f"unknown network {network!r}, --network, network must be one of {NETWORKS}")
     config = load_config(workdir)
     ckpt = Checkpointer(workdir, this_process_only=True)
     try:
         steps = sorted(ckpt.manager.all_steps())
         if not steps:
             raise FileNotFoundError(f"no checkpoint under {ckpt.directory}")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
+        if step is not None and step not in steps:
             raise FileNotFoundError(f"no checkpoint of step {step} under {ckpt.directory}; it holds steps {steps}")
+        for candidate in reversed(steps if step is None else [step]):
+            try:
+                variables, meta = _read_network(ckpt, config, workdir, network, candidate)
+            except CheckpointError as e:
+                if step is not None or candidate == steps[0]:
+                    raise
+                if on_damaged is not None:
+                    on_damaged(e)
+                continue
+            break
+    finally:
+        ckpt.close()
+    return config, variables, int(meta["num_classes"]), int(candidate)
+
+
+def _read_network(ckpt: Checkpointer, config, workdir: str, network: str, step: int):
+    from stpg_jax.cli import InputError
+
+    with reading(ckpt.directory, step):
         # One network alone, as host NumPy arrays: no target shardings, so a checkpoint written on any number of
         # devices or processes loads on this machine's.
         tree = ckpt.manager.item_metadata(step)["state"]
         tree = getattr(tree, "tree", tree)
-        if tree.get(network) is None:
-            held = [n for n in NETWORKS if tree.get(n) is not None]
-            raise ValueError(f"the {config.mode!r} run in {workdir} has no {network}; its checkpoints hold {held}")
+        if tree is None:
+            raise KeyError("state")
+    if tree.get(network) is None:
+        held = [n for n in NETWORKS if tree.get(n) is not None]
+        raise InputError(f"the {config.mode!r} run in {workdir} has no {network}; its checkpoints hold {held}, "
+                         "--network expected one of them")
+    with reading(ckpt.directory, step):
         wanted = {network: {k: tree[network][k] for k in ("params", "batch_stats")}}
         as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
         restored = ckpt.manager.restore(step, args=ocp.args.Composite(
@@ -203,10 +337,8 @@ def load_network(workdir: str, network: str = "gen_student", step: int | None = 
             meta=ocp.args.JsonRestore(),
         ))
         meta, restored = restored["meta"], restored["state"][network]
-    finally:
-        ckpt.close()
-    variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
-    return config, variables, int(meta["num_classes"]), int(step)
+        int(meta["num_classes"])
+    return {"params": restored["params"], "batch_stats": restored["batch_stats"]}, meta
 
 
 def load_gen_student(workdir: str):

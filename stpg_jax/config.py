@@ -311,6 +311,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for name in ("batch_labeled", "batch_unlabeled", "crop_size"):
         if c.data[name] <= 0:
             raise ConfigError(f"config.data.{name} must be positive, got {c.data[name]}")
+    # Counts and sizes that zero or less would turn into a division by zero deep inside, or a silent no-op.
+    for key, least in (("model.width", 1), ("model.aspp_channels", 1), ("model.decoder_channels", 1),
+                       ("model.low_level_channels", 1), ("eval.window", 1), ("eval.windows_per_batch", 1),
+                       ("log_every_steps", 1), ("checkpoint_every_steps", 1), ("keep_checkpoints", 1),
+                       ("schedule.epochs", 0), ("schedule.steps_per_epoch", 0), ("schedule.total_steps", 0),
+                       ("data.workers", 0), ("eval.every_steps", 0), ("eval.max_images", 0)):
+        node, name = parent_of(c, key)
+        if node[name] < least:
+            raise ConfigError(f"config.{key} must be at least {least}, got {node[name]!r}")
+    if not 0.0 < c.eval.stride_rate <= 1.0:
+        raise ConfigError(f"config.eval.stride_rate must be in (0, 1], got {c.eval.stride_rate!r}")
 
 
 def finalize(c: ml_collections.ConfigDict, arg: str | None, split_fields: Mapping[str, Mapping], default_split="1_4"):

@@ -8,16 +8,14 @@ strict, see `stpg_jax.models.pretrained`.
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import numpy as np
 
+from stpg_jax import cli
 from stpg_jax.models import pretrained
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stpg_jax.convert_weights", description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="python -m stpg_jax.convert_weights", description=__doc__.splitlines()[0])
     parser.add_argument("source", help="PyTorch state dict (.pth/.pt) or .npz with torchvision key names")
     parser.add_argument("out", help="converted weights, .npz")
     parser.add_argument("--stem", choices=("standard", "deep"), default=None, help="default: read from the key names")
@@ -26,13 +24,18 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
 
-    stage_blocks = tuple(int(n) for n in args.stage_blocks.split(",")) if args.stage_blocks else None
-    state = pretrained.read_state_dict(args.source)
     try:
-        params, batch_stats, report = pretrained.convert_state_dict(state, stem=args.stem, stage_blocks=stage_blocks)
-    except pretrained.WeightsMismatchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        stage_blocks = tuple(int(n) for n in args.stage_blocks.split(",")) if args.stage_blocks else None
+    except ValueError:
+        parser.error(f"--stage_blocks={args.stage_blocks!r}: expected positive integers, e.g. 3,4,6,3")
+    if stage_blocks is not None and (len(stage_blocks) != 4 or min(stage_blocks) < 1):
+        parser.error(f"--stage_blocks={args.stage_blocks!r}: expected four positive integers, e.g. 3,4,6,3")
+    if not args.out.endswith(".npz"):
+        raise cli.InputError(f"the output is not a .npz file, out = {args.out!r}, expected a path ending in .npz")
+    cli.check_new_file(args.out, "out")  # before the conversion; an earlier result is not overwritten
+    with cli.reading_weights(args.source, "source"):
+        state = pretrained.read_state_dict(args.source)
+    params, batch_stats, report = pretrained.convert_state_dict(state, stem=args.stem, stage_blocks=stage_blocks)
     pretrained.save_converted(
         args.out, params, batch_stats, stem=report["stem"], stage_blocks=report["stage_blocks"],
         width=report["width"], source=args.source,
@@ -47,4 +50,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)  # one `error:` line and exit status 2 for a file that cannot be read or written

@@ -20,7 +20,6 @@ import collections
 import json
 import math
 import os
-import sys
 import time
 from typing import Iterable, Iterator, Sequence
 
@@ -297,41 +296,44 @@ def format_iou_columns(results: dict, class_names: Sequence[str]) -> str:
 def main(argv) -> None:
     from absl import flags, logging
 
-    from stpg_jax import checkpoint, export, plots
+    from stpg_jax import checkpoint, cli, export, plots
     from stpg_jax.config import MODE_NETWORKS
-    from stpg_jax.data import DataError, build_data
+    from stpg_jax.data import build_data
     from stpg_jax.predict import load_predictor
 
     FLAGS = flags.FLAGS
     logging.set_verbosity(logging.ERROR)  # Orbax's notes on reading a checkpoint are not for this console
-    if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.out:
+        cli.check_new_file(FLAGS.out, "--out")  # before the evaluation, which may take long
     path, override = FLAGS.checkpoint, (FLAGS.config if FLAGS["config"].present else None)
-    step = None if FLAGS.step < 0 else FLAGS.step
+    step = None if FLAGS.step == -1 else FLAGS.step
     networks = list(FLAGS.network)
-    try:
-        if FLAGS.plot:
+    if FLAGS.plot:
+        try:
             plots.require_matplotlib("--plot")  # before the evaluation, not after it
-        if export.is_export(path):
-            if override is None:
-                raise ValueError(f"{path} is an export: give --config for the val data (data.dataset, data.root)")
-            data_config = override.data
-            networks = ["gen_student"] if networks == ["all"] else networks
-        else:
-            run_config = checkpoint.load_config(path)
-            data_config = (override or run_config).data
-            networks = list(MODE_NETWORKS[run_config.mode]) if networks == ["all"] else networks
-        predictor = load_predictor(path, override, FLAGS.windows_per_batch, network=networks[0], step=step)
-        if FLAGS.flip is not None:
-            predictor.flip = FLAGS.flip
-        bundle = build_data(data_config)
-        if bundle.info.num_classes != predictor.num_classes:
-            raise ValueError(f"the network predicts {predictor.num_classes} classes; data.dataset "
-                             f"{bundle.info.name!r} has {bundle.info.num_classes}")
-        others = {name: checkpoint.load_network(path, name, predictor.step)[1] for name in networks[1:]}
-    except (ValueError, FileNotFoundError, DataError, plots.PlotsUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        except plots.PlotsUnavailable as e:
+            raise cli.InputError(str(e)) from None
+    if not networks:
+        raise cli.InputError("no network given, --network, expected one or more of the run's networks, or 'all'")
+    if export.is_export(path):
+        if override is None:
+            raise cli.InputError(f"{path} is an export, --config is missing, expected --config for the val data "
+                                 "(data.dataset, data.root)")
+        data_config = override.data
+        networks = ["gen_student"] if networks == ["all"] else networks
+    else:
+        run_config = checkpoint.load_config(path)
+        data_config = (override or run_config).data
+        networks = list(MODE_NETWORKS[run_config.mode]) if networks == ["all"] else networks
+    predictor = load_predictor(path, override, FLAGS.windows_per_batch, network=networks[0], step=step)
+    if FLAGS.flip is not None:
+        predictor.flip = FLAGS.flip
+    bundle = build_data(data_config)
+    if bundle.info.num_classes != predictor.num_classes:
+        raise cli.InputError(f"the network predicts {predictor.num_classes} classes, data.dataset = "
+                             f"{bundle.info.name!r}, expected a dataset of as many classes (it has "
+                             f"{bundle.info.num_classes})")
+    others = {name: checkpoint.load_network(path, name, predictor.step)[1] for name in networks[1:]}
     step = predictor.step
     count = min(len(bundle.val), FLAGS.max_images) if FLAGS.max_images else len(bundle.val)
     print(f"{', '.join(networks)} of {path}" + (f" at step {step}" if step is not None else "")
@@ -368,7 +370,7 @@ def main(argv) -> None:
         else:
             record["networks"] = {name: network_record(name) for name in networks}
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-        with open(FLAGS.out, "w") as f:
+        with open(FLAGS.out, "x") as f:  # "x": a file that appeared meanwhile is not overwritten either
             json.dump(record, f, indent=2)
         print(f"written to {FLAGS.out}")
     if FLAGS.plot:
@@ -384,9 +386,9 @@ def _define_flags():
     flags.DEFINE_string("checkpoint", None, "training work directory or export directory", required=True)
     flags.DEFINE_list("network", ["gen_student"], f"network(s) of a work directory's checkpoint, comma-separated, "
                       f"from {', '.join(NETWORKS)}; 'all': every network the run has")
-    flags.DEFINE_integer("step", -1, "checkpoint step of a work directory (-1: the latest)")
-    flags.DEFINE_integer("max_images", 0, "evaluate the first N val images only (0: all)")
-    flags.DEFINE_integer("windows_per_batch", 0, "windows per batch (0: from the config/export)")
+    flags.DEFINE_integer("step", -1, "checkpoint step of a work directory (-1: the latest)", lower_bound=-1)
+    flags.DEFINE_integer("max_images", 0, "evaluate the first N val images only (0: all)", lower_bound=0)
+    flags.DEFINE_integer("windows_per_batch", 0, "windows per batch (0: from the config/export)", lower_bound=0)
     flags.DEFINE_boolean("flip", None, "--flip / --noflip: add each window's mirror image or not (default: as the "
                          "run's eval.flip or the export's)")
     flags.DEFINE_string("out", "", "write the result (IoUs, confusion matrix, protocol) to this JSON file")
@@ -396,7 +398,7 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app
+    from stpg_jax import cli
 
     _define_flags()
-    app.run(main)
+    cli.run_absl(main)

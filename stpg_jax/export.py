@@ -107,10 +107,14 @@ def is_export(path: str) -> bool:
 
 
 def read_meta(path: str) -> dict:
-    with open(os.path.join(os.fspath(path), META_FILE)) as f:
-        meta = json.load(f)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: export format {meta.get('format_version')}, this version reads {FORMAT_VERSION}")
+    from stpg_jax.checkpoint import CheckpointError, _read_json
+
+    file = os.path.join(os.fspath(path), META_FILE)
+    meta = _read_json(file, "the export's description")
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise CheckpointError(f"export format {version}, {file}, expected format {FORMAT_VERSION} (written by "
+                              "stpg_jax.export.export_model)")
     return meta
 
 
@@ -127,7 +131,10 @@ def load_model(path: str) -> Tuple[Any, dict, dict]:
     target = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), _abstract_variables(model)
     )
-    variables = ocp.StandardCheckpointer().restore(os.path.join(path, VARIABLES_DIR), target)
+    from stpg_jax.checkpoint import reading
+
+    with reading(path, VARIABLES_DIR):  # a truncated or missing file: one CheckpointError naming the export
+        variables = ocp.StandardCheckpointer().restore(os.path.join(path, VARIABLES_DIR), target)
     return model, dict(variables), meta
 
 

@@ -78,9 +78,11 @@ def load_predictor(checkpoint: str, config=None, windows_per_batch: Optional[int
     Gen-Student); an export holds its Gen-Student alone."""
     from stpg_jax import export
 
+    from stpg_jax.cli import InputError
+
     if export.is_export(checkpoint):
         if network != "gen_student" or step is not None:
-            raise ValueError(f"{checkpoint} is an export, which holds its Gen-Student alone; a network or step "
+            raise InputError(f"{checkpoint} is an export, which holds its Gen-Student alone; a network or step "
                              "can be chosen only from a training work directory")
         model, variables, meta = export.load_model(checkpoint)
         p = Predictor(model, variables, meta["num_classes"], meta["dataset_name"], meta["eval_window"],
@@ -89,12 +91,13 @@ def load_predictor(checkpoint: str, config=None, windows_per_batch: Optional[int
         from stpg_jax.checkpoint import load_network
         from stpg_jax.models import model_from_config
 
-        train_config, variables, num_classes, step = load_network(checkpoint, network, step)
+        train_config, variables, num_classes, step = load_network(checkpoint, network, step, on_damaged=warn_damaged)
         p = Predictor(model_from_config(train_config.model, num_classes), variables, num_classes,
                       train_config.data.dataset, train_config.eval.window, train_config.eval.stride_rate,
                       train_config.eval.windows_per_batch, step, bool(train_config.eval.get("flip", False)))
     else:
-        raise FileNotFoundError(f"--checkpoint {checkpoint!r} is neither an export directory nor a work directory")
+        raise FileNotFoundError(f"no such directory {checkpoint!r}, --checkpoint, expected an export directory or a "
+                                "training work directory")
     if config is not None:
         p.window, p.stride_rate = int(config.eval.window), float(config.eval.stride_rate)
         p.windows_per_batch = int(config.eval.windows_per_batch)
@@ -103,6 +106,11 @@ def load_predictor(checkpoint: str, config=None, windows_per_batch: Optional[int
     if windows_per_batch:
         p.windows_per_batch = int(windows_per_batch)
     return p
+
+
+def warn_damaged(error) -> None:
+    """Says on stderr that a damaged checkpoint was passed over (the command goes on with an older one)."""
+    print(f"warning: {error}; using the newest intact checkpoint instead", file=sys.stderr, flush=True)
 
 
 def list_images(pattern: str) -> List[str]:
@@ -115,11 +123,15 @@ def list_images(pattern: str) -> List[str]:
         paths = glob.glob(pattern, recursive=True)
     paths = sorted(p for p in paths if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS))
     if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found for {pattern!r}")
+        raise FileNotFoundError(f"no images found for {pattern!r}, --images, expected an image file, a folder or a "
+                                f"glob pattern of {', '.join(IMAGE_EXTENSIONS)} files")
     names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
-        raise ValueError(f"several input images share the names {clashes}; their outputs would overwrite each other")
+        from stpg_jax.cli import InputError
+
+        raise InputError(f"several input images share the names {clashes}, --images={pattern}, expected one image "
+                         "per name: their outputs would overwrite each other")
     return paths
 
 
@@ -193,23 +205,20 @@ def predict(predictor: Predictor, image_paths: Sequence[str], out_dir: str, prog
     return written
 
 
-def main(argv) -> None:
+def main(argv) -> int:
     from absl import flags, logging
+
+    from stpg_jax import cli
 
     FLAGS = flags.FLAGS
     logging.set_verbosity(logging.ERROR)  # Orbax's notes on reading a checkpoint are not for this console
-    if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments: {argv[1:]}")
+    cli.check_output_dir(FLAGS.out, "--out")
+    paths = list_images(FLAGS.images)  # before the network is read: a wrong folder fails at once
     config = FLAGS.config if FLAGS["config"].present else None
-    try:
-        predictor = load_predictor(FLAGS.checkpoint, config, FLAGS.windows_per_batch, network=FLAGS.network,
-                                   step=None if FLAGS.step < 0 else FLAGS.step)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    predictor = load_predictor(FLAGS.checkpoint, config, FLAGS.windows_per_batch, network=FLAGS.network,
+                               step=None if FLAGS.step == -1 else FLAGS.step)
     if FLAGS.flip is not None:
         predictor.flip = FLAGS.flip
-    paths = list_images(FLAGS.images)
     print(f"{len(paths)} images, window {predictor.window}, stride rate {predictor.stride_rate:.3f}"
           f"{', flipped too' if predictor.flip else ''}, "
           f"{predictor.windows_per_batch} windows per batch on {jax.local_device_count()} device(s); the first "
@@ -219,8 +228,9 @@ def main(argv) -> None:
     except UnreadableImagesError as e:
         print(f"masks and overlays of {len(e.written) // 2} images written to {FLAGS.out}")
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return cli.EXIT_PARTIAL
     print(f"masks and overlays written to {FLAGS.out}")
+    return cli.EXIT_OK
 
 
 def _define_flags():
@@ -230,10 +240,11 @@ def _define_flags():
     flags.DEFINE_string("checkpoint", None, "export directory or training work directory", required=True)
     flags.DEFINE_string("images", None, "image directory, glob pattern or file", required=True)
     flags.DEFINE_string("out", None, "output directory", required=True)
-    flags.DEFINE_integer("windows_per_batch", 0, "windows per device batch (0: from the config/export)")
+    flags.DEFINE_integer("windows_per_batch", 0, "windows per device batch (0: from the config/export)",
+                         lower_bound=0)
     flags.DEFINE_string("network", "gen_student", "network of a work directory's checkpoint: gen_student, "
                         "pro_student, gen_teacher or pro_teacher")
-    flags.DEFINE_integer("step", -1, "checkpoint step of a work directory (-1: the latest)")
+    flags.DEFINE_integer("step", -1, "checkpoint step of a work directory (-1: the latest)", lower_bound=-1)
     flags.DEFINE_boolean("flip", None, "--flip / --noflip: add each window's mirror image or not (default: as the "
                          "run's eval.flip or the export's)")
     config_flags.DEFINE_config_file("config", None, "training config; overrides the evaluation protocol",
@@ -241,7 +252,7 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app
+    from stpg_jax import cli
 
     _define_flags()
-    app.run(main)
+    cli.run_absl(main)

@@ -87,7 +87,10 @@ def load_pretrained(model_config):
             f"config.model.pretrained = {model_config.pretrained!r}: no such file. Point it at ImageNet backbone "
             "weights (.npz, .pth or a converted file; see docs/weights.md), or set it to '' for a random init."
         )
-    return load_backbone_weights_for(model_config)
+    from stpg_jax.cli import reading_weights
+
+    with reading_weights(model_config.pretrained, "config.model.pretrained"):
+        return load_backbone_weights_for(model_config)
 
 
 def load_anchors(config, num_classes: int, dim: int) -> np.ndarray:
@@ -301,6 +304,7 @@ def _train(config, workdir, max_steps, stop) -> dict:
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
     log = print if is_main else (lambda *a, **k: None)
+    checkpoint.check_workdir(workdir)
     checkpoint.check_config(workdir, config)
     resuming = checkpoint.latest_step(workdir) is not None
     # Reads (and checks) the weights and the data before anything is written.
@@ -332,7 +336,7 @@ def _train(config, workdir, max_steps, stop) -> dict:
     if not resuming:
         state = trainer.init_state()
     else:
-        state, meta = ckpt.restore(trainer.abstract_state())
+        state, meta = _restore_newest_intact(ckpt, trainer.abstract_state(), log)
         loader.set_state(meta["loader"])
         start_step = int(meta["step"])
         log(f"  resumed from {ckpt.directory}/{start_step} (step {start_step})")
@@ -386,10 +390,8 @@ def _train(config, workdir, max_steps, stop) -> dict:
                 scalars = _scalar_metrics(jax.device_get(metrics))
                 if not math.isfinite(scalars["loss"]):
                     bad = {k: v for k, v in scalars.items() if not math.isfinite(v)}
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {done}: {bad}. Stopping; the last good checkpoint "
-                        f"(step {last_good}) is kept in {ckpt.directory}."
-                    )
+                    raise NonFiniteLossError(f"non-finite loss at step {done}: {bad}. Stopping; "
+                                             + _kept(last_good, start_step, ckpt.directory))
                 now = time.time()
                 rate = (done - step_log) * images_per_step / max(now - t_log, 1e-9)
                 eta = (trainer.total_steps - done) * (now - t_log) / max(done - step_log, 1)
@@ -406,6 +408,11 @@ def _train(config, workdir, max_steps, stop) -> dict:
                         writer.add_scalar("train/images_per_second", rate, done)
                 t_log, step_log = now, done
                 if want_ckpt:  # the state holds the matching its next step uses (finished above)
+                    # The loss above came before this step's update; the state saved is after it.
+                    bad = [name for name, ok in checkpoint.all_finite(state).items() if not ok]
+                    if bad:
+                        raise NonFiniteLossError(f"non-finite values in {', '.join(bad)} after step {done}; not "
+                                                 "saved. Stopping; " + _kept(last_good, start_step, ckpt.directory))
                     save(done, state)
                     last_good = done
             if c.log_images_every_steps and done % c.log_images_every_steps == 0:
@@ -419,7 +426,7 @@ def _train(config, workdir, max_steps, stop) -> dict:
                     log(f"  {matching.summary()}")
                 log(f"stopping ({stop['signal']}): checkpoint saved at step {done}; run again to resume")
                 ckpt.wait()
-                return {"stopped_at": done}
+                return {"stopped_at": done, **({} if stop["signal"] == "max_steps" else {"signal": stop["signal"]})}
         ckpt.wait()
         if matching.matchings:
             log(f"  {matching.summary()}")
@@ -443,6 +450,26 @@ def _train(config, workdir, max_steps, stop) -> dict:
             loader.close()
         if writer is not None:
             writer.close()
+
+
+def _kept(last_good: int, start_step: int, directory: str) -> str:
+    """What the work directory holds after a diverged step, as the tripwire says it."""
+    if last_good == 0 and start_step == 0:
+        return f"no checkpoint was written yet ({directory} holds none of this run); lower optim.lr or check the data"
+    return f"the last good checkpoint (step {last_good}) is kept in {directory}"
+
+
+def _restore_newest_intact(ckpt: checkpoint.Checkpointer, abstract_state, log):
+    """The newest checkpoint that reads back whole; newer damaged ones are named and moved aside (by process 0,
+    never deleted) so that the resumed run can write their steps again. If none reads back, nothing is moved."""
+    state, meta, damaged = ckpt.restore_newest_intact(abstract_state)
+    for error in damaged:
+        where = ckpt.move_aside(error.step) if jax.process_index() == 0 else checkpoint.DAMAGED_DIR
+        log(f"  warning: {error}; moved to {where}, resuming from step {int(meta['step'])}, the newest intact one")
+    if damaged and jax.process_count() > 1:
+        multihost_utils.sync_global_devices("stpg_jax: damaged checkpoints moved aside")
+        ckpt.manager.reload()
+    return state, meta
 
 
 def _any_process(flag: bool) -> bool:

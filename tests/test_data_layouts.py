@@ -233,6 +233,7 @@ def test_preparing_leaves_no_temporary_directories(tmp_path, monkeypatch):
 
 
 def test_prepare_command(tmp_path, capsys):
+    from stpg_jax import cli
     from stpg_jax.data import prepare
 
     make_folder(tmp_path / 'mine')
@@ -244,12 +245,10 @@ def test_prepare_command(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert 'train: 3 examples' in out and 'unlabeled: 2 examples' in out
-    assert (
-        prepare.main(
-            ['--dataset', 'camvid', '--manual_dir', str(tmp_path / 'nowhere'), '--data_dir', str(tmp_path / 'tfds')]
-        )
-        == 1
-    )
+    with pytest.raises(SystemExit) as exited:
+        cli.run(prepare.main, ['--dataset', 'camvid', '--manual_dir', str(tmp_path / 'nowhere'),
+                               '--data_dir', str(tmp_path / 'tfds')])
+    assert exited.value.code == cli.EXIT_ERROR
     assert 'nowhere does not exist' in capsys.readouterr().err
 
 

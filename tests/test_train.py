@@ -150,7 +150,7 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_returns(tmp_path, monkeypatch,
     monkeypatch.setattr(train, "make_train_loader", loader_that_signals)
     before = signal.getsignal(signum)
     result = train.train_and_evaluate(loop_config(), str(tmp_path))
-    assert result == {"stopped_at": 1}
+    assert result == {"stopped_at": 1, "signal": signal.Signals(signum).name}  # launch.py: exit status 3
     assert checkpoint.Checkpointer(str(tmp_path)).latest_step() == 1
     assert signal.getsignal(signum) is before  # the caller's handler is back
 

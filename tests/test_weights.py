@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stpg_jax import convert_weights
+from stpg_jax import cli, convert_weights
 from stpg_jax.models import DeepLabV3Plus, ResNet
 from stpg_jax.models import pretrained
 from stpg_jax.models.pretrained import WeightsMismatchError, load_backbone_weights, merge_backbone
@@ -284,8 +284,11 @@ def test_convert_command_round_trip(tmp_path, capsys, flax_forward, image):
 
 def test_convert_command_reports_mismatch(tmp_path, capsys, state_dict):
     source = _save(tmp_path, dict(state_dict, **{"aux.weight": torch.zeros(1)}))
-    assert convert_weights.main([source, str(tmp_path / "o.npz")]) == 1
-    assert "aux.weight" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        cli.run(convert_weights.main, [source, str(tmp_path / "o.npz")])
+    assert exited.value.code == cli.EXIT_ERROR
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "aux.weight" in errors[0]
     assert not (tmp_path / "o.npz").exists()
 
 

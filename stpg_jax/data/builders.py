@@ -55,6 +55,10 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
         layout = self._layout
         layout.check()
         splits = layout.split_examples()
+        for split, examples in splits.items():
+            if not examples:  # tfds would fail later with a bare "No examples were yielded"
+                raise DataError(f'the {split} split is empty, {layout.split_source(split)}, expected at least one '
+                                'example')
         self.info.metadata['ids'] = {s: [e.id for e in examples] for s, examples in splits.items()}
         self.info.metadata['class_names'] = list(layout.class_names)
         self.info.metadata['palette'] = np.asarray(layout.palette).tolist()

@@ -121,6 +121,10 @@ class Layout:
     def decode_label(self, example: Example) -> np.ndarray:
         raise NotImplementedError
 
+    def split_source(self, split) -> str:
+        """The list file or folder a split's examples come from, for messages."""
+        return self.root
+
     def pools(self, protocol):
         """(labelled pool split, unlabelled pool split) in prepared split names."""
         return 'train', 'train'
@@ -391,6 +395,10 @@ class CamvidLayout(Layout):
             out[s] = sorted(examples, key=lambda e: e.id)
         return out
 
+    def split_source(self, split):
+        lst = os.path.join(self.root, split + '.txt')
+        return f'split list {lst}' if os.path.isfile(lst) else f'folder {os.path.join(self.root, split)}'
+
     def decode_label(self, example):
         path = example.label_path
         label = single_channel(open_label(path), path).astype(np.int64)
@@ -486,6 +494,11 @@ class FolderLayout(Layout):
 
     def pools(self, protocol):
         return 'train', 'train+unlabeled'
+
+    def split_source(self, split):
+        if split == 'val':
+            return f'split list {os.path.join(self.root, "val.txt")}'
+        return f'labelled images of {self.root}/labels not listed in {os.path.join(self.root, "val.txt")}'
 
     def decode_label(self, example):
         path = example.label_path
