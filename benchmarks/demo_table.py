@@ -394,6 +394,26 @@ def load(out: str) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def write_figure(report: dict, path: Path) -> str:
+    """The methods compared per class (mean, min-max and each seed; stpg_jax.plots), or '' without matplotlib."""
+    from stpg_jax import plots
+
+    runs = report["runs"]
+    if not runs:
+        return ""
+    try:
+        plots.require_matplotlib("the demo table's figure")
+    except plots.PlotsUnavailable as e:
+        print(f"note: {e}; no figure written", file=sys.stderr)
+        return ""
+    classes = list(runs[0]["iou"])
+    per_method = {m: [{c: None if r["iou"][c] is None else 100 * r["iou"][c] for c in classes}
+                      for r in sorted((r for r in runs if r["method"] == m), key=lambda r: r["seed"])]
+                  for m in METHODS if any(r["method"] == m for r in runs)}
+    return plots.method_comparison_png(per_method, classes, str(path), rare=RARE,
+                                       title=f"{report['config']}: IoU % per class, {len(per_method)} methods")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.print_default:
@@ -404,6 +424,9 @@ def main(argv=None) -> int:
         save(report, args.out)
     text = markdown(report)
     print("\n" + text)
+    figure = write_figure(report, Path(args.out) / "demo_table.png")
+    if figure:
+        print(f"figure: {figure}")
     if args.write_readme:
         summary = summarize(report)
         short = [m for m in METHODS if m not in summary or summary[m]["miou"]["n"] < 3]

@@ -220,3 +220,13 @@ def test_existing_work_directories_are_not_resumed(tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         dt.measure(args)
     assert (tmp_path / "supervised_seed0").is_dir() and not (tmp_path / "o").exists()  # nothing deleted or run
+
+
+def test_figure_of_known_runs(tmp_path):
+    from PIL import Image
+
+    path = dt.write_figure(fake_report(), tmp_path / "demo_table.png")
+    assert path == str(tmp_path / "demo_table.png")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > 400 and image.height > 200
+    assert dt.write_figure({**fake_report(), "runs": []}, tmp_path / "none.png") == ""
