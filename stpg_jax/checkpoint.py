@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from stpg_jax.config import FIELDS_ADDED_LATER, MODE_NETWORKS, ConfigError
 
@@ -41,16 +42,6 @@ class CheckpointError(ValueError):
 
 
 DAMAGED_DIR = "damaged_checkpoints"  # <workdir>/damaged_checkpoints/<step>: kept aside, never deleted
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def check_workdir(workdir: str) -> None:
@@ -89,7 +80,8 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     current = json.loads(config.to_json())
     if os.path.exists(path):
         saved = _read_json(path, "the run's config")
-        a, b = {**FIELDS_ADDED_LATER, **_flatten(saved)}, _flatten(current)
+        a = {**FIELDS_ADDED_LATER, **traverse_util.flatten_dict(saved, sep=".")}
+        b = traverse_util.flatten_dict(current, sep=".")
         diffs = [
             f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now"
             for k in sorted(set(a) | set(b))
