@@ -125,7 +125,9 @@ def _state_handler(min_slice_bytes: int | None, multiprocessing=None) -> "ocp.Py
     processes = {} if multiprocessing is None else {"multiprocessing_options": multiprocessing}
     if min_slice_bytes is not None:
         try:
-            store = th.get_type_handler(jax.Array)._array_metadata_store  # the metadata Orbax's own handler writes
+            # The array-metadata store Orbax's default handler writes with, as its public (v1) options hold it, so
+            # that checkpoints come out the same on disk.
+            store = ocp.v1.options.ArrayOptions.Saving().array_metadata_store
             array = th.ArrayHandler(min_slice_bytes_for_replica_parallel=min_slice_bytes, array_metadata_store=store)
             others = [(ty, th.get_type_handler(ty)) for ty in th.supported_types() if ty is not jax.Array]
             registry = th.create_type_handler_registry(*others, (jax.Array, array))
