@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from stpg_jax.config import FIELDS_ADDED_LATER, MODE_NETWORKS, ConfigError
 
@@ -41,16 +42,6 @@ class CheckpointError(ValueError):
 
 
 DAMAGED_DIR = "damaged_checkpoints"  # <workdir>/damaged_checkpoints/<step>: kept aside, never deleted
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def check_workdir(workdir: str) -> None:
@@ -89,7 +80,8 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     current = json.loads(config.to_json())
     if os.path.exists(path):
         saved = _read_json(path, "the run's config")
-        a, b = {**FIELDS_ADDED_LATER, **_flatten(saved)}, _flatten(current)
+        a = {**FIELDS_ADDED_LATER, **traverse_util.flatten_dict(saved, sep=".")}
+        b = traverse_util.flatten_dict(current, sep=".")
         diffs = [
             f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now"
             for k in sorted(set(a) | set(b))
@@ -133,7 +125,9 @@ def _state_handler(min_slice_bytes: int | None, multiprocessing=None) -> "ocp.Py
     processes = {} if multiprocessing is None else {"multiprocessing_options": multiprocessing}
     if min_slice_bytes is not None:
         try:
-            store = th.get_type_handler(jax.Array)._array_metadata_store  # the metadata Orbax's own handler writes
+            # The array-metadata store Orbax's default handler writes with, as its public (v1) options hold it, so
+            # that checkpoints come out the same on disk.
+            store = ocp.v1.options.ArrayOptions.Saving().array_metadata_store
             array = th.ArrayHandler(min_slice_bytes_for_replica_parallel=min_slice_bytes, array_metadata_store=store)
             others = [(ty, th.get_type_handler(ty)) for ty in th.supported_types() if ty is not jax.Array]
             registry = th.create_type_handler_registry(*others, (jax.Array, array))

@@ -9,6 +9,7 @@ strict, see `stpg_jax.models.pretrained`.
 from __future__ import annotations
 
 import numpy as np
+from flax import traverse_util
 
 from stpg_jax import cli
 from stpg_jax.models import pretrained
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
         args.out, params, batch_stats, stem=report["stem"], stage_blocks=report["stage_blocks"],
         width=report["width"], source=args.source,
     )
-    count = lambda tree: sum(int(np.size(v)) for v in pretrained._flatten(tree).values())  # noqa: E731
+    count = lambda tree: sum(int(np.size(v)) for v in traverse_util.flatten_dict(tree).values())  # noqa: E731
     stem = report["stem"] + (f" ({report['deep_naming']} names)" if report["deep_naming"] else "")
     print(f"{args.source}: {len(state)} keys, {len(report['used'])} used, {len(report['skipped'])} skipped"
           + (f" ({', '.join(report['skipped'])})" if report["skipped"] else ""))

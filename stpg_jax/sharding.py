@@ -24,51 +24,56 @@ def _env_int(name: str) -> int:
         raise LaunchError(f"environment variable {name} = {value!r}: expected an integer") from None
 
 
+# Launchers that start the processes themselves: the variable holding how many, the variables to hand to JAX_* where
+# JAX finds no coordinator in theirs, and where JAX looks for it.
+_LAUNCHERS = (
+    ("an srun step", "SLURM_STEP_NUM_TASKS", "$SLURM_NTASKS", "$SLURM_PROCID", "SLURM_STEP_NODELIST"),
+    ("Open MPI", "OMPI_COMM_WORLD_SIZE", "$OMPI_COMM_WORLD_SIZE", "$OMPI_COMM_WORLD_RANK",
+     "OMPI_MCA_orte_hnp_uri, which Open MPI 5 no longer sets"),
+)
+
+
 def maybe_initialize_distributed() -> None:
     """Calls jax.distributed.initialize() when the run was launched on several processes. Must run before any other
     JAX call that touches a device.
 
     Two ways to say so: ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES`` and
     ``JAX_PROCESS_ID`` set for every process (optionally ``JAX_LOCAL_DEVICE_IDS``), or an ``srun`` step / Open MPI
-    (ORTE) launch with more than one task, whose variables JAX reads itself.
+    launch of more than one task, whose variables JAX reads itself. One process: no call, no coordinator (a batch
+    script's own shell has no step, so a plain `python launch.py` there stays one process).
     """
     if jax.distributed.is_initialized():
         return
     address = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    # Only what JAX's own detection can complete: SLURM with the variables of an srun step (SLURM_STEP_NODELIST;
-    # a plain `python launch.py` in a batch script that allocated several tasks stays one process instead of
-    # failing), Open MPI through its ORTE launcher's URI (which Open MPI 5 / PRRTE no longer sets).
-    slurm_tasks = os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1"))
-    multi_slurm = "SLURM_STEP_NODELIST" in os.environ and int(slurm_tasks) > 1
-    mpi_size = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))
-    multi_mpi = mpi_size > 1 and "OMPI_MCA_orte_hnp_uri" in os.environ
-    if mpi_size > 1 and not multi_mpi and not address:
-        raise LaunchError(
-            f"Open MPI started {mpi_size} processes, but JAX finds their coordinator only through "
-            "OMPI_MCA_orte_hnp_uri, which this Open MPI does not set; set "
-            "JAX_COORDINATOR_ADDRESS=<host of rank 0>:<free port>, JAX_NUM_PROCESSES=$OMPI_COMM_WORLD_SIZE and "
-            "JAX_PROCESS_ID=$OMPI_COMM_WORLD_RANK instead"
-        )
-    if address:
-        given = [n for n in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if n in os.environ]
-        if len(given) == 2:
-            num, pid = _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID")
-            if num < 1 or not 0 <= pid < num:
-                raise LaunchError(
-                    f"JAX_NUM_PROCESSES = {num} and JAX_PROCESS_ID = {pid}: expected JAX_NUM_PROCESSES >= 1 and "
-                    "0 <= JAX_PROCESS_ID < JAX_NUM_PROCESSES"
-                )
-            jax.distributed.initialize(address, num, pid)
-            return
-        if not (multi_slurm or multi_mpi):
-            missing = sorted({"JAX_NUM_PROCESSES", "JAX_PROCESS_ID"} - set(given))
+    given = [n for n in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if n in os.environ]
+    if address and len(given) == 2:
+        num, pid = _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID")
+        if num < 1 or not 0 <= pid < num:
             raise LaunchError(
-                f"JAX_COORDINATOR_ADDRESS = {address!r} is set but {' and '.join(missing)} not: a multi-process "
-                "launch outside SLURM / Open MPI needs JAX_NUM_PROCESSES (the number of processes) and "
-                "JAX_PROCESS_ID (0 .. JAX_NUM_PROCESSES - 1) in every process"
+                f"JAX_NUM_PROCESSES = {num} and JAX_PROCESS_ID = {pid}: expected JAX_NUM_PROCESSES >= 1 and "
+                "0 <= JAX_PROCESS_ID < JAX_NUM_PROCESSES"
             )
-    if address or multi_slurm or multi_mpi:
-        jax.distributed.initialize()
+        jax.distributed.initialize(address, num, pid)  # JAX reads neither the count nor the index itself
+        return
+    launcher = next((entry for entry in _LAUNCHERS if entry[1] in os.environ and _env_int(entry[1]) > 1), None)
+    if not (address or launcher):
+        return
+    try:
+        jax.distributed.initialize()  # JAX's cluster detection fills in what the environment does not say
+    except ValueError as e:  # no cluster JAX knows completes the description; raised before anything starts
+        if address:
+            missing = " and ".join(sorted({"JAX_NUM_PROCESSES", "JAX_PROCESS_ID"} - set(given)))
+            raise LaunchError(
+                f"JAX_COORDINATOR_ADDRESS = {address!r} is set but {missing} not: a multi-process launch outside "
+                "SLURM / Open MPI needs JAX_NUM_PROCESSES (the number of processes) and JAX_PROCESS_ID "
+                "(0 .. JAX_NUM_PROCESSES - 1) in every process"
+            ) from None
+        name, count, size, rank, where = launcher
+        raise LaunchError(
+            f"{name} started {os.environ[count]} processes, but JAX finds no coordinator (it looks in {where}; JAX "
+            f"says: {str(e).rstrip('.')}); set JAX_COORDINATOR_ADDRESS=<host of process 0>:<free port>, "
+            f"JAX_NUM_PROCESSES={size} and JAX_PROCESS_ID={rank} instead"
+        ) from None
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -201,5 +201,8 @@ def ema(teacher: Network, student: Network, decay: float) -> Network:
     BatchNorm statistics are not averaged: a teacher runs in train mode (batch statistics, as in the released
     code), and its running averages are the ones its own forward passes accumulate.
     """
-    params = jax.tree_util.tree_map(lambda t, s: decay * t + (1.0 - decay) * s, teacher.params, student.params)
+    # optax's step·new + (1 − step)·old with new = teacher, step = decay: decay·t + (1 − decay)·s term for term.
+    # The other reading (new = student, step = 1 − decay) sums the products in the other order, which XLA fuses
+    # into another multiply-add: last-bit differences, another trajectory.
+    params = optax.incremental_update(teacher.params, student.params, step_size=decay)
     return teacher.replace(params=params)

@@ -93,6 +93,24 @@ def test_checkpoints_of_orbax_standard_handler_read_both_ways(tmp_path, replicat
     assert_same(again["state"], state, replicated)
 
 
+def test_our_handler_writes_the_files_orbax_default_handler_writes(tmp_path, replicated):
+    """The array metadata included (array_metadatas/: each array's write and chunk shapes)."""
+    state = make_state(replicated)
+
+    def files(min_slice_bytes):
+        ckpt = checkpoint.Checkpointer(str(tmp_path / str(min_slice_bytes)), min_slice_bytes=min_slice_bytes)
+        ckpt.save(1, state, {"step": 1})
+        ckpt.wait()
+        ckpt.close()
+        top = tmp_path / str(min_slice_bytes) / "checkpoints" / "1" / "state"
+        # Not the data files: tensorstore names them at random.
+        return sorted(str(f.relative_to(top)) for f in top.rglob("*") if f.is_file() and f.parent.name != "d")
+
+    ours = files(checkpoint.MIN_SLICE_BYTES)
+    assert ours == files(None)
+    assert "array_metadatas/process_0" in ours
+
+
 def test_an_orbax_without_the_slice_threshold_saves_as_orbax_does(tmp_path, monkeypatch, replicated):
     def old_array_handler(*args, min_slice_bytes_for_replica_parallel=None, **kwargs):
         raise TypeError("__init__() got an unexpected keyword argument 'min_slice_bytes_for_replica_parallel'")

@@ -94,6 +94,12 @@ def test_batch_not_divisible_by_the_devices_is_one_line(tmp_path):
     assert_one_clear_error(result, "config.data.batch_labeled = 3", "2 devices")
 
 
+def clear_launcher_variables(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")):
+            monkeypatch.delenv(name)
+
+
 @pytest.mark.parametrize("env,initialized", [
     # An sbatch script's own shell: several tasks allocated, but no srun step: one process.
     ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}, False),
@@ -102,7 +108,10 @@ def test_batch_not_divisible_by_the_devices_is_one_line(tmp_path):
       "SLURM_PROCID": "1", "SLURM_LOCALID": "1"}, True),
     ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "1", "SLURM_STEP_NODELIST": "node1",
       "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}, False),
+    # Open MPI with several ranks: JAX's detection takes over (without the ORTE URI it fails: the test below).
     ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0", "OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:5"}, True),
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"}, True),
+    ({"OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "0"}, False),  # mpirun -n 1
     ({}, False),
 ])
 def test_scheduler_environments_decide_whether_to_initialize(monkeypatch, env, initialized):
@@ -110,9 +119,7 @@ def test_scheduler_environments_decide_whether_to_initialize(monkeypatch, env, i
 
     from stpg_jax import sharding
 
-    for name in list(os.environ):
-        if name.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")):
-            monkeypatch.delenv(name)
+    clear_launcher_variables(monkeypatch)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     calls = []
@@ -121,11 +128,29 @@ def test_scheduler_environments_decide_whether_to_initialize(monkeypatch, env, i
     assert calls == ([()] if initialized else [])
 
 
-def test_open_mpi_without_its_orte_uri_asks_for_the_jax_variables(monkeypatch):
+def test_a_launch_jax_cannot_complete_names_the_variables_to_set(monkeypatch):
+    import jax
+
     from stpg_jax import sharding
 
-    for name in ("JAX_COORDINATOR_ADDRESS", "OMPI_MCA_orte_hnp_uri"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
-    with pytest.raises(sharding.LaunchError, match="JAX_PROCESS_ID=\\$OMPI_COMM_WORLD_RANK"):
+    clear_launcher_variables(monkeypatch)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+
+    def no_cluster(*args, **kwargs):
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+    with pytest.raises(sharding.LaunchError, match=r"an srun step started 4 processes, .*coordinator_address should "
+                                                   r"be defined.*JAX_NUM_PROCESSES=\$SLURM_NTASKS and "
+                                                   r"JAX_PROCESS_ID=\$SLURM_PROCID"):
         sharding.maybe_initialize_distributed()
+
+
+def test_open_mpi_without_its_orte_uri_asks_for_the_jax_variables(tmp_path):
+    # Open MPI 5 sets no OMPI_MCA_orte_hnp_uri: JAX's own detection finds no coordinator, and the line says what to set.
+    result = launch(tmp_path, f"--config={REPO}/configs/demo.py", f"--workdir={tmp_path}/w", OMPI_COMM_WORLD_SIZE="2",
+                    OMPI_COMM_WORLD_RANK="0", OMPI_COMM_WORLD_LOCAL_RANK="0", OMPI_MCA_orte_hnp_uri=None,
+                    JAX_COORDINATOR_ADDRESS=None)
+    assert_one_clear_error(result, "Open MPI started 2 processes", "OMPI_MCA_orte_hnp_uri",
+                           "JAX_PROCESS_ID=$OMPI_COMM_WORLD_RANK")
+    assert not (tmp_path / "w").exists()  # nothing written

@@ -1,4 +1,5 @@
-"""The optimiser of each student: SGD with momentum, L2 on kernels only, poly schedule, optional frozen head."""
+"""The optimiser of each student: SGD with momentum, L2 on kernels only, poly schedule, optional frozen head; the
+teachers' EMA."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,7 @@ import numpy as np
 import optax
 
 from stpg_jax.config import base_config
-from stpg_jax.state import make_optimizer
+from stpg_jax.state import Network, ema, make_optimizer
 
 
 def params():
@@ -57,3 +58,24 @@ def test_released_code_switch_freezes_the_projection_head():
     np.testing.assert_array_equal(new["proj_conv2"]["kernel"], 1.0)
     np.testing.assert_array_equal(new["proj_conv2"]["bias"], 1.0)
     assert float(new["classifier"]["bias"][0]) < 1.0
+
+
+def test_ema_is_decay_teacher_plus_one_minus_decay_student_to_the_bit_when_compiled():
+    # Compiled as training compiles it (XLA's default optimisation level; the suite's conftest lowers it): XLA then
+    # fuses one of the two products into a multiply-add, and which one depends on the order of the sum, so only
+    # decay·t + (1 − decay)·s in that order gives the step's numbers.
+    def compiled(fn, *args):
+        return jax.jit(fn).lower(*args).compile(compiler_options={"xla_backend_optimization_level": 3})(*args)
+
+    rng = np.random.default_rng(0)
+    tree = lambda: {"conv": {"kernel": rng.standard_normal((3, 3, 16, 32)).astype(np.float32)},  # noqa: E731
+                    "bn": {"scale": (1e3 * rng.standard_normal(64)).astype(np.float32)}}
+    teacher, student = Network(tree(), {"bn": {"mean": np.ones(64, np.float32)}}), Network(tree(), {})
+    for decay in (0.99, 0.9, 0.0):
+        got = compiled(lambda t, s: ema(t, s, decay), teacher, student)
+        want = compiled(lambda t, s: jax.tree_util.tree_map(lambda t, s: decay * t + (1.0 - decay) * s, t, s),
+                        teacher.params, student.params)
+        for a, b in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(want)):
+            assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), decay
+        # The statistics stay the teacher's own, never averaged.
+        np.testing.assert_array_equal(got.batch_stats["bn"]["mean"], teacher.batch_stats["bn"]["mean"])

@@ -5,6 +5,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from stpg_jax.models import ResNet
 from stpg_jax.models import pretrained
@@ -80,7 +81,7 @@ def test_every_key_is_used(source):
     params, batch_stats, report = pretrained.convert_state_dict(source, stem="standard", stage_blocks=(3, 4, 6, 3))
     assert report["skipped"] == [] and sorted(report["used"]) == sorted(source)
     assert len(source) == 265
-    n_params = sum(v.size for v in pretrained._flatten(params).values())
+    n_params = sum(v.size for v in traverse_util.flatten_dict(params).values())
     assert n_params == 23_508_032  # ResNet-50 without its fc layer
 
 

@@ -27,6 +27,7 @@ import re
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+from flax import traverse_util
 
 FLAX_MARKER = "__flax__"
 FORMAT_VERSION = 1
@@ -149,7 +150,7 @@ def _flax_to_source(shapes: Tree, deep_naming: str) -> Dict[Tuple[str, ...], str
     """Maps each flax leaf path (collection, module..., leaf) of the ``shapes`` tree to its PyTorch key."""
     mapping = {}
     for collection, tree in shapes.items():
-        for path in _flatten(tree):
+        for path in traverse_util.flatten_dict(tree):
             module, leaf = path[:-1], path[-1]
             if module[0].startswith("stem_"):
                 source_module = _DEEP_STEMS[deep_naming][module[0]]
@@ -197,7 +198,7 @@ def convert_state_dict(
 
     shape_tree = expected_shapes(stem, stage_blocks, width)
     mapping = _flax_to_source(shape_tree, deep_naming)
-    shapes = _flatten(shape_tree)
+    shapes = traverse_util.flatten_dict(shape_tree)
     skipped = sorted(k for k in state if _SKIPPED.search(k))
     wanted = set(mapping.values())
     unused = sorted(k for k in state if k not in wanted and k not in skipped)
@@ -218,8 +219,8 @@ def convert_state_dict(
         out[flax_path] = value.astype(np.float32)
 
     _raise_if_mismatched(unused, missing, misshaped, f"stem={stem!r}, stage_blocks={stage_blocks}, width={width}")
-    params = _unflatten({k[1:]: v for k, v in out.items() if k[0] == "params"})
-    batch_stats = _unflatten({k[1:]: v for k, v in out.items() if k[0] == "batch_stats"})
+    variables = traverse_util.unflatten_dict(out)
+    params, batch_stats = variables.get("params", {}), variables.get("batch_stats", {})
     report = {
         "used": sorted(mapping.values()),
         "skipped": skipped,
@@ -296,8 +297,8 @@ def save_converted(path: str, params: Tree, batch_stats: Tree, *, stem: str, sta
         "width": int(width),
         "source": os.path.basename(source),
     }
-    arrays = {"/".join(("params",) + k): np.asarray(v, np.float32) for k, v in _flatten(params).items()}
-    arrays.update({"/".join(("batch_stats",) + k): np.asarray(v, np.float32) for k, v in _flatten(batch_stats).items()})
+    arrays = {"/".join(k): np.asarray(v, np.float32)
+              for k, v in traverse_util.flatten_dict({"params": params, "batch_stats": batch_stats}).items()}
     arrays[FLAX_MARKER] = np.array(json.dumps(meta))
     np.savez(path, **arrays)
 
@@ -309,7 +310,7 @@ def _load_converted(path, arrays, stem, stage_blocks, width) -> Tuple[Tree, Tree
     stem = stem or meta["stem"]
     stage_blocks = tuple(stage_blocks) if stage_blocks else tuple(meta["stage_blocks"])
     width = width or meta["width"]
-    shapes = _flatten(expected_shapes(stem, stage_blocks, width))
+    shapes = traverse_util.flatten_dict(expected_shapes(stem, stage_blocks, width))
     got = {tuple(k.split("/")): v for k, v in arrays.items()}
     unused = sorted("/".join(k) for k in got if k not in shapes)
     missing = sorted("/".join(k) for k in shapes if k not in got)
@@ -321,8 +322,8 @@ def _load_converted(path, arrays, stem, stage_blocks, width) -> Tuple[Tree, Tree
     what = f"stem={stem!r}, stage_blocks={stage_blocks}, width={width}; file made for {meta['stem']!r}, " \
            f"{tuple(meta['stage_blocks'])}, width {meta['width']}"
     _raise_if_mismatched(unused, missing, misshaped, what)
-    params = _unflatten({k[1:]: v.astype(np.float32) for k, v in got.items() if k[0] == "params"})
-    batch_stats = _unflatten({k[1:]: v.astype(np.float32) for k, v in got.items() if k[0] == "batch_stats"})
+    variables = traverse_util.unflatten_dict({k: v.astype(np.float32) for k, v in got.items()})
+    params, batch_stats = variables.get("params", {}), variables.get("batch_stats", {})
     return params, batch_stats
 
 
@@ -345,8 +346,8 @@ def merge_backbone(variables: Mapping[str, Any], params: Tree, batch_stats: Tree
         if not isinstance(tree, Mapping) or "backbone" not in tree:
             problems.append(f"variables[{collection!r}] has no 'backbone' subtree")
             continue
-        old = _flatten(tree["backbone"])
-        new = _flatten(new)
+        old = traverse_util.flatten_dict(tree["backbone"])
+        new = traverse_util.flatten_dict(new)
         for k in sorted(set(old) - set(new)):
             problems.append(f"{collection}/backbone/{'/'.join(k)}: not in the loaded weights")
         for k in sorted(set(new) - set(old)):
@@ -357,31 +358,7 @@ def merge_backbone(variables: Mapping[str, Any], params: Tree, batch_stats: Tree
                     f"{collection}/backbone/{'/'.join(k)}: model {np.shape(old[k])}, weights {np.shape(new[k])}"
                 )
         merged = {k: jnp.asarray(new[k], dtype=old[k].dtype) for k in old if k in new}
-        out[collection] = {**tree, "backbone": _unflatten(merged)}
+        out[collection] = {**tree, "backbone": traverse_util.unflatten_dict(merged)}
     if problems:
         raise WeightsMismatchError("backbone weights do not fit the model:\n  " + "\n  ".join(problems))
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Small tree helpers (nested dicts of arrays; flax's FrozenDict is a Mapping too)
-
-
-def _flatten(tree: Mapping, prefix: Tuple[str, ...] = ()) -> Dict[Tuple[str, ...], Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, prefix + (key,)))
-        else:
-            flat[prefix + (key,)] = value
-    return flat
-
-
-def _unflatten(flat: Mapping[Tuple[str, ...], Any]) -> Tree:
-    tree: Tree = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
