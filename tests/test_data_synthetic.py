@@ -83,6 +83,24 @@ def test_rare_classes_survive_the_decoders_stride_4_grid(scene_labels):
         assert iou > 0.5, (rare, iou)
 
 
+def test_each_rare_class_has_colours_of_its_own(scene_labels):
+    # The rare classes are learnable at demo scale because each is painted in saturated hues no large class uses: a
+    # per-colour majority vote (4 bits per channel, over the 500 images) labels most of each rare class's pixels
+    # right (0.87-0.96). The generator before (grey poles, brown or green fences, randomly coloured pedestrians,
+    # bicyclists and cars) scored pole 0.00 (voted road), fence 0.01 (tree), pedestrian 0.06 and bicyclist 0.10 (car),
+    # and its all-labels ceiling learnt pole, fence and pedestrian to under 3 % IoU.
+    src, labels = scene_labels
+    images = np.stack([src[i]['image'] for i in range(len(src))]) // 16
+    keys = (images[..., 0].astype(np.int64) * 256 + images[..., 1] * 16 + images[..., 2]).ravel()
+    joint = np.zeros((4096, 11), np.int64)
+    np.add.at(joint, (keys, labels.ravel()), 1)
+    vote = joint.argmax(1)[keys].reshape(labels.shape)
+    for rare in RARE:
+        cls = synthetic.CLASS_NAMES.index(rare)
+        recall = (vote[labels == cls] == cls).mean()
+        assert recall > 0.75, (rare, recall)
+
+
 def test_colour_alone_does_not_give_the_class():
     # A per-colour majority vote (colours quantised to 4 bits per channel) labels well under all pixels right.
     src = synthetic.SyntheticSource('labeled', 40, 96, 128, seed=0)

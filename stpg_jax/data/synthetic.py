@@ -2,10 +2,12 @@
 
 Classes are CamVid's 11 (sky, building, pole, road, pavement, tree, sign_symbol, fence, car, pedestrian,
 bicyclist) with a long tail like CamVid/Cityscapes: the thin and small classes cover about 1% of the pixels
-or less (measured shares in docs/data.md), yet none is sub-pixel at the demo's scale: poles are at least 4 pixels
-wide, fence slats 4-6, pedestrians at least 22 pixels tall, so each spans a few of the decoder's stride-4 cells.
-Colours are textured and noisy, lit differently per image, and cars, pedestrians and signs take random colours, so
-colour alone does not give the class; shape and context do.
+or less (measured shares in docs/data.md), yet none is sub-pixel at the demo's scale: poles are at least 5 pixels
+wide, fence slats 4-7, pedestrians at least 22 pixels tall, so each spans a few of the decoder's stride-4 cells.
+Each rare class is painted in its own saturated hue that no large class uses (poles yellow, signs red or blue,
+fences turquoise, pedestrians magenta, bicyclists orange), so a demo-sized network trained for minutes can learn it;
+cars take the greys, white, black and navy of real cars. The large classes share their greys and browns, and every
+image is lit, tinted and noised differently, so colour alone does not give the class; shape and context do.
 Each item is generated on demand from (seed, split, index) in some 15-20 ms of CPU; nothing is stored on disk.
 """
 
@@ -16,6 +18,15 @@ from stpg_jax.data import palettes
 SKY, BUILDING, POLE, ROAD, PAVEMENT, TREE, SIGN, FENCE, CAR, PEDESTRIAN, BICYCLIST = range(11)
 CLASS_NAMES = palettes.SYNTHETIC_CLASSES
 _SPLIT_CODES = {'labeled': 1, 'unlabeled': 2, 'val': 3}
+
+# The rare classes' signature colours: saturated hues that none of the large classes (greys, browns, beige, the sky's
+# blues, the trees' greens) uses. Cars keep to the unsaturated colours of real cars, so they share none of them.
+POLE_COLOURS = ((235, 200, 20), (250, 215, 60))  # yellow
+SIGN_COLOURS = ((215, 25, 25), (25, 55, 205))  # red, blue
+FENCE_COLOURS = ((15, 185, 170), (40, 200, 190))  # turquoise
+PEDESTRIAN_COLOURS = ((215, 40, 195), (150, 25, 160), (240, 130, 225))  # magenta: top, trousers, head
+BICYCLIST_COLOURS = ((250, 125, 10), (140, 60, 0))  # orange: frame and rider, tyres
+CAR_COLOURS = ((225, 225, 228), (175, 175, 180), (125, 125, 130), (70, 70, 75), (30, 30, 35), (45, 55, 95))
 
 
 def _rng_for(seed, split, index):
@@ -120,13 +131,12 @@ def generate_scene(rng, height=96, width=128):
             lo, hi = (0.0, vx - 0.05 * W) if side < 0 else (vx + 0.05 * W, W)
             length = rng.uniform(0.2, 0.4) * W
             x0 = rng.uniform(lo, max(lo, hi - length))
-            slats = np.sin(c.xx * rng.uniform(0.6, 0.9) + rng.uniform(0, 2 * np.pi)) > -0.3
+            slats = np.sin(c.xx * rng.uniform(0.6, 0.9) + rng.uniform(0, 2 * np.pi)) > -0.5
             top = horizon - fh
             rail = c.box(top, top + max(2.0, 0.25 * fh), x0, x0 + length)
             mask = (rail | (c.box(top, horizon + 0.02 * H, x0, x0 + length) & slats)) & ~road
-            # Painted, not the buildings' brick and plaster colours behind it.
-            colour = rng.choice([(205, 200, 185), (75, 55, 40), (70, 105, 70)])
-            c.paint(mask, FENCE, c.jitter(colour, 15))
+            colour = FENCE_COLOURS[rng.integers(len(FENCE_COLOURS))]
+            c.paint(mask, FENCE, c.jitter(colour, 15), c.blobs(0.08))
 
         objects.append((horizon, fence))
 
@@ -141,26 +151,26 @@ def generate_scene(rng, height=96, width=128):
             cx = rng.uniform(lo + cw / 2, max(lo + cw / 2, hi - cw / 2))
             body = c.box(y - ch * 0.6, y, cx - cw / 2, cx + cw / 2)
             cabin = c.box(y - ch, y - ch * 0.55, cx - cw * 0.32, cx + cw * 0.32)
-            colour = c.jitter(rng.uniform(20, 235, 3), 10)
+            colour = c.jitter(CAR_COLOURS[rng.integers(len(CAR_COLOURS))], 12)
             c.paint(body | cabin, CAR, colour, c.blobs(0.05))
             c.paint(c.box(y - ch * 0.95, y - ch * 0.6, cx - cw * 0.27, cx + cw * 0.27), CAR, c.jitter((40, 45, 55), 8))
 
         objects.append((y, car))
 
-    for _ in range(rng.integers(1, 3)):
+    for _ in range(1 + (rng.random() < 0.3)):  # one pole, sometimes two
         y, s = place(0.1, 0.9)
 
         def pole(y=y, s=s):
             row = int(min(max(y, 0), H - 1))
             edge = left[row, 0] if side < 0 else right[row, 0]
             px = edge + side * rng.uniform(2.0, 6.0) * (0.5 + s)
-            # At least 4 pixels wide: thinner poles fall between the decoder's stride-4 cells.
-            ph, pw = (0.18 + 0.27 * s) * H, 4.0 + 3.0 * s
-            colour = c.jitter(rng.choice([(125, 125, 120), (90, 95, 90), (150, 150, 145)]), 20)
-            c.paint(c.box(y - ph, y, px - pw / 2, px + pw / 2), POLE, colour)
+            # At least 5 pixels wide: thinner poles fall between the decoder's stride-4 cells.
+            ph, pw = (0.18 + 0.27 * s) * H, 5.0 + 4.0 * s
+            colour = c.jitter(POLE_COLOURS[rng.integers(len(POLE_COLOURS))], 15)
+            c.paint(c.box(y - ph, y, px - pw / 2, px + pw / 2), POLE, colour, c.blobs(0.08))
             if rng.random() < 0.8:
                 sz = (0.07 + 0.08 * s) * W
-                sign_colour = c.jitter(rng.choice([(200, 30, 30), (30, 60, 190), (230, 200, 40), (235, 235, 235)]), 20)
+                sign_colour = c.jitter(SIGN_COLOURS[rng.integers(len(SIGN_COLOURS))], 15)
                 shape = (
                     c.ellipse(y - ph, px, sz / 2, sz / 2)
                     if rng.random() < 0.5
@@ -178,13 +188,13 @@ def generate_scene(rng, height=96, width=128):
             edge = left[row, 0] if rng.random() < 0.5 else right[row, 0]
             px = edge + rng.choice([-1, 1]) * rng.uniform(2, 10) * (0.5 + s)
             ph = (0.2 + 0.3 * s) * H  # s >= 0.1: at least 22 pixels tall, 7 wide
-            clothes = c.jitter(rng.uniform(20, 230, 3), 10)
+            shirt, trousers, head = (c.jitter(colour, 12) for colour in PEDESTRIAN_COLOURS)
             body = c.ellipse(y - ph * 0.55, px, ph * 0.3, ph * 0.16)
             legs = c.box(y - ph * 0.3, y, px - ph * 0.12, px - ph * 0.02)
             legs |= c.box(y - ph * 0.3, y, px + ph * 0.02, px + ph * 0.12)
-            c.paint(body, PEDESTRIAN, clothes)
-            c.paint(legs, PEDESTRIAN, c.jitter((50, 50, 65), 15))  # trousers: dark, like the cars' windows
-            c.paint(c.ellipse(y - ph * 0.9, px, ph * 0.12, ph * 0.1), PEDESTRIAN, c.jitter((200, 160, 130), 25))
+            c.paint(body, PEDESTRIAN, shirt)
+            c.paint(legs, PEDESTRIAN, trousers)
+            c.paint(c.ellipse(y - ph * 0.9, px, ph * 0.12, ph * 0.1), PEDESTRIAN, head)
 
         objects.append((y, pedestrian))
 
@@ -199,8 +209,8 @@ def generate_scene(rng, height=96, width=128):
             wheels |= c.ellipse(y - r, bx + 1.6 * r, r, r) ^ c.ellipse(y - r, bx + 1.6 * r, 0.5 * r, 0.5 * r)
             frame = c.box(y - 1.4 * r, y - 0.9 * r, bx - 1.6 * r, bx + 1.6 * r)
             rider = c.ellipse(y - 3.0 * r, bx, 1.4 * r, 0.7 * r) | c.ellipse(y - 4.8 * r, bx, 0.5 * r, 0.45 * r)
-            c.paint(frame | rider, BICYCLIST, c.jitter(rng.uniform(20, 230, 3), 10))
-            c.paint(wheels, BICYCLIST, c.jitter((35, 35, 38), 8))  # black tyres
+            c.paint(frame | rider, BICYCLIST, c.jitter(BICYCLIST_COLOURS[0], 12))
+            c.paint(wheels, BICYCLIST, c.jitter(BICYCLIST_COLOURS[1], 10))  # dark orange tyres, not the cars' black
 
         objects.append((y, bicyclist))
 
