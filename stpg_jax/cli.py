@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
+import threading
 
 EXIT_OK, EXIT_PARTIAL, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_DIVERGED = 0, 1, 2, 3, 4
 
@@ -117,6 +119,30 @@ def one_line(error: BaseException) -> str:
     return out
 
 
+def _closed_loop(exc) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
+def quiet_closed_event_loops() -> None:
+    """Drops the "Event loop is closed" errors that Orbax's I/O callbacks raise in background threads after a
+    failed read has closed its event loop (a damaged checkpoint): noise around the one error line. Any other
+    thread or finaliser error still shows."""
+    thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
+
+    def on_thread(args):
+        if not _closed_loop(args.exc_value):
+            thread_hook(args)
+
+    def on_unraisable(args):
+        if not _closed_loop(args.exc_value):
+            unraisable_hook(args)
+
+    threading.excepthook, sys.unraisablehook = on_thread, on_unraisable
+    # The sibling reads of the same failed restore end as "Task exception was never retrieved", logged by asyncio's
+    # default handler with each traceback; the first failure is the one the error line names.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
 def fail(message, status: int = EXIT_ERROR):
     """Prints ``error: message`` (one line) on stderr and exits with ``status``."""
     text = one_line(message) if isinstance(message, BaseException) else " ".join(str(message).split())
@@ -127,6 +153,7 @@ def fail(message, status: int = EXIT_ERROR):
 def guarded(fn, *args):
     """``fn(*args)`` with the expected failures ending the process as one line and their exit status; returns what
     ``fn`` returns."""
+    quiet_closed_event_loops()
     try:
         return fn(*args)
     except KeyboardInterrupt:  # a second Ctrl-C in training, or the first in any other command
