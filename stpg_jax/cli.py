@@ -18,7 +18,6 @@ input"):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -27,8 +26,7 @@ import threading
 EXIT_OK, EXIT_PARTIAL, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_DIVERGED = 0, 1, 2, 3, 4
 
 
-class InputError(ValueError):
-    """A command-line argument that cannot be used; the message names it and what was expected."""
+from stpg_jax.errors import InputError, NonFiniteLossError  # noqa: F401  (InputError: cli.InputError for commands)
 
 
 def _check_parent(path: str, flag: str) -> None:
@@ -55,39 +53,7 @@ def check_new_file(path: str, flag: str) -> None:
     _check_parent(path, flag)
 
 
-@contextlib.contextmanager
-def reading_weights(path: str, field: str):
-    """Turns a weights file that numpy, zipfile or torch cannot read (random bytes, a truncated archive, a pickle of
-    more than tensors, which torch's weights_only loading refuses for safety) into a WeightsMismatchError naming
-    the file and the ``field`` or argument that gave it. A file that reads but does not fit keeps its own message."""
-    import pickle
-    import zipfile
-
-    from stpg_jax.models.pretrained import WeightsMismatchError
-
-    try:
-        yield
-    except WeightsMismatchError:
-        raise
-    except ImportError as error:  # a .pth file without PyTorch installed: the message says what to do
-        raise WeightsMismatchError(f"{error}, {field} = {path!r}, expected PyTorch or an .npz file") from error
-    except (ValueError, OSError, EOFError, KeyError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-        if isinstance(error, FileNotFoundError):
-            reason = "no such file"
-        elif isinstance(error, pickle.UnpicklingError):
-            reason = "torch's safe loading refused it: not a plain state dict of tensors, or not a torch file"
-        elif "pickle" in str(error):
-            reason = "not an .npz archive, and unpickling it is refused for safety"
-        else:
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise WeightsMismatchError(
-            f"not a usable weights file ({reason}), {field} = {path!r}, expected a .pth/.npz state dict of an "
-            "ImageNet ResNet or a file written by python -m stpg_jax.convert_weights") from error
-
-
 def _diverged_errors() -> tuple:
-    from stpg_jax.train import NonFiniteLossError
-
     return (NonFiniteLossError,)
 
 

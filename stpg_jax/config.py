@@ -44,6 +44,8 @@ REFERENCES = ("paper", "release")
 
 
 def base_config() -> ml_collections.ConfigDict:
+    """Every field with its default and meaning. One statement a field, so that the schema reads as one list: that
+    is why this function is long."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     # 'stpg' (the method), 'supervised' (labelled data only, the paper's baseline), 'mean_teacher' (one student).

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     if not args.out.endswith(".npz"):
         raise cli.InputError(f"the output is not a .npz file, out = {args.out!r}, expected a path ending in .npz")
     cli.check_new_file(args.out, "out")  # before the conversion; an earlier result is not overwritten
-    with cli.reading_weights(args.source, "source"):
+    with pretrained.reading_weights(args.source, "source"):
         state = pretrained.read_state_dict(args.source)
     params, batch_stats, report = pretrained.convert_state_dict(state, stem=args.stem, stage_blocks=stage_blocks)
     pretrained.save_converted(

@@ -7,7 +7,7 @@ Layout of ``out_dir``::
     variables/    Orbax checkpoint of {'params', 'batch_stats'}, float32
 
     model, variables, meta = stpg_jax.export.load_model(out_dir)
-    logits = model.apply(variables, normalized_images, train=False)['logits']
+    logits = model.apply(variables, images_uint8, train=False)['logits']  # (B, H, W, 3) RGB; normalised inside
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def load_model(path: str) -> Tuple[Any, dict, dict]:
 def _build_model(meta: dict):
     import ml_collections
 
-    from stpg_jax.models import model_from_config
+    from stpg_jax.recipe import model_from_config
 
     return model_from_config(ml_collections.ConfigDict(meta["model"]), meta["num_classes"])
 

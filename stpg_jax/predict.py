@@ -16,101 +16,19 @@ For each ``<name>.<ext>`` it writes ``<name>.png`` (palette PNG whose pixel valu
 from __future__ import annotations
 
 import collections
-import dataclasses
 import glob
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import jax
 import numpy as np
 from PIL import Image, ImageOps
 
+from stpg_jax.inference import Predictor, load_predictor  # noqa: F401  (load_predictor: part of this API)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 OVERLAY_ALPHA = 0.5
-
-
-@dataclasses.dataclass
-class Predictor:
-    """A model with its variables and the protocol to run it with."""
-
-    model: object
-    variables: dict
-    num_classes: int
-    dataset_name: str
-    window: int
-    stride_rate: float = 2 / 3
-    windows_per_batch: int = 4
-    step: Optional[int] = None  # the checkpoint's step (None for an export)
-    flip: bool = False  # also the mirrored windows (eval.flip)
-
-    def _placement(self):
-        """The window batches' sharding over the local devices and the variables' (None, None: one device), used
-        when the devices divide ``windows_per_batch``."""
-        from stpg_jax import sharding
-
-        devices = jax.local_devices()
-        if len(devices) < 2 or self.windows_per_batch % len(devices):
-            return None, None
-        mesh = sharding.make_mesh(devices)
-        return sharding.batch_sharded(mesh), sharding.replicated(mesh)
-
-    def place(self, variables):
-        """``variables`` (these or another network's of the same model) placed for `window_predictor`'s ``run``."""
-        _, replicated = self._placement()
-        return variables if replicated is None else jax.device_put(variables, replicated)
-
-    def window_predictor(self):
-        """(run, variables): a `stpg_jax.evaluate.WindowPredictor` for this network and protocol, its window batches
-        split over the local devices when their count divides ``windows_per_batch``; the variables placed for it."""
-        from stpg_jax.evaluate import make_window_predictor
-
-        batch_sharding, _ = self._placement()
-        run = make_window_predictor(self.model, self.window, self.windows_per_batch, self.stride_rate,
-                                    sharding=batch_sharding, flip=self.flip)
-        return run, self.place(self.variables)
-
-
-def load_predictor(checkpoint: str, config=None, windows_per_batch: Optional[int] = None,
-                   network: str = "gen_student", step: Optional[int] = None) -> Predictor:
-    """A `Predictor` from an export directory or a training work directory; ``config`` overrides the protocol.
-    ``network`` and ``step`` pick a network and a checkpoint of a work directory (default: the latest
-    Gen-Student); an export holds its Gen-Student alone."""
-    from stpg_jax import export
-
-    from stpg_jax.cli import InputError
-
-    if export.is_export(checkpoint):
-        if network != "gen_student" or step is not None:
-            raise InputError(f"{checkpoint} is an export, which holds its Gen-Student alone; a network or step "
-                             "can be chosen only from a training work directory")
-        model, variables, meta = export.load_model(checkpoint)
-        p = Predictor(model, variables, meta["num_classes"], meta["dataset_name"], meta["eval_window"],
-                      meta["eval_stride_rate"], flip=bool(meta.get("eval_flip", False)))
-    elif os.path.isdir(checkpoint):
-        from stpg_jax.checkpoint import load_network
-        from stpg_jax.models import model_from_config
-
-        train_config, variables, num_classes, step = load_network(checkpoint, network, step, on_damaged=warn_damaged)
-        p = Predictor(model_from_config(train_config.model, num_classes), variables, num_classes,
-                      train_config.data.dataset, train_config.eval.window, train_config.eval.stride_rate,
-                      train_config.eval.windows_per_batch, step, bool(train_config.eval.get("flip", False)))
-    else:
-        raise FileNotFoundError(f"no such directory {checkpoint!r}, --checkpoint, expected an export directory or a "
-                                "training work directory")
-    if config is not None:
-        p.window, p.stride_rate = int(config.eval.window), float(config.eval.stride_rate)
-        p.windows_per_batch = int(config.eval.windows_per_batch)
-        p.flip = bool(config.eval.flip)
-        p.dataset_name = config.data.dataset
-    if windows_per_batch:
-        p.windows_per_batch = int(windows_per_batch)
-    return p
-
-
-def warn_damaged(error) -> None:
-    """Says on stderr that a damaged checkpoint was passed over (the command goes on with an older one)."""
-    print(f"warning: {error}; using the newest intact checkpoint instead", file=sys.stderr, flush=True)
 
 
 def list_images(pattern: str) -> List[str]:
@@ -128,7 +46,7 @@ def list_images(pattern: str) -> List[str]:
     names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
-        from stpg_jax.cli import InputError
+        from stpg_jax.errors import InputError
 
         raise InputError(f"several input images share the names {clashes}, --images={pattern}, expected one image "
                          "per name: their outputs would overwrite each other")

@@ -1,331 +1,312 @@
-"""One STPG training step (DESIGN.md §2 and §3) as a pure function, plus the 'supervised' and 'mean_teacher' modes.
+"""One training step (DESIGN.md §2 and §3) as named functions, in the method's order, and one function per mode
+composing them: `stpg_step`, `mean_teacher_step`, `supervised_step`.
 
-`make_train_step` closes over the model, the optimiser and static settings and returns
-``step(state, batch) -> (state, metrics)``, ready for ``jax.jit`` with the state donated. The batch holds uint8
-images (normalised here, on the device) and int32 labels:
-``image (Bl,S,S,3)``, ``label (Bl,S,S)``, ``unlabeled0``/``unlabeled1`` ``(Bu,S,S,3)``.
+``train_step(recipe, state, batch, assignment) -> (state, metrics)`` is what ``stpg_jax.build`` jits, with the
+`Recipe` static (the step reads the config's fields from it; equal recipes share one compiled step). The batch
+holds uint8 images as loaded, each view with the box of its own pixels inside the crop, and int32 labels:
+``image (Bl,S,S,3)``, ``label (Bl,S,S)``, ``unlabeled0``/``unlabeled1`` ``(Bu,S,S,3)``, ``<name>_box (B,4)``.
+The networks normalise their input (``stpg_jax.models.inputs``).
 
 A network that sees several inputs (a student: x_l then u_mix; a teacher: u0, u1, then x_l for the bank) sees them
-joined in one pass. With ``StepSettings.bn_per_input`` each input is normalised by its own BatchNorm statistics and
-the running averages move once per input, in that order, as the released code's separate passes (DESIGN.md §8.1).
+joined in one pass. With ``model.bn_statistics=per_input`` each input is normalised by its own BatchNorm statistics
+and the running averages move once per input, in that order, as the released code's separate passes (DESIGN.md
+§8.1). Under a data-parallel mesh, inputs are joined device by device (``recipe.batch_groups``), so their images and
+outputs stay on the device that loaded them; means, BatchNorm statistics and the pixel-selection confusion matrix
+cover the global batch.
 
-The STPG step takes a third argument, the assignment its contrastive losses use (``{'assignment': (C,) int32,
-'matched': () bool}``). With ``same_step_assignment`` (the release, DESIGN.md §8.3) that is the matching of the
-prototypes this very step updates, which the host computes from the step's output
-(``stpg_jax.host_matching.SameStepMatching`` starts the step with a guess and runs it again when the matching
-differs); the bank's proximity ranking uses the assignment the state carries from before the update. The output
-state carries the loss's assignment. Without it (or None), the loss uses the state's assignment.
-
-Under a data-parallel mesh the step is the same function: batches are sharded along the batch axis and the
-state replicated, so means, BatchNorm statistics and the pixel-selection confusion matrix cover the global batch.
-Where one network sees several inputs in one pass (a student: labelled and mixed images; a teacher: both weak views),
-they are joined per device (``StepSettings.batch_groups``), so their images and outputs stay on the device that
-loaded them.
+The STPG step's third argument is the assignment its contrastive losses use (``{'assignment': (C,) int32,
+'matched': () bool}``). With ``stpg.assignment_timing=same_step`` (the release, DESIGN.md §8.3) that is the matching
+of the prototypes this very step updates, which the host computes from the step's output
+(``stpg_jax.host_matching.SameStepMatching``); the bank's proximity ranking uses the assignment the state carries
+from before. The output state carries the loss's assignment. Otherwise (or with None) the loss uses the state's.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from stpg_jax import losses, sharding
-from stpg_jax.data.augment import normalize
 from stpg_jax.models.batchnorm import BEFORE_LAST_GROUP
+from stpg_jax.models.inputs import box_mask
+from stpg_jax.recipe import Recipe
 from stpg_jax.state import ContrastState, Network, TrainState, ema
 
 
-@dataclasses.dataclass(frozen=True)
-class StepSettings:
-    """Static settings of the step (everything else arrives as arrays)."""
+class View(NamedTuple):
+    """A batch of uint8 images and the map of each one's own pixels (None: all of them)."""
 
-    mode: str = "stpg"
-    num_classes: int = 21
-    ignore_index: int = 255
-    supervised_loss: str = "ce"
-    ohem_threshold: float = 0.7
-    ohem_min_kept: int = 50000
-    ohem_class_weights: tuple = ()
-    unsup_weight: float = 1.0
-    contrastive_weight: float = 0.1
-    ema_decay: float = 0.99
-    cross_supervision: bool = True
-    selection: str = "consistent+high"
-    contrastive: bool = True
-    contrastive_temperature: float = 0.5
-    prototype_momentum: float = 0.99
-    bank_source: str = "gen_teacher"
-    bank_n_add: int = 56
-    bank_confidence: float = 0.95
-    # Schedule in steps (DESIGN.md §3, converted from epochs by the trainer).
-    bank_start_step: int = 0
-    contrastive_start_step: int = 0
-    proximity_start_step: int = 0
-    # Devices the batch axis is split over (the mesh's size; set by whoever compiles the step). Images of different
-    # inputs that one network sees in one pass are concatenated device by device (stpg_jax.sharding.concat_local),
-    # so none moves between devices.
-    batch_groups: int = 1
-    # DESIGN.md §8.1 and §8.3 (see the module docstring).
-    bn_per_input: bool = True
-    same_step_assignment: bool = True
-
-    @classmethod
-    def from_config(cls, config, num_classes: int, steps_per_epoch: int, batch_groups: int = 1) -> "StepSettings":
-        t = config.stpg
-        return cls(
-            mode=config.mode,
-            num_classes=num_classes,
-            ignore_index=config.data.ignore_index,
-            supervised_loss=config.loss.supervised,
-            ohem_threshold=config.loss.ohem_threshold,
-            ohem_min_kept=config.loss.ohem_min_kept,
-            ohem_class_weights=tuple(config.loss.ohem_class_weights),
-            unsup_weight=config.loss.unsup_weight,
-            contrastive_weight=config.loss.contrastive_weight,
-            ema_decay=t.ema_decay,
-            cross_supervision=t.cross_supervision,
-            selection=t.selection,
-            contrastive=t.contrastive,
-            contrastive_temperature=t.contrastive_temperature,
-            prototype_momentum=t.prototype_momentum,
-            bank_source=t.bank_source,
-            bank_n_add=config.data.batch_labeled * t.bank_k,
-            bank_confidence=t.bank_confidence,
-            bank_start_step=t.bank_start_epoch * steps_per_epoch,
-            contrastive_start_step=t.contrastive_start_epoch * steps_per_epoch,
-            proximity_start_step=t.proximity_start_epoch * steps_per_epoch,
-            batch_groups=batch_groups,
-            bn_per_input=config.model.get("bn_statistics", "joined") == "per_input",
-            same_step_assignment=t.get("assignment_timing", "previous_step") == "same_step",
-        )
+    images: jax.Array
+    valid: Optional[jax.Array]
 
 
-def _downsample_nhwc(x, size):
-    """Nearest-neighbour (B, H, W, C) → (B, h, w, C) with PyTorch's index rule."""
-    return jnp.moveaxis(losses.nearest_resize(jnp.moveaxis(x, -1, 1), size), 1, -1)
+class Targets(NamedTuple):
+    """A teacher's pseudo-labels and confidences for the strong view, its outputs on x_l (for the bank, or None) and
+    its BatchNorm running averages after its pass."""
+
+    labels: jax.Array
+    confidence: jax.Array
+    on_labelled: Optional[dict]
+    batch_stats: Any
 
 
-def make_train_step(model, tx, schedule, s: StepSettings):
-    """Returns the pure step function of the configured mode."""
+def _per_input(r: Recipe) -> bool:
+    return r.config.model.bn_statistics == "per_input"
 
-    def forward(net: Network, params, images, key, sizes=None, before_last=False):
-        """The network on ``images`` (the inputs of batch sizes ``sizes`` joined by ``join``). train=True: batch
-        statistics in BatchNorm and dropout on, for students and teachers alike (as released). ``before_last``: also
-        the running averages as they were before the last input's update."""
-        grouped = s.bn_per_input and sizes is not None and len(sizes) > 1
-        net_model = model.clone(bn_groups=sharding.group_ids(sizes, s.batch_groups)) if grouped else model
-        collections = ["batch_stats"] + ([BEFORE_LAST_GROUP] if before_last and grouped else [])
-        out, mutated = net_model.apply(
-            {"params": params, "batch_stats": net.batch_stats},
-            images,
-            train=True,
-            rngs={"dropout": key},
-            mutable=collections,
-        )
-        if len(collections) > 1:
-            return out, (mutated["batch_stats"], mutated[BEFORE_LAST_GROUP])
-        return out, mutated["batch_stats"]
 
-    def supervised_loss(logits, labels):
-        if s.supervised_loss == "ohem":
-            return losses.ohem_cross_entropy(
-                logits,
-                labels,
-                threshold=s.ohem_threshold,
-                min_kept=s.ohem_min_kept,
-                class_weights=s.ohem_class_weights or None,
-                ignore_index=s.ignore_index,
-            )
-        return losses.cross_entropy(logits, labels, ignore_index=s.ignore_index)
+def _ignore(r: Recipe) -> int:
+    return r.config.data.ignore_index
 
-    def sgd_update(net: Network, opt_state, grads, batch_stats):
-        updates, opt_state = tx.update(grads, opt_state, net.params)
-        return Network(optax.apply_updates(net.params, updates), batch_stats), opt_state
 
-    def join(*parts):
-        return sharding.concat_local(parts, s.batch_groups)
+# 1. Weak views (augmented on the host).
+def weak_view(batch: dict, name: str) -> View:
+    images, box = batch[name], batch.get(f"{name}_box")
+    return View(images, None if box is None else box_mask(box, *images.shape[1:3]))
 
-    def split(out: dict, sizes) -> list[dict]:
-        """A network's outputs on ``join``ed inputs, one dict per input."""
-        pieces = {k: sharding.split_local(v, sizes, s.batch_groups) for k, v in out.items()}
-        return [{k: v[i] for k, v in pieces.items()} for i in range(len(sizes))]
 
-    def step(state: TrainState, batch: dict[str, Any], assignment: dict | None = None):
-        key = jax.random.fold_in(state.rng, state.step)
-        k_mix, k_gen, k_pro, k_tg, k_tp = jax.random.split(key, 5)
+# 2. Strong view: CutMix of the two unlabelled batches (a select per pixel: the same values mixed before or after
+# normalisation).
+def strong_view(key, u0: View, u1: View):
+    n, height, width = u0.images.shape[:3]
+    mask = losses.cutmix_box_mask(key, n, height, width)
+    valid = None if u0.valid is None else jnp.where(mask > 0, u1.valid, u0.valid)
+    return mask, View(losses.mix(u0.images, u1.images, mask), valid)
 
-        # 1. Weak views (augmented on the host), normalised here.
-        x_l = normalize(batch["image"], batch.get("image_box"))
-        y = batch["label"].astype(jnp.int32)
-        n_l = x_l.shape[0]
-        metrics = {"lr": schedule(state.step)}
 
-        if s.mode == "supervised":
-            def loss_fn(params):
-                out, stats = forward(state.gen_student, params, x_l, k_gen)
-                loss = supervised_loss(out["logits"], y)
-                return loss, (stats, {"loss": loss, "sup_gen": loss})
+def forward(r: Recipe, net: Network, params, views, key, before_last: bool = False):
+    """The network on ``views`` joined in one pass: (outputs per view, BatchNorm running averages, the averages
+    before the last view's update if ``before_last``, else None). train=True: batch statistics and dropout on, for
+    students and teachers alike (as released)."""
+    sizes = [v.images.shape[0] for v in views]
+    model = r.model
+    grouped = _per_input(r) and len(views) > 1
+    if grouped:
+        model = model.clone(bn_groups=sharding.group_ids(sizes, r.batch_groups))
+    before_last = before_last and grouped
+    images = sharding.concat_local([v.images for v in views], r.batch_groups)
+    valid = None if views[0].valid is None else sharding.concat_local([v.valid for v in views], r.batch_groups)
+    out, mutated = model.apply({"params": params, "batch_stats": net.batch_stats}, images, train=True, valid=valid,
+                               rngs={"dropout": key},
+                               mutable=["batch_stats"] + ([BEFORE_LAST_GROUP] if before_last else []))
+    pieces = {k: sharding.split_local(v, sizes, r.batch_groups) for k, v in out.items()}
+    outs = [{k: v[i] for k, v in pieces.items()} for i in range(len(views))]
+    return outs, mutated["batch_stats"], mutated[BEFORE_LAST_GROUP] if before_last else None
 
-            (_, (stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.gen_student.params)
-            gen, gen_opt = sgd_update(state.gen_student, state.gen_opt_state, grads, stats)
-            metrics.update(terms)
-            return state.replace(step=state.step + 1, gen_student=gen, gen_opt_state=gen_opt), metrics
 
-        u0 = normalize(batch["unlabeled0"], batch.get("unlabeled0_box"))
-        u1 = normalize(batch["unlabeled1"], batch.get("unlabeled1_box"))
-        n_u, height, width = u0.shape[:3]
+# 3. Supervised loss (CE, or OHEM CE for Cityscapes).
+def supervised_loss(r: Recipe, logits, labels):
+    c = r.config.loss
+    if c.supervised == "ohem":
+        return losses.ohem_cross_entropy(logits, labels, threshold=c.ohem_threshold, min_kept=c.ohem_min_kept,
+                                         class_weights=tuple(c.ohem_class_weights) or None, ignore_index=_ignore(r))
+    return losses.cross_entropy(logits, labels, ignore_index=_ignore(r))
 
-        # 2. Strong view: CutMix of the two unlabelled batches.
-        mask = losses.cutmix_box_mask(k_mix, n_u, height, width)
-        u_mix = losses.mix(u0, u1, mask)
-        students_in = join(x_l, u_mix)
 
-        # 4. Teachers on the weak views; pseudo-labels from mixed logits. The bank's source teacher also sees x_l.
-        # Returns the teacher's outputs on x_l (or None) for the memory bank.
-        def teacher_pass(teacher: Network, k, with_labelled: bool):
-            parts = (u0, u1, x_l) if with_labelled else (u0, u1)
-            sizes = [p.shape[0] for p in parts]
-            # Per input, the labelled pass counts in the running averages from the bank's start on (DESIGN.md §8.1).
-            late = with_labelled and s.bn_per_input
-            out, stats = forward(teacher, teacher.params, join(*parts), k, sizes, before_last=late)
-            if late:
-                with_l, without_l = stats
-                stats = jax.tree_util.tree_map(lambda a, b: jnp.where(state.step >= s.bank_start_step, a, b),
-                                               with_l, without_l)
-            outs = split(jax.lax.stop_gradient(out), sizes)
-            labels, confidence = losses.pseudo_labels(outs[0]["logits"], outs[1]["logits"], mask)
-            return labels, confidence, outs[2] if with_labelled else None, stats
+# 4. Teachers on the weak views; pseudo-labels from their mixed logits.
+def teacher_targets(r: Recipe, teacher: Network, u0: View, u1: View, mask, key, step, x_l: Optional[View] = None):
+    """With ``x_l`` (the bank's source teacher) the teacher also sees the labelled batch; with per-input statistics
+    that pass counts in its running averages only from the bank's start (DESIGN.md §8.1)."""
+    views = (u0, u1) if x_l is None else (u0, u1, x_l)
+    outs, stats, before = forward(r, teacher, teacher.params, views, key, before_last=x_l is not None)
+    if before is not None:
+        stats = jax.tree_util.tree_map(lambda a, b: jnp.where(step >= r.phases.bank_start, a, b), stats, before)
+    outs = jax.lax.stop_gradient(outs)
+    labels, confidence = losses.pseudo_labels(outs[0]["logits"], outs[1]["logits"], mask)
+    return Targets(labels, confidence, None if x_l is None else outs[2], stats)
 
-        bank_from_pro = s.mode == "stpg" and s.bank_source == "pro_teacher"
-        with_bank = s.mode == "stpg" and s.contrastive
-        yhat_g, conf_g, tg_on_l, tg_stats = teacher_pass(state.gen_teacher, k_tg, with_bank and not bank_from_pro)
-        metrics["confidence_gen"] = jnp.mean(conf_g)
 
-        if s.mode == "mean_teacher":
-            def loss_fn(params):
-                out, stats = forward(state.gen_student, params, students_in, k_gen, (n_l, n_u))
-                out_l, out_u = split(out, (n_l, n_u))
-                sup = supervised_loss(out_l["logits"], y)
-                unsup = losses.weighted_cross_entropy(out_u["logits"], yhat_g, conf_g, s.ignore_index)
-                loss = sup + s.unsup_weight * unsup
-                return loss, (stats, {"loss": loss, "sup_gen": sup, "unsup_gen": unsup})
+# 5–7. Pixel selection for the Pro-Student (its own hard prediction against its teacher's labels), then the weighted
+# CEs, normalised by all pixels.
+def unsupervised_terms(r: Recipe, g_u, p_u, gen_target: Targets, pro_target: Targets):
+    pi = jnp.argmax(jax.lax.stop_gradient(p_u), axis=-1)
+    selection = losses.select_pixels(pro_target.labels, pi, r.num_classes, variant=r.config.stpg.selection)
+    unsup_gen = losses.weighted_cross_entropy(g_u, gen_target.labels, gen_target.confidence, _ignore(r))
+    unsup_pro = losses.weighted_cross_entropy(p_u, pro_target.labels, pro_target.confidence * selection["keep"],
+                                              _ignore(r))
+    return {"unsup_gen": unsup_gen, "unsup_pro": unsup_pro}, selection
 
-            (_, (stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.gen_student.params)
-            gen, gen_opt = sgd_update(state.gen_student, state.gen_opt_state, grads, stats)
-            teacher = ema(state.gen_teacher.replace(batch_stats=tg_stats), gen, s.ema_decay)
-            metrics.update(terms)
-            return state.replace(step=state.step + 1, gen_student=gen, gen_opt_state=gen_opt,
-                                 gen_teacher=teacher), metrics
 
-        yhat_p, conf_p, tp_on_l, tp_stats = teacher_pass(state.pro_teacher, k_tp, with_bank and bank_from_pro)
-        metrics["confidence_pro"] = jnp.mean(conf_p)
-        # Cross supervision: the professional student learns from the Gen-Teacher and vice versa.
-        if s.cross_supervision:
-            pro_target, pro_conf, gen_target, gen_conf = yhat_g, conf_g, yhat_p, conf_p
-        else:
-            pro_target, pro_conf, gen_target, gen_conf = yhat_p, conf_p, yhat_g, conf_g
+# 8 (bank part). Prototypes, then the memory bank, from the source teacher's features on x_l (DESIGN.md §3 order).
+def update_bank(r: Recipe, contrast: ContrastState, on_labelled: dict, y, step):
+    """From the bank's start on; the bank's proximity ranking uses the assignment the state carries."""
+    t = r.config.stpg
+    assigned = contrast.assigned_anchors()
+    feats = on_labelled["features"]
+    h, w, dim = feats.shape[1:]
+    y_small = losses.nearest_resize(y, (h, w))
+    logits = jnp.moveaxis(losses.nearest_resize(jnp.moveaxis(on_labelled["logits"], -1, 1), (h, w)), 1, -1)
+    probs = jax.nn.softmax(logits, axis=-1)
+    candidates = losses.bank_candidates(probs, y_small, t.bank_confidence, _ignore(r)).reshape(-1)
+    flat_feats, flat_labels = feats.reshape(-1, dim), y_small.reshape(-1)
 
-        # 8 (bank part). Prototypes, then the bank, from the source teacher's features on x_l (DESIGN.md §3 order).
-        contrast = state.contrast
-        assigned = contrast.assigned_anchors()  # before this step's update: the bank's proximity ranking
-        if s.same_step_assignment and assignment is not None and contrast is not None:
-            loss_contrast = contrast.replace(assignment=assignment["assignment"], matched=assignment["matched"])
-        else:
-            loss_contrast = contrast
-        loss_anchors = loss_contrast.assigned_anchors() if contrast is not None else None
-        if with_bank:
-            bank_out = tp_on_l if bank_from_pro else tg_on_l
-            feats = bank_out["features"]
-            h, w, dim = feats.shape[1:]
-            y_small = losses.nearest_resize(y, (h, w))
-            probs = jax.nn.softmax(_downsample_nhwc(bank_out["logits"], (h, w)), axis=-1)
-            candidates = losses.bank_candidates(probs, y_small, s.bank_confidence, s.ignore_index).reshape(-1)
-            flat_feats, flat_labels = feats.reshape(-1, dim), y_small.reshape(-1)
+    def update(c: ContrastState) -> ContrastState:
+        prototypes = losses.update_prototypes(c.prototypes, flat_feats, flat_labels, candidates, t.prototype_momentum)
+        bank = losses.update_memory_bank(c.bank, flat_feats, flat_labels, candidates, assigned,
+                                         r.config.data.batch_labeled * t.bank_k, step >= r.phases.proximity_start)
+        return c.replace(prototypes=prototypes, bank=bank)
 
-            def update_bank(c: ContrastState) -> ContrastState:
-                prototypes = losses.update_prototypes(c.prototypes, flat_feats, flat_labels, candidates,
-                                                      s.prototype_momentum)
-                bank = losses.update_memory_bank(c.bank, flat_feats, flat_labels, candidates, assigned,
-                                                 s.bank_n_add, state.step >= s.proximity_start_step)
-                return c.replace(prototypes=prototypes, bank=bank)
+    contrast = jax.lax.cond(step >= r.phases.bank_start, update, lambda c: c, contrast)
+    metrics = {"bank_candidates": jnp.sum(candidates.astype(jnp.float32)),
+               "bank_fill": jnp.mean(contrast.bank.count.astype(jnp.float32)) / contrast.bank.features.shape[1]}
+    return contrast, metrics
 
-            contrast = jax.lax.cond(state.step >= s.bank_start_step, update_bank, lambda c: c, contrast)
-            metrics["bank_candidates"] = jnp.sum(candidates.astype(jnp.float32))
-            metrics["bank_fill"] = jnp.mean(contrast.bank.count.astype(jnp.float32)) / contrast.bank.features.shape[1]
 
-        def contrastive_terms(features_l, features_u, y_small_l, pseudo_small):
-            dim = features_l.shape[-1]
-            args = dict(num_classes=s.num_classes, ignore_index=s.ignore_index, temperature=s.contrastive_temperature)
-            lab = losses.dual_contrastive_loss(features_l.reshape(-1, dim), y_small_l.reshape(-1), loss_anchors,
-                                               contrast.bank.features, contrast.bank.count, **args)
-            unl = losses.dual_contrastive_loss(features_u.reshape(-1, dim), pseudo_small.reshape(-1), loss_anchors,
-                                               contrast.bank.features, contrast.bank.count, **args)
-            # Computed at every step and switched on by a select, not a lax.cond: a cond's outputs include the
-            # residuals its gradient needs, which XLA's GPU partitioner gathers whole onto every device (1.1 GB per
-            # device per step for VOC on 8 GPUs). Before the start the terms are finite and their gradient is zero.
-            on = state.step >= s.contrastive_start_step
-            return jnp.where(on, lab, 0.0), jnp.where(on, unl, 0.0)
+def loss_contrast(r: Recipe, contrast: ContrastState, assignment: Optional[dict]) -> ContrastState:
+    """The contrastive state whose assignment the losses use (see the module docstring)."""
+    if r.config.stpg.assignment_timing == "same_step" and assignment is not None:
+        return contrast.replace(assignment=assignment["assignment"], matched=assignment["matched"])
+    return contrast
 
-        def loss_fn(params):
-            gen_params, pro_params = params
-            # 3 + 5. Students on [x_l, u_mix] in one pass each.
-            g_out, g_stats = forward(state.gen_student, gen_params, students_in, k_gen, (n_l, n_u))
-            p_out, p_stats = forward(state.pro_student, pro_params, students_in, k_pro, (n_l, n_u))
-            (g_on_l, g_on_u), (p_on_l, p_on_u) = split(g_out, (n_l, n_u)), split(p_out, (n_l, n_u))
-            g_l, g_u, p_l, p_u = g_on_l["logits"], g_on_u["logits"], p_on_l["logits"], p_on_u["logits"]
-            sup_gen, sup_pro = supervised_loss(g_l, y), supervised_loss(p_l, y)
 
-            # 6. Pixel selection for the Pro-Student: its own hard prediction against its teacher's labels.
-            pi = jnp.argmax(jax.lax.stop_gradient(p_u), axis=-1)
-            selection = losses.select_pixels(pro_target, pi, s.num_classes, variant=s.selection)
+# 8. Dual contrastive learning on the Gen-Student's features at h×w: labelled pixels with their labels, unlabelled
+# ones with the Pro-Teacher's pseudo-labels.
+def contrastive_terms(r: Recipe, g_on_l: dict, g_on_u: dict, y, pseudo, anchors, bank: losses.MemoryBank, step):
+    h, w, dim = g_on_l["features"].shape[1:]
+    kw = dict(num_classes=r.num_classes, ignore_index=_ignore(r), temperature=r.config.stpg.contrastive_temperature)
 
-            # 7. Weighted CE, normalised by all pixels.
-            unsup_gen = losses.weighted_cross_entropy(g_u, gen_target, gen_conf, s.ignore_index)
-            unsup_pro = losses.weighted_cross_entropy(p_u, pro_target, pro_conf * selection["keep"], s.ignore_index)
-            loss = sup_gen + sup_pro + s.unsup_weight * (unsup_gen + unsup_pro)
-            terms = {"sup_gen": sup_gen, "sup_pro": sup_pro, "unsup_gen": unsup_gen, "unsup_pro": unsup_pro}
+    def term(features, labels):
+        return losses.dual_contrastive_loss(features.reshape(-1, dim), losses.nearest_resize(labels, (h, w)).reshape(-1),
+                                            anchors, bank.features, bank.count, **kw)
 
-            # 8. Dual contrastive learning on the Gen-Student's features.
-            if s.contrastive:
-                h, w = g_on_l["features"].shape[1:3]
-                con_l, con_u = contrastive_terms(g_on_l["features"], g_on_u["features"],
-                                                 losses.nearest_resize(y, (h, w)),
-                                                 losses.nearest_resize(yhat_p, (h, w)))
-                loss = loss + s.contrastive_weight * (con_l + con_u)
-                terms.update(con_labeled=con_l, con_unlabeled=con_u)
-            terms["loss"] = loss
-            return loss, (g_stats, p_stats, selection, terms)
+    lab, unl = term(g_on_l["features"], y), term(g_on_u["features"], pseudo)
+    # Computed at every step and switched on by a select, not a lax.cond: a cond's outputs include the residuals its
+    # gradient needs, which XLA's GPU partitioner gathers whole onto every device (1.1 GB per device per step for VOC
+    # on 8 GPUs). Before the start the terms are finite and their gradient is zero.
+    on = step >= r.phases.contrastive_start
+    return {"con_labeled": jnp.where(on, lab, 0.0), "con_unlabeled": jnp.where(on, unl, 0.0)}
 
-        params = (state.gen_student.params, state.pro_student.params)
-        (_, (g_stats, p_stats, selection, terms)), (g_grads, p_grads) = jax.value_and_grad(
-            loss_fn, has_aux=True)(params)
 
-        # 9. Separate SGD for each student; 10. each teacher is the EMA of its own student.
-        gen, gen_opt = sgd_update(state.gen_student, state.gen_opt_state, g_grads, g_stats)
-        pro, pro_opt = sgd_update(state.pro_student, state.pro_opt_state, p_grads, p_stats)
-        gen_teacher = ema(state.gen_teacher.replace(batch_stats=tg_stats), gen, s.ema_decay)
-        pro_teacher = ema(state.pro_teacher.replace(batch_stats=tp_stats), pro, s.ema_decay)
+# 9. The total loss: L_s + λ_u·(L_g + L_p) + λ_c·(L_con(labelled) + L_con(unlabelled)), of the terms a mode has.
+def total_loss(r: Recipe, terms: dict):
+    def summed(*names):
+        present = [terms[n] for n in names if n in terms]
+        return sum(present[1:], present[0]) if present else None
 
-        metrics.update(terms)
-        metrics.update(
-            kept=jnp.mean(selection["keep"]),
-            consistent=jnp.mean(selection["consistent"]),
-            highly_mismatched=jnp.mean(selection["high"]),
-            mismatch_scores=selection["scores"],
-        )
-        new_state = state.replace(
-            step=state.step + 1,
-            gen_student=gen,
-            gen_opt_state=gen_opt,
-            pro_student=pro,
-            pro_opt_state=pro_opt,
-            gen_teacher=gen_teacher,
-            pro_teacher=pro_teacher,
-            contrast=contrast.replace(assignment=loss_contrast.assignment, matched=loss_contrast.matched),
-        )
-        return new_state, metrics
+    loss = summed("sup_gen", "sup_pro")
+    unsup, con = summed("unsup_gen", "unsup_pro"), summed("con_labeled", "con_unlabeled")
+    if unsup is not None:
+        loss = loss + r.config.loss.unsup_weight * unsup
+    if con is not None:
+        loss = loss + r.config.loss.contrastive_weight * con
+    return loss
 
-    return step
+
+# 9 (update). Separate SGD for each student.
+def sgd_update(r: Recipe, net: Network, opt_state, grads, batch_stats):
+    tx, _ = r.optimizer(net.params)
+    updates, opt_state = tx.update(grads, opt_state, net.params)
+    return Network(optax.apply_updates(net.params, updates), batch_stats), opt_state
+
+
+# 10. Each teacher is the EMA of its own (updated) student.
+def teacher_ema(r: Recipe, teacher: Network, targets: Targets, student: Network) -> Network:
+    return ema(teacher.replace(batch_stats=targets.batch_stats), student, r.config.stpg.ema_decay)
+
+
+def _keys(state: TrainState):
+    """The step's keys: CutMix, Gen-Student, Pro-Student, Gen-Teacher, Pro-Teacher (dropout)."""
+    return jax.random.split(jax.random.fold_in(state.rng, state.step), 5)
+
+
+def _base_metrics(r: Recipe, state: TrainState) -> dict:
+    _, schedule = r.optimizer(state.gen_student.params)
+    return {"lr": schedule(state.step)}
+
+
+def stpg_step(r: Recipe, state: TrainState, batch: dict, assignment: Optional[dict] = None):
+    k_mix, k_gen, k_pro, k_tg, k_tp = _keys(state)
+    t, step = r.config.stpg, state.step
+    x_l, y = weak_view(batch, "image"), batch["label"].astype(jnp.int32)
+    u0, u1 = weak_view(batch, "unlabeled0"), weak_view(batch, "unlabeled1")
+    mask, u_mix = strong_view(k_mix, u0, u1)
+    bank_view = {"gen_teacher": None, "pro_teacher": None}
+    if t.contrastive:
+        bank_view[t.bank_source] = x_l
+    tg = teacher_targets(r, state.gen_teacher, u0, u1, mask, k_tg, step, bank_view["gen_teacher"])
+    tp = teacher_targets(r, state.pro_teacher, u0, u1, mask, k_tp, step, bank_view["pro_teacher"])
+    # Cross supervision: the Pro-Student learns from the Gen-Teacher and the Gen-Student from the Pro-Teacher.
+    gen_target, pro_target = (tp, tg) if t.cross_supervision else (tg, tp)
+    metrics = {**_base_metrics(r, state), "confidence_gen": jnp.mean(tg.confidence),
+               "confidence_pro": jnp.mean(tp.confidence)}
+
+    contrast = state.contrast
+    used = loss_contrast(r, contrast, assignment)
+    anchors = used.assigned_anchors()
+    if t.contrastive:
+        contrast, bank_metrics = update_bank(r, contrast, (tg if t.bank_source == "gen_teacher" else tp).on_labelled,
+                                             y, step)
+        metrics.update(bank_metrics)
+
+    def loss_fn(params):
+        # 3 + 5. Students on [x_l, u_mix] in one pass each.
+        (g_l, g_u), g_stats, _ = forward(r, state.gen_student, params[0], (x_l, u_mix), k_gen)
+        (p_l, p_u), p_stats, _ = forward(r, state.pro_student, params[1], (x_l, u_mix), k_pro)
+        terms = {"sup_gen": supervised_loss(r, g_l["logits"], y), "sup_pro": supervised_loss(r, p_l["logits"], y)}
+        unsup, selection = unsupervised_terms(r, g_u["logits"], p_u["logits"], gen_target, pro_target)
+        terms.update(unsup)
+        if t.contrastive:
+            terms.update(contrastive_terms(r, g_l, g_u, y, tp.labels, anchors, contrast.bank, step))
+        terms["loss"] = total_loss(r, terms)
+        return terms["loss"], (g_stats, p_stats, selection, terms)
+
+    params = (state.gen_student.params, state.pro_student.params)
+    (_, (g_stats, p_stats, selection, terms)), (g_grads, p_grads) = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    gen, gen_opt = sgd_update(r, state.gen_student, state.gen_opt_state, g_grads, g_stats)
+    pro, pro_opt = sgd_update(r, state.pro_student, state.pro_opt_state, p_grads, p_stats)
+    metrics.update(terms, kept=jnp.mean(selection["keep"]), consistent=jnp.mean(selection["consistent"]),
+                   highly_mismatched=jnp.mean(selection["high"]), mismatch_scores=selection["scores"])
+    return state.replace(
+        step=step + 1, gen_student=gen, gen_opt_state=gen_opt, pro_student=pro, pro_opt_state=pro_opt,
+        gen_teacher=teacher_ema(r, state.gen_teacher, tg, gen), pro_teacher=teacher_ema(r, state.pro_teacher, tp, pro),
+        contrast=contrast.replace(assignment=used.assignment, matched=used.matched),
+    ), metrics
+
+
+def mean_teacher_step(r: Recipe, state: TrainState, batch: dict, assignment: Optional[dict] = None):
+    """The Gen-Student and its EMA teacher alone: supervised loss plus the weighted CE to its own teacher's labels."""
+    k_mix, k_gen, _, k_tg, _ = _keys(state)
+    x_l, y = weak_view(batch, "image"), batch["label"].astype(jnp.int32)
+    u0, u1 = weak_view(batch, "unlabeled0"), weak_view(batch, "unlabeled1")
+    mask, u_mix = strong_view(k_mix, u0, u1)
+    tg = teacher_targets(r, state.gen_teacher, u0, u1, mask, k_tg, state.step)
+
+    def loss_fn(params):
+        (out_l, out_u), stats, _ = forward(r, state.gen_student, params, (x_l, u_mix), k_gen)
+        terms = {"sup_gen": supervised_loss(r, out_l["logits"], y),
+                 "unsup_gen": losses.weighted_cross_entropy(out_u["logits"], tg.labels, tg.confidence, _ignore(r))}
+        terms["loss"] = total_loss(r, terms)
+        return terms["loss"], (stats, terms)
+
+    (_, (stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.gen_student.params)
+    gen, gen_opt = sgd_update(r, state.gen_student, state.gen_opt_state, grads, stats)
+    metrics = {**_base_metrics(r, state), "confidence_gen": jnp.mean(tg.confidence), **terms}
+    return state.replace(step=state.step + 1, gen_student=gen, gen_opt_state=gen_opt,
+                         gen_teacher=teacher_ema(r, state.gen_teacher, tg, gen)), metrics
+
+
+def supervised_step(r: Recipe, state: TrainState, batch: dict, assignment: Optional[dict] = None):
+    """The Gen-Student on the labelled batch alone."""
+    _, k_gen, _, _, _ = _keys(state)
+    x_l, y = weak_view(batch, "image"), batch["label"].astype(jnp.int32)
+
+    def loss_fn(params):
+        (out,), stats, _ = forward(r, state.gen_student, params, (x_l,), k_gen)
+        terms = {"sup_gen": supervised_loss(r, out["logits"], y)}
+        terms["loss"] = total_loss(r, terms)
+        return terms["loss"], (stats, terms)
+
+    (_, (stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.gen_student.params)
+    gen, gen_opt = sgd_update(r, state.gen_student, state.gen_opt_state, grads, stats)
+    return state.replace(step=state.step + 1, gen_student=gen, gen_opt_state=gen_opt), {**_base_metrics(r, state),
+                                                                                        **terms}
+
+
+MODE_STEPS = {"stpg": stpg_step, "mean_teacher": mean_teacher_step, "supervised": supervised_step}
+
+
+def train_step(recipe: Recipe, state: TrainState, batch: dict, assignment: Optional[dict] = None):
+    """The configured mode's step; jit it with ``recipe`` static (``stpg_jax.build``)."""
+    return MODE_STEPS[recipe.mode](recipe, state, batch, assignment)

@@ -31,8 +31,8 @@ import numpy as np
 
 from stpg_jax import losses
 from stpg_jax.config import MODE_NETWORKS
-from stpg_jax.data.augment import MEAN_RGB_UINT8, normalize
 from stpg_jax.data.palettes import colorize
+from stpg_jax.models.inputs import MEAN_RGB_UINT8
 
 PANEL_GAP = 2  # white pixels between two panels of a strip
 GAP_COLOR = (255, 255, 255)
@@ -99,7 +99,7 @@ def make_panel_fn(model, mode: str, num_classes: int, cross_supervision: bool = 
         return jax.nn.softmax(out["logits"].astype(jnp.float32), axis=-1)
 
     def panels(networks, images, key):
-        x = normalize(images)
+        x = images  # uint8: the networks normalise them
         keys = dict(zip(("gen_teacher", "pro_teacher", "pro_student"), jax.random.split(key, 3)))
         out = {}
         for t in ("gen_teacher", "pro_teacher"):

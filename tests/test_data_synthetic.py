@@ -11,6 +11,7 @@ import pytest
 
 from stpg_jax.config import base_config
 from stpg_jax.data import DataError, augment, build_data, make_train_loader, palettes, synthetic
+from stpg_jax.models import inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,10 +135,10 @@ def test_palettes():
 
 def test_normalize_and_mean_padding():
     pad = np.broadcast_to(np.array(augment.MEAN_RGB_UINT8, np.uint8), (2, 2, 3))
-    assert np.abs(np.asarray(augment.normalize(pad))).max() < 0.01
-    white = np.asarray(augment.normalize(np.full((1, 1, 3), 255, np.uint8)))[0, 0]
-    np.testing.assert_allclose(white, (1 - np.array(augment.IMAGENET_MEAN)) / np.array(augment.IMAGENET_STD), rtol=1e-6)
-    assert augment.normalize(pad).dtype == np.float32
+    assert np.abs(np.asarray(inputs.normalize(pad))).max() < 0.01
+    white = np.asarray(inputs.normalize(np.full((1, 1, 3), 255, np.uint8)))[0, 0]
+    np.testing.assert_allclose(white, (1 - np.array(inputs.IMAGENET_MEAN)) / np.array(inputs.IMAGENET_STD), rtol=1e-6)
+    assert inputs.normalize(pad).dtype == np.float32
 
 
 def test_weak_augment_pads_and_keeps_labels():

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from stpg_jax.data.augment import MEAN_RGB_UINT8, normalize
-from stpg_jax.evaluate import (confusion_matrix, evaluate, iou_from_confusion, make_window_predictor, summarize,
-                               window_origins)
+from stpg_jax.models.inputs import MEAN_RGB_UINT8
+from stpg_jax.evaluate import confusion_matrix, evaluate, iou_from_confusion, summarize
+from stpg_jax.inference import WindowPredictor, window_origins
 from stpg_jax.models import DeepLabV3Plus
 
 WINDOW = 32
@@ -81,8 +81,8 @@ def tiny():
                           decoder_channels=16, low_level_channels=8, proj_dim=16)
     variables = jax.jit(functools.partial(model.init, train=False))(
         jax.random.PRNGKey(0), jnp.zeros((1, WINDOW, WINDOW, 3)))
-    forward = jax.jit(lambda v, x: model.apply(v, normalize(x), train=False)["logits"])
-    predictor = make_window_predictor(model, WINDOW, windows_per_batch=4)
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False)["logits"])
+    predictor = WindowPredictor(model, WINDOW, windows_per_batch=4)
     return model, variables, forward, predictor
 
 
@@ -129,7 +129,7 @@ def test_sharded_window_batch_matches_unsharded(tiny, large_image):
     model, variables, _, predictor = tiny
     assert jax.device_count() == 4
     mesh = Mesh(np.array(jax.devices()), ("data",))
-    sharded = make_window_predictor(model, WINDOW, windows_per_batch=4,
+    sharded = WindowPredictor(model, WINDOW, windows_per_batch=4,
                                     sharding=NamedSharding(mesh, PartitionSpec("data")))
     replicated = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
     np.testing.assert_allclose(sharded(replicated, large_image), predictor(variables, large_image),
@@ -173,7 +173,7 @@ def test_evaluate_streams_through_the_predictor_as_through_a_plain_function(tiny
 
 def test_flip_adds_each_windows_mirror_image(tiny, large_image):
     model, variables, forward, _ = tiny
-    flipping = make_window_predictor(model, WINDOW, windows_per_batch=4, flip=True)
+    flipping = WindowPredictor(model, WINDOW, windows_per_batch=4, flip=True)
     h, w = large_image.shape[:2]
     stride = math.ceil(WINDOW * 2 / 3)
     expected = np.zeros((h, w, NUM_CLASSES), np.float64)

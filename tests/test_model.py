@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from stpg_jax.config import base_config
-from stpg_jax.models import DeepLabV3Plus, ResNet, model_from_config, resize_bilinear_align_corners
+from stpg_jax.models import DeepLabV3Plus, ResNet, resize_bilinear_align_corners
+from stpg_jax.recipe import model_from_config
 
 TINY = dict(stage_blocks=(1, 1, 1, 1), width=8, aspp_channels=16, decoder_channels=16, low_level_channels=8,
             proj_dim=16)
@@ -26,7 +27,7 @@ def count_params(module, shape=(1, 64, 64, 3)):
 @functools.lru_cache(maxsize=None)
 def tiny_forward(output_stride, dtype=jnp.float32):
     model = DeepLabV3Plus(num_classes=5, output_stride=output_stride, dtype=dtype, **TINY)
-    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 48, 3))
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 48, 3), maxval=255.0)  # pixel values
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0), x)
     return variables, jax.jit(functools.partial(model.apply, train=False))(variables, x)
 
@@ -228,7 +229,7 @@ KEEP_REMAT_BARRIERS = {"xla_disable_hlo_passes": "cse_barrier_expander", "xla_ba
 def tiny_train_gradients(remat, bn_backward="autodiff"):
     """Init variables, the compiled value_and_grad of a train-mode loss, and its results, with remat off or on."""
     model = DeepLabV3Plus(num_classes=5, remat=remat, bn_backward=bn_backward, **TINY)
-    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 48, 3))
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 48, 3), maxval=255.0)  # pixel values
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0), x)
 
     def loss(params, batch_stats, x):

@@ -14,8 +14,8 @@ from PIL import Image
 from stpg_jax import export, predict
 from stpg_jax.config import base_config
 from stpg_jax.data.palettes import palette_for
-from stpg_jax.evaluate import make_window_predictor
-from stpg_jax.models import model_from_config
+from stpg_jax.inference import WindowPredictor
+from stpg_jax.recipe import model_from_config
 
 NUM_CLASSES = 5
 WINDOW = 32
@@ -92,8 +92,8 @@ def test_an_export_carries_the_flip_of_its_evaluation(exported, tmp_path):
     image = np.random.default_rng(5).integers(0, 256, (20, 27, 3), dtype=np.uint8)
     run, placed = predictor.window_predictor()
     got = run(placed, image)
-    np.testing.assert_allclose(got, make_window_predictor(model, WINDOW, 4, flip=True)(variables, image), atol=1e-3)
-    assert np.abs(got - make_window_predictor(model, WINDOW, 4)(variables, image)).max() > 0.1
+    np.testing.assert_allclose(got, WindowPredictor(model, WINDOW, 4, flip=True)(variables, image), atol=1e-3)
+    assert np.abs(got - WindowPredictor(model, WINDOW, 4)(variables, image)).max() > 0.1
 
 
 def test_export_refuses_to_overwrite_and_checks_structure(exported, tmp_path):
@@ -126,7 +126,7 @@ def test_predict_writes_a_mask_and_an_overlay_per_image(exported, images, tmp_pa
     assert len(written) == 2 * len(sizes)
 
     palette = palette_for("camvid")
-    reference = make_window_predictor(model, WINDOW, 4)
+    reference = WindowPredictor(model, WINDOW, 4)
     seen = set()
     for name, (h, w) in sizes.items():
         mask_image = Image.open(tmp_path / "out" / f"{name}.png")

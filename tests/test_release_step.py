@@ -12,8 +12,9 @@ from stpg_jax import losses, sharding
 from stpg_jax.config import ConfigError, RELEASE_FIELDS, base_config, finalize
 from stpg_jax.data import augment
 from stpg_jax.models import DeepLabV3Plus
+from stpg_jax.models import inputs as model_inputs
+from stpg_jax.build import load_anchors
 from stpg_jax.models.batchnorm import BEFORE_LAST_GROUP, BatchNorm, BatchNormSpec
-from stpg_jax.train import load_anchors
 
 S = 32
 TINY = dict(stage_blocks=(1, 1, 1, 1), width=8, aspp_channels=16, decoder_channels=16, low_level_channels=8,
@@ -23,7 +24,9 @@ TINY = dict(stage_blocks=(1, 1, 1, 1), width=8, aspp_channels=16, decoder_channe
 def inputs(sizes, seed=0):
     """Inputs of different statistics, as a labelled batch and CutMix / weak views differ."""
     keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes))
-    return [jax.random.normal(k, (n, S, S, 3)) * (1.0 + i) + 0.5 * i for i, (k, n) in enumerate(zip(keys, sizes))]
+    # Pixel values (the network normalises them): grey 128 ± 50·(1 + i), shifted by 20·i.
+    return [128.0 + 50.0 * (1.0 + i) * jax.random.normal(k, (n, S, S, 3)) + 20.0 * i
+            for i, (k, n) in enumerate(zip(keys, sizes))]
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,7 +129,7 @@ def test_unbiased_running_variance_and_group_order():
 
 
 def test_aspp_uses_leaky_relu_and_the_switch_restores_relu():
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, S, S, 3))
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, S, S, 3), maxval=255.0)  # pixel values
     outs = {}
     for act in ("leaky_relu", "relu"):
         model = DeepLabV3Plus(num_classes=5, aspp_activation=act, **TINY)
@@ -141,7 +144,7 @@ def test_aspp_uses_leaky_relu_and_the_switch_restores_relu():
 
 def test_pro_head_has_a_bias_and_channel_dropout():
     model = DeepLabV3Plus(num_classes=5, **{**TINY, "proj_dropout": 0.5})
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, S, S, 3))
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, S, S, 3), maxval=255.0)  # pixel values
     variables = model.init(jax.random.PRNGKey(1), x)
     assert "bias" in variables["params"]["proj_conv1"]
     legacy = DeepLabV3Plus(num_classes=5, proj_conv_bias=False, **TINY).init(jax.random.PRNGKey(1), x)
@@ -216,7 +219,7 @@ def test_release_augmentation_pads_centred_with_exact_zero_after_normalisation()
     assert (h, w) == (10, 15)  # int(21 · 0.5), int(30 · 0.5): rounded down
     assert (top, left) == ((24 - 10) // 2, (24 - 15) // 2)  # centred
     assert (lab[:top] == 255).all() and (lab[top + h:] == 255).all() and (lab[:, :left] == 255).all()
-    x = np.asarray(augment.normalize(out[None], box[None]))[0]
+    x = np.asarray(model_inputs.normalize(out[None], model_inputs.box_mask(box[None], 24, 24)))[0]
     inside = np.zeros((24, 24), bool)
     inside[top:top + h, left:left + w] = True
     assert (x[~inside] == 0).all() and (np.abs(x[inside]).sum(-1) > 0).all()

@@ -7,7 +7,8 @@ import numpy as np
 import optax
 
 from stpg_jax.config import base_config
-from stpg_jax.state import Network, ema, make_optimizer
+from stpg_jax.recipe import make_optimizer
+from stpg_jax.state import Network, ema
 
 
 def params():

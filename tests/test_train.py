@@ -113,17 +113,32 @@ def test_resume_refuses_another_config(uninterrupted):
         train.train_and_evaluate(loop_config(**{"model.width": 16}), str(workdir))
 
 
-def test_a_run_in_the_same_process_reuses_the_compiled_step_only_for_the_same_step(uninterrupted, tmp_path):
-    def trainer(name, **overrides):
-        t = train.Trainer(loop_config(**overrides), str(tmp_path / name))
-        t.init_state()  # builds the optimiser the step uses
-        return t
+def test_a_run_in_the_same_process_reuses_the_compiled_step_only_for_the_same_step(tmp_path, monkeypatch):
+    import jax
 
-    first = trainer("a").compile_step()
-    assert trainer("b", checkpoint_every_steps=1, **{"eval.max_images": 1}).compile_step() is first
+    from stpg_jax import train_step
+
+    traced = []
+    stpg_step = train_step.MODE_STEPS["stpg"]
+    monkeypatch.setitem(train_step.MODE_STEPS, "stpg", lambda *args: traced.append(1) or stpg_step(*args))
+
+    def lower(**overrides):
+        """Lowers the run's step for its shapes (a trace only where jit's cache has none)."""
+        t = train.Trainer(loop_config(**overrides), str(tmp_path / "run"))
+        batch = next(train.make_train_loader(t.bundle, t.config.data, 0, 0, 1))
+        batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=t.batch_sharding)
+                 for k, v in batch.items()}
+        assignment = {"assignment": jax.ShapeDtypeStruct((11,), np.int32, sharding=t.replicated),
+                      "matched": jax.ShapeDtypeStruct((), bool, sharding=t.replicated)}
+        t.parts.jitted_step().lower(t.recipe, t.abstract_state(), batch, assignment)
+        return len(traced)
+
+    first = lower()
+    assert lower(checkpoint_every_steps=1, **{"eval.max_images": 1}, log_every_steps=2) == first
     for overrides in ({"optim.lr": 0.5}, {"schedule.total_steps": 5}, {"loss.contrastive_weight": 0.5},
                       {"model.proj_dropout": 0.0}):
-        assert trainer("c", **overrides).compile_step() is not first, overrides
+        before = len(traced)
+        assert lower(**overrides) == before + 1, overrides
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

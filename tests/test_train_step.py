@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 
 from stpg_jax import checkpoint, losses, sharding
+from stpg_jax import state as state_lib
+from stpg_jax.build import build
 from stpg_jax.config import base_config
-from stpg_jax.data.augment import normalize
-from stpg_jax.models import model_from_config
-from stpg_jax.state import create_train_state, init_network, init_train_state, make_optimizer
-from stpg_jax.train_step import StepSettings, make_train_step
+from stpg_jax.recipe import Phases
 
 C, D, S, B = 5, 16, 32, 4
 
@@ -23,7 +22,7 @@ def tiny_config(mode="stpg"):
     c.mode = mode
     c.model.update(stage_blocks=(1, 1, 1, 1), width=8, aspp_channels=16, decoder_channels=16,
                    low_level_channels=8, proj_dim=D, proj_dropout=0.0)
-    # No dropout: laid out for one device or for four (StepSettings.batch_groups), a network's batch holds its images
+    # No dropout: laid out for one device or for four (Recipe.batch_groups), a network's batch holds its images
     # in another order, and each image would draw another dropout mask.
     c.data.batch_labeled = c.data.batch_unlabeled = B
     c.stpg.bank_k = 3
@@ -43,33 +42,29 @@ def make_batch(seed):
 
 
 class Setup:
-    """Model, optimiser and the step compiled for a mesh; every phase of the method active from step 0, but the
+    """The parts of a run (``stpg_jax.build``) on a mesh; every phase of the method active from step 0, but the
     contrastive terms from step 1."""
 
     def __init__(self, mode="stpg", devices=None):
         c = tiny_config(mode)
-        self.model = model_from_config(c.model, C)
-        abstract = jax.eval_shape(lambda: self.model.init(jax.random.PRNGKey(0), jnp.zeros((1, S, S, 3)))["params"])
-        self.tx, self.schedule = make_optimizer(c.optim, 100, abstract)
+        # Low bank confidence so an untrained teacher still yields candidates.
+        c.stpg.bank_confidence, c.stpg.bank_capacity = 0.0, 8
+        c.data.crop_size, c.schedule.total_steps = S, 100
         self.mesh = sharding.make_mesh(devices if devices is not None else jax.devices()[:1])
-        # Low bank confidence so an untrained teacher still yields candidates; the bank from step 0, the contrastive
-        # terms from step 1. The batch laid out for the mesh's devices, as the Trainer does.
-        self.settings = dataclasses.replace(
-            StepSettings.from_config(c, C, steps_per_epoch=0, batch_groups=self.mesh.devices.size),
-            bank_confidence=0.0, contrastive_start_step=1)
+        self.parts = build(c, C, steps_per_epoch=0, mesh=self.mesh)  # the batch laid out for the mesh's devices
+        self.recipe = dataclasses.replace(self.parts.recipe, phases=Phases(contrastive_start=1))
+        self.model = self.recipe.model
         self.anchors = losses.make_anchors(C, D, seed=0, steps=300)
-        self.rep, self.bat = sharding.replicated(self.mesh), sharding.batch_sharded(self.mesh)
-        self.raw_step = make_train_step(self.model, self.tx, self.schedule, self.settings)
-        self.step = jax.jit(self.raw_step, in_shardings=(self.rep, self.bat), out_shardings=(self.rep, self.rep),
-                            donate_argnums=0)
+        self.rep, self.bat = self.parts.replicated, self.parts.batch_sharding
+        self.step = self.parts.jitted_step(donate=True)
         self.mode = mode
 
     def init(self, seed=0):
-        return init_train_state(self.model, self.tx, jax.random.PRNGKey(seed), self.rep, anchors=self.anchors,
-                                mode=self.mode, num_classes=C, crop_size=S, proj_dim=D, bank_capacity=8)
+        init = jax.jit(state_lib.init_state, static_argnums=0, out_shardings=self.rep)
+        return init(self.recipe, jax.random.PRNGKey(seed), self.anchors if self.mode == "stpg" else None, None)
 
     def run(self, state, batch):
-        return self.step(state, sharding.shard_batch(batch, self.bat))
+        return self.step(self.recipe, state, sharding.shard_batch(batch, self.bat), None)
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +115,11 @@ def reference_terms(setup, state, batch):
     """Recomputes the step's selection and contrastive terms with the library functions, outside the step, running
     each network once per input as the released code does (the step joins them, with BatchNorm statistics per
     input)."""
-    st = setup.settings
+    t = setup.recipe.config.stpg
     key = jax.random.fold_in(state.rng, state.step)
     k_mix, k_gen, k_pro, k_tg, k_tp = jax.random.split(key, 5)
-    x_l, y = normalize(batch["image"]), jnp.asarray(batch["label"])
-    u0, u1 = normalize(batch["unlabeled0"]), normalize(batch["unlabeled1"])
+    x_l, y = jnp.asarray(batch["image"]), jnp.asarray(batch["label"])  # uint8: the network normalises them
+    u0, u1 = jnp.asarray(batch["unlabeled0"]), jnp.asarray(batch["unlabeled1"])
     mask = losses.cutmix_box_mask(k_mix, B, S, S)
     u_mix = losses.mix(u0, u1, mask)
 
@@ -146,10 +141,10 @@ def reference_terms(setup, state, batch):
     h, w = feats_t.shape[1:3]
     y_small = losses.nearest_resize(y, (h, w))
     logits_small = tg["logits"][2 * B:][:, (np.arange(h) * S) // h][:, :, (np.arange(w) * S) // w]
-    cand = losses.bank_candidates(jax.nn.softmax(logits_small, -1), y_small, st.bank_confidence).reshape(-1)
+    cand = losses.bank_candidates(jax.nn.softmax(logits_small, -1), y_small, t.bank_confidence).reshape(-1)
     assigned = state.contrast.assigned_anchors()
     bank = losses.update_memory_bank(state.contrast.bank, feats_t.reshape(-1, D), y_small.reshape(-1), cand,
-                                     assigned, st.bank_n_add, True)
+                                     assigned, B * t.bank_k, True)
 
     g = fwd_each(state.gen_student, [x_l, u_mix], k_gen)
     p = fwd_each(state.pro_student, [x_l, u_mix], k_pro)
@@ -202,7 +197,7 @@ def multi():
 
 def test_sharded_step_equals_single_device(setup, multi):
     """Four devices, each network's batch joined device by device, against one device and plain concatenation."""
-    assert (multi.settings.batch_groups, setup.settings.batch_groups) == (4, 1)
+    assert (multi.recipe.batch_groups, setup.recipe.batch_groups) == (4, 1)
     batches = [make_batch(0), make_batch(1)]
     single_state, multi_state = setup.init(), multi.init()
     for batch in batches:
@@ -227,74 +222,37 @@ def test_contrastive_terms_wait_for_their_start(setup):
     assert float(m1["con_labeled"]) > 0 and float(m1["con_unlabeled"]) > 0
     np.testing.assert_allclose(
         m1["loss"], m1["sup_gen"] + m1["sup_pro"] + m1["unsup_gen"] + m1["unsup_pro"]
-        + setup.settings.contrastive_weight * (m1["con_labeled"] + m1["con_unlabeled"]), rtol=1e-5)
+        + setup.recipe.config.loss.contrastive_weight * (m1["con_labeled"] + m1["con_unlabeled"]), rtol=1e-5)
 
 
 def test_sharded_step_moves_no_image_between_devices(multi):
     """Students' and teachers' joined inputs stay where they were loaded: the compiled program holds no
     collective-permute or all-to-all (a plain concatenation of the 4-device batches needs 44 and 7 here)."""
     state, batch = multi.init(), sharding.shard_batch(make_batch(0), multi.bat)
-    text = multi.step.lower(state, batch).compile().as_text()
+    text = multi.step.lower(multi.recipe, state, batch, None).compile().as_text()
     assert " all-reduce" in text  # the check sees collectives at all (BatchNorm statistics, gradients)
     assert " collective-permute" not in text and " all-to-all" not in text
 
 
 def test_initial_state_is_compiled_onto_the_mesh_with_each_students_own_init(setup):
-    mesh = sharding.make_mesh(jax.devices())
-    rep = sharding.replicated(mesh)
-    key = jax.random.PRNGKey(5)
-    state = init_train_state(setup.model, setup.tx, key, rep, anchors=setup.anchors, mode="stpg", num_classes=C,
-                             crop_size=S, proj_dim=D, bank_capacity=8)
+    parts = build(setup.parts.config, C, steps_per_epoch=0, mesh=sharding.make_mesh(jax.devices()))
+    state = parts.init_state(setup.anchors)
     for leaf in jax.tree_util.tree_leaves(state):
         assert len(leaf.sharding.device_set) == 4 and leaf.sharding.is_fully_replicated
-    # The state create_train_state builds op by op (each student what init_network gives for its key); prototypes may
-    # differ by rounding in their normalisation.
-    reference = create_train_state(setup.model, setup.tx, key, mode="stpg", num_classes=C, crop_size=S, proj_dim=D,
-                                   anchors=setup.anchors, bank_capacity=8)
-    assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(reference)
-    assert max_abs_diff(host(state), host(reference)) < 1e-6
-    k_gen = jax.random.split(key, 5)[0]
-    assert max_abs_diff(host(state.gen_student.variables), host(init_network(setup.model, k_gen, S).variables)) < 1e-6
+    assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(parts.abstract_state())
+    # Each student is what the network's own initialiser gives for its key (one vmapped initialiser for both).
+    k_gen, k_pro = jax.random.split(jax.random.PRNGKey(parts.config.seed), 5)[:2]
+    for net, k in ((state.gen_student, k_gen), (state.pro_student, k_pro)):
+        alone = jax.jit(lambda k: setup.model.init({"params": k, "dropout": k}, jnp.zeros((1, S, S, 3), jnp.uint8)))(k)
+        assert max_abs_diff(host(net.variables), host(alone)) < 1e-6
     assert max_abs_diff(host(state.gen_student.params), host(state.pro_student.params)) > 1e-2
+    np.testing.assert_array_equal(np.asarray(state.contrast.anchors), setup.anchors)
     # Teachers equal their students but own their buffers (a donated step may overwrite either).
     for teacher, student in ((state.gen_teacher, state.gen_student), (state.pro_teacher, state.pro_student)):
         assert max_abs_diff(host(teacher.variables), host(student.variables)) == 0
         for t, s in zip(jax.tree_util.tree_leaves(teacher), jax.tree_util.tree_leaves(student)):
             assert (t.addressable_shards[0].data.unsafe_buffer_pointer()
                     != s.addressable_shards[0].data.unsafe_buffer_pointer())
-
-
-def test_initial_state_traces_its_random_initialisers_as_gpu_threefry_kernels(setup, monkeypatch):
-    """For a GPU the initialisers' threefry lowers to one kernel per call (a quarter of the compile time for an H100);
-    the flag is set only while the state is built."""
-    from jax import export
-
-    from stpg_jax import state as state_module
-
-    def initialiser_for_cuda():
-        f = jax.jit(lambda k: init_network(setup.model, k, S))
-        return export.export(f, platforms=["cuda"])(jax.random.PRNGKey(0)).mlir_module()
-
-    assert "cu_threefry2x32" not in initialiser_for_cuda()  # XLA's own rounds by default
-    with state_module.threefry_kernels():
-        assert "cu_threefry2x32" in initialiser_for_cuda()
-    assert not jax.config.jax_threefry_gpu_kernel_lowering
-
-    seen = []
-    original = state_module._network_initialiser
-
-    def spy(*args):
-        init_net = original(*args)
-
-        def traced(*a):
-            seen.append(jax.config.jax_threefry_gpu_kernel_lowering)
-            return init_net(*a)
-        return traced
-
-    monkeypatch.setattr(state_module, "_network_initialiser", spy)
-    setup.init(seed=1)
-    assert seen == [True, True]  # both students' initialisers
-    assert not jax.config.jax_threefry_gpu_kernel_lowering
 
 
 def test_save_restore_continues_the_same_trajectory(setup, tmp_path):

@@ -1,47 +1,25 @@
 """Weak augmentation (DESIGN.md §2 step 1) on the host, normalisation on the device.
 
 The host works in uint8: random horizontal flip, random scale from a fixed set, random crop padded with the
-ImageNet mean colour (images) and the ignore value (labels). The device subtracts the mean and divides by the std.
+ImageNet mean colour (images) and the ignore value (labels). The network normalises them on the device
+(``stpg_jax.models.inputs``).
 
 Two variants (``data.augmentation``):
 - 'release' (DESIGN.md §8.7, the released code's order): scaled size s·(H, W) rounded down, bilinear resize
   without antialiasing (OpenCV's INTER_LINEAR: half-pixel centres, clamped borders), labels nearest; a crop at a
   random position where the scaled image is larger (the release's ``randint(0, size − crop + 1)``, both ends
   included), then padding centred around it (top = pad//2). Each view comes with its image's box inside the crop,
-  ``(top, left, height, width)``, and the device sets everything outside it to exactly 0 after normalisation.
+  ``(top, left, height, width)``, and the network sets everything outside it to exactly 0 after normalisation.
 - 'legacy': rounded size, PIL's antialiased bilinear, the image top-left in mean-colour padding, then the crop;
   its box is the whole crop (the mean colour normalises to almost 0).
 """
 
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# The mean in uint8 (rounded); padding with it normalises to (almost exactly) zero.
-MEAN_RGB_UINT8 = (124, 116, 104)
-
+from stpg_jax.models.inputs import MEAN_RGB_UINT8
 
 AUGMENTATIONS = ("release", "legacy")
-
-
-def normalize(images, boxes=None):
-    """uint8 (B, H, W, 3) RGB in [0, 255] → float32 ImageNet-normalised, in jax.numpy (runs on the device).
-
-    ``boxes`` (B, 4) int (top, left, height, width): each image's own pixels; the padding outside is set to 0.
-    """
-    x = jnp.asarray(images, jnp.float32) / 255.0
-    x = (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
-    if boxes is None:
-        return x
-    boxes = jnp.asarray(boxes, jnp.int32)
-    rows, cols = jnp.arange(x.shape[1]), jnp.arange(x.shape[2])
-    top, left, height, width = (boxes[:, i, None] for i in range(4))
-    inside_r = (rows[None] >= top) & (rows[None] < top + height)
-    inside_c = (cols[None] >= left) & (cols[None] < left + width)
-    inside = inside_r[:, :, None] & inside_c[:, None, :]
-    return jnp.where(inside[..., None], x, 0.0)
 
 
 def _linear_taps(in_size: int, out_size: int):

@@ -110,7 +110,7 @@ def _from_jsonable(obj):
 
 def make_train_loader(bundle, config, seed, process_index=0, process_count=1, with_unlabeled=True):
     """Batches: 'image' uint8 (Bl, S, S, 3), 'label' int32 (Bl, S, S) [+ 'unlabeled0', 'unlabeled1' uint8 (Bu, S, S, 3)],
-    and each image's box in its crop, '<name>_box' int32 (B, 4) (``augment.normalize``).
+    and each image's box in its crop, '<name>_box' int32 (B, 4) (the network zeroes the padding outside it).
 
     Bl = batch_labeled / process_count, Bu = batch_unlabeled / process_count (global sizes in the config).
     """

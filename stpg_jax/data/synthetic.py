@@ -11,6 +11,8 @@ image is lit, tinted and noised differently, so colour alone does not give the c
 Each item is generated on demand from (seed, split, index) in some 15-20 ms of CPU; nothing is stored on disk.
 """
 
+import functools
+
 import numpy as np
 
 from stpg_jax.data import palettes
@@ -76,12 +78,51 @@ def generate_scene(rng, height=96, width=128):
     c = _Canvas(height, width, rng)
     H, W = float(height), float(width)
     horizon = H * rng.uniform(0.38, 0.52)
+    _paint_background(c, rng, horizon)
+    ground = _paint_ground(c, rng, horizon)
 
+    def place(lo, hi):
+        """A ground point: (y, x, s) with perspective scale s in (0, 1]."""
+        y = horizon + rng.uniform(lo, hi) * (H - horizon)
+        s = (y - horizon) / max(H - horizon, 1.0)
+        return y, s
+
+    # Objects, each drawn when painted (far to near), so the draws of its shape follow the order of depth.
+    objects = []  # (base y, painter)
+    side = rng.choice([-1.0, 1.0])
+    if rng.random() < 0.4:  # a stretch of fence along one side of the road, a top rail over slats
+        objects.append((horizon, functools.partial(_paint_fence, c, rng, ground, side)))
+    for _ in range(rng.poisson(1.3)):
+        y, s = place(0.15, 1.0)
+        objects.append((y, functools.partial(_paint_car, c, rng, ground, y, s)))
+    for _ in range(1 + (rng.random() < 0.3)):  # one pole, sometimes two
+        y, s = place(0.1, 0.9)
+        objects.append((y, functools.partial(_paint_pole, c, rng, ground, side, y, s)))
+    for _ in range(rng.poisson(0.6)):
+        y, s = place(0.1, 1.0)
+        objects.append((y, functools.partial(_paint_pedestrian, c, rng, ground, y, s)))
+    if rng.random() < 0.35:
+        y, s = place(0.1, 0.9)
+        objects.append((y, functools.partial(_paint_bicyclist, c, rng, ground, y, s)))
+    for _, paint in sorted(objects, key=lambda o: o[0]):
+        paint()
+
+    # Lighting: a global gain and colour cast, a soft brightness ramp, sensor noise.
+    gain = rng.uniform(0.6, 1.3) * rng.uniform(0.9, 1.1, 3)
+    ramp = 1.0 + rng.uniform(-0.25, 0.25) * (c.xx / W - 0.5)[..., None]
+    noise = rng.normal(0, rng.uniform(4, 14), c.image.shape)
+    image = np.clip(c.image * gain * ramp + noise, 0, 255).astype(np.uint8)
+    return image, c.label
+
+
+def _paint_background(c: _Canvas, rng, horizon: float) -> None:
+    """Sky, buildings along the horizon, trees in front of them."""
+    H, W = float(c.h), float(c.w)
     # Sky: a vertical gradient, bluish to hazy, sometimes overcast grey.
     top = c.jitter(rng.choice([(90, 140, 210), (170, 180, 190), (120, 160, 220)]), 20)
     low = c.jitter((200, 210, 220), 15)
     t = np.clip(c.yy / max(horizon, 1.0), 0, 1)[..., None]
-    c.paint(np.ones((height, width), bool), SKY, top * (1 - t) + low * t)
+    c.paint(np.ones((c.h, c.w), bool), SKY, top * (1 - t) + low * t)
 
     # Buildings: blocks along the horizon with window grids; gaps show the sky.
     x = -rng.uniform(0, 0.1) * W
@@ -101,7 +142,11 @@ def generate_scene(rng, height=96, width=128):
         colour = c.jitter(rng.choice([(60, 100, 40), (80, 110, 50), (50, 80, 45)]), 15)
         c.paint(c.ellipse(cy, rng.uniform(0, W), ry, rx), TREE, colour, c.blobs(0.35, 2.0))
 
-    # Ground: pavement everywhere below the horizon, the road a trapezoid towards a vanishing point.
+
+def _paint_ground(c: _Canvas, rng, horizon: float) -> dict:
+    """Pavement everywhere below the horizon, the road a trapezoid towards a vanishing point, its centre dashes.
+    Returns the road's layout: {'horizon', 'vx', 'road', 'left', 'right'} (edges per row, (H, 1))."""
+    H, W = float(c.h), float(c.w)
     ground = c.yy >= horizon
     pave = c.jitter((160, 150, 135), 20)
     c.paint(ground, PAVEMENT, pave, c.stripes(1.6, 1.6, 0.12) * c.blobs(0.06))
@@ -114,115 +159,84 @@ def generate_scene(rng, height=96, width=128):
     centre = vx + ((bl + br) / 2 - vx) * depth
     dashes = road & (np.abs(c.xx - centre) < 0.5 + 1.5 * depth) & (np.sin(depth * 30 + rng.uniform(0, 6)) > 0.3)
     c.paint(dashes, ROAD, c.jitter((225, 225, 215), 10))
+    return {"horizon": horizon, "vx": vx, "road": road, "left": left, "right": right}
 
-    def place(lo, hi):
-        """A ground point: (y, x, s) with perspective scale s in (0, 1]."""
-        y = horizon + rng.uniform(lo, hi) * (H - horizon)
-        s = (y - horizon) / max(H - horizon, 1.0)
-        return y, s
 
-    objects = []  # (base y, painter) painted far to near
-    side = rng.choice([-1.0, 1.0])
+def _edges(c: _Canvas, ground: dict, y: float):
+    """The road's left and right edge at the row of ``y``."""
+    row = int(min(max(y, 0), c.h - 1))
+    return ground["left"][row, 0], ground["right"][row, 0]
 
-    if rng.random() < 0.4:  # a stretch of fence along one side of the road, a top rail over slats
 
-        def fence(y=horizon):
-            fh = rng.uniform(0.08, 0.12) * H
-            lo, hi = (0.0, vx - 0.05 * W) if side < 0 else (vx + 0.05 * W, W)
-            length = rng.uniform(0.2, 0.4) * W
-            x0 = rng.uniform(lo, max(lo, hi - length))
-            slats = np.sin(c.xx * rng.uniform(0.6, 0.9) + rng.uniform(0, 2 * np.pi)) > -0.5
-            top = horizon - fh
-            rail = c.box(top, top + max(2.0, 0.25 * fh), x0, x0 + length)
-            mask = (rail | (c.box(top, horizon + 0.02 * H, x0, x0 + length) & slats)) & ~road
-            colour = FENCE_COLOURS[rng.integers(len(FENCE_COLOURS))]
-            c.paint(mask, FENCE, c.jitter(colour, 15), c.blobs(0.08))
+def _paint_fence(c: _Canvas, rng, ground: dict, side: float) -> None:
+    H, W, horizon, vx = float(c.h), float(c.w), ground["horizon"], ground["vx"]
+    fh = rng.uniform(0.08, 0.12) * H
+    lo, hi = (0.0, vx - 0.05 * W) if side < 0 else (vx + 0.05 * W, W)
+    length = rng.uniform(0.2, 0.4) * W
+    x0 = rng.uniform(lo, max(lo, hi - length))
+    slats = np.sin(c.xx * rng.uniform(0.6, 0.9) + rng.uniform(0, 2 * np.pi)) > -0.5
+    top = horizon - fh
+    rail = c.box(top, top + max(2.0, 0.25 * fh), x0, x0 + length)
+    mask = (rail | (c.box(top, horizon + 0.02 * H, x0, x0 + length) & slats)) & ~ground["road"]
+    colour = FENCE_COLOURS[rng.integers(len(FENCE_COLOURS))]
+    c.paint(mask, FENCE, c.jitter(colour, 15), c.blobs(0.08))
 
-        objects.append((horizon, fence))
 
-    for _ in range(rng.poisson(1.3)):
-        y, s = place(0.15, 1.0)
+def _paint_car(c: _Canvas, rng, ground: dict, y: float, s: float) -> None:
+    cw = (0.1 + 0.36 * s) * float(c.w) * rng.uniform(0.8, 1.1)
+    ch = cw * rng.uniform(0.45, 0.6)
+    lo, hi = _edges(c, ground, y)
+    cx = rng.uniform(lo + cw / 2, max(lo + cw / 2, hi - cw / 2))
+    body = c.box(y - ch * 0.6, y, cx - cw / 2, cx + cw / 2)
+    cabin = c.box(y - ch, y - ch * 0.55, cx - cw * 0.32, cx + cw * 0.32)
+    colour = c.jitter(CAR_COLOURS[rng.integers(len(CAR_COLOURS))], 12)
+    c.paint(body | cabin, CAR, colour, c.blobs(0.05))
+    c.paint(c.box(y - ch * 0.95, y - ch * 0.6, cx - cw * 0.27, cx + cw * 0.27), CAR, c.jitter((40, 45, 55), 8))
 
-        def car(y=y, s=s):
-            cw = (0.1 + 0.36 * s) * W * rng.uniform(0.8, 1.1)
-            ch = cw * rng.uniform(0.45, 0.6)
-            row = int(min(max(y, 0), H - 1))
-            lo, hi = left[row, 0], right[row, 0]
-            cx = rng.uniform(lo + cw / 2, max(lo + cw / 2, hi - cw / 2))
-            body = c.box(y - ch * 0.6, y, cx - cw / 2, cx + cw / 2)
-            cabin = c.box(y - ch, y - ch * 0.55, cx - cw * 0.32, cx + cw * 0.32)
-            colour = c.jitter(CAR_COLOURS[rng.integers(len(CAR_COLOURS))], 12)
-            c.paint(body | cabin, CAR, colour, c.blobs(0.05))
-            c.paint(c.box(y - ch * 0.95, y - ch * 0.6, cx - cw * 0.27, cx + cw * 0.27), CAR, c.jitter((40, 45, 55), 8))
 
-        objects.append((y, car))
+def _paint_pole(c: _Canvas, rng, ground: dict, side: float, y: float, s: float) -> None:
+    """A pole beside the road, mostly with a sign on top."""
+    H, W = float(c.h), float(c.w)
+    left, right = _edges(c, ground, y)
+    px = (left if side < 0 else right) + side * rng.uniform(2.0, 6.0) * (0.5 + s)
+    # At least 5 pixels wide: thinner poles fall between the decoder's stride-4 cells.
+    ph, pw = (0.18 + 0.27 * s) * H, 5.0 + 4.0 * s
+    colour = c.jitter(POLE_COLOURS[rng.integers(len(POLE_COLOURS))], 15)
+    c.paint(c.box(y - ph, y, px - pw / 2, px + pw / 2), POLE, colour, c.blobs(0.08))
+    if rng.random() < 0.8:
+        sz = (0.07 + 0.08 * s) * W
+        sign_colour = c.jitter(SIGN_COLOURS[rng.integers(len(SIGN_COLOURS))], 15)
+        shape = (
+            c.ellipse(y - ph, px, sz / 2, sz / 2)
+            if rng.random() < 0.5
+            else c.box(y - ph - sz / 2, y - ph + sz / 2, px - sz / 2, px + sz / 2)
+        )
+        c.paint(shape, SIGN, sign_colour)
 
-    for _ in range(1 + (rng.random() < 0.3)):  # one pole, sometimes two
-        y, s = place(0.1, 0.9)
 
-        def pole(y=y, s=s):
-            row = int(min(max(y, 0), H - 1))
-            edge = left[row, 0] if side < 0 else right[row, 0]
-            px = edge + side * rng.uniform(2.0, 6.0) * (0.5 + s)
-            # At least 5 pixels wide: thinner poles fall between the decoder's stride-4 cells.
-            ph, pw = (0.18 + 0.27 * s) * H, 5.0 + 4.0 * s
-            colour = c.jitter(POLE_COLOURS[rng.integers(len(POLE_COLOURS))], 15)
-            c.paint(c.box(y - ph, y, px - pw / 2, px + pw / 2), POLE, colour, c.blobs(0.08))
-            if rng.random() < 0.8:
-                sz = (0.07 + 0.08 * s) * W
-                sign_colour = c.jitter(SIGN_COLOURS[rng.integers(len(SIGN_COLOURS))], 15)
-                shape = (
-                    c.ellipse(y - ph, px, sz / 2, sz / 2)
-                    if rng.random() < 0.5
-                    else c.box(y - ph - sz / 2, y - ph + sz / 2, px - sz / 2, px + sz / 2)
-                )
-                c.paint(shape, SIGN, sign_colour)
+def _paint_pedestrian(c: _Canvas, rng, ground: dict, y: float, s: float) -> None:
+    left, right = _edges(c, ground, y)
+    edge = left if rng.random() < 0.5 else right
+    px = edge + rng.choice([-1, 1]) * rng.uniform(2, 10) * (0.5 + s)
+    ph = (0.2 + 0.3 * s) * float(c.h)  # s >= 0.1: at least 22 pixels tall, 7 wide
+    shirt, trousers, head = (c.jitter(colour, 12) for colour in PEDESTRIAN_COLOURS)
+    body = c.ellipse(y - ph * 0.55, px, ph * 0.3, ph * 0.16)
+    legs = c.box(y - ph * 0.3, y, px - ph * 0.12, px - ph * 0.02)
+    legs |= c.box(y - ph * 0.3, y, px + ph * 0.02, px + ph * 0.12)
+    c.paint(body, PEDESTRIAN, shirt)
+    c.paint(legs, PEDESTRIAN, trousers)
+    c.paint(c.ellipse(y - ph * 0.9, px, ph * 0.12, ph * 0.1), PEDESTRIAN, head)
 
-        objects.append((y, pole))
 
-    for _ in range(rng.poisson(0.6)):
-        y, s = place(0.1, 1.0)
-
-        def pedestrian(y=y, s=s):
-            row = int(min(max(y, 0), H - 1))
-            edge = left[row, 0] if rng.random() < 0.5 else right[row, 0]
-            px = edge + rng.choice([-1, 1]) * rng.uniform(2, 10) * (0.5 + s)
-            ph = (0.2 + 0.3 * s) * H  # s >= 0.1: at least 22 pixels tall, 7 wide
-            shirt, trousers, head = (c.jitter(colour, 12) for colour in PEDESTRIAN_COLOURS)
-            body = c.ellipse(y - ph * 0.55, px, ph * 0.3, ph * 0.16)
-            legs = c.box(y - ph * 0.3, y, px - ph * 0.12, px - ph * 0.02)
-            legs |= c.box(y - ph * 0.3, y, px + ph * 0.02, px + ph * 0.12)
-            c.paint(body, PEDESTRIAN, shirt)
-            c.paint(legs, PEDESTRIAN, trousers)
-            c.paint(c.ellipse(y - ph * 0.9, px, ph * 0.12, ph * 0.1), PEDESTRIAN, head)
-
-        objects.append((y, pedestrian))
-
-    if rng.random() < 0.35:
-        y, s = place(0.1, 0.9)
-
-        def bicyclist(y=y, s=s):
-            row = int(min(max(y, 0), H - 1))
-            bx = rng.uniform(left[row, 0], right[row, 0])
-            r = (0.04 + 0.05 * s) * H  # s >= 0.1: wheels at least 4 pixels in radius, their tyres 2 thick
-            wheels = c.ellipse(y - r, bx - 1.6 * r, r, r) ^ c.ellipse(y - r, bx - 1.6 * r, 0.5 * r, 0.5 * r)
-            wheels |= c.ellipse(y - r, bx + 1.6 * r, r, r) ^ c.ellipse(y - r, bx + 1.6 * r, 0.5 * r, 0.5 * r)
-            frame = c.box(y - 1.4 * r, y - 0.9 * r, bx - 1.6 * r, bx + 1.6 * r)
-            rider = c.ellipse(y - 3.0 * r, bx, 1.4 * r, 0.7 * r) | c.ellipse(y - 4.8 * r, bx, 0.5 * r, 0.45 * r)
-            c.paint(frame | rider, BICYCLIST, c.jitter(BICYCLIST_COLOURS[0], 12))
-            c.paint(wheels, BICYCLIST, c.jitter(BICYCLIST_COLOURS[1], 10))  # dark orange tyres, not the cars' black
-
-        objects.append((y, bicyclist))
-
-    for _, paint in sorted(objects, key=lambda o: o[0]):
-        paint()
-
-    # Lighting: a global gain and colour cast, a soft brightness ramp, sensor noise.
-    gain = rng.uniform(0.6, 1.3) * rng.uniform(0.9, 1.1, 3)
-    ramp = 1.0 + rng.uniform(-0.25, 0.25) * (c.xx / W - 0.5)[..., None]
-    noise = rng.normal(0, rng.uniform(4, 14), c.image.shape)
-    image = np.clip(c.image * gain * ramp + noise, 0, 255).astype(np.uint8)
-    return image, c.label
+def _paint_bicyclist(c: _Canvas, rng, ground: dict, y: float, s: float) -> None:
+    bx = rng.uniform(*_edges(c, ground, y))
+    r = (0.04 + 0.05 * s) * float(c.h)  # s >= 0.1: wheels at least 4 pixels in radius, their tyres 2 thick
+    wheels = c.ellipse(y - r, bx - 1.6 * r, r, r) ^ c.ellipse(y - r, bx - 1.6 * r, 0.5 * r, 0.5 * r)
+    wheels |= c.ellipse(y - r, bx + 1.6 * r, r, r) ^ c.ellipse(y - r, bx + 1.6 * r, 0.5 * r, 0.5 * r)
+    frame = c.box(y - 1.4 * r, y - 0.9 * r, bx - 1.6 * r, bx + 1.6 * r)
+    rider = c.ellipse(y - 3.0 * r, bx, 1.4 * r, 0.7 * r) | c.ellipse(y - 4.8 * r, bx, 0.5 * r, 0.45 * r)
+    c.paint(frame | rider, BICYCLIST, c.jitter(BICYCLIST_COLOURS[0], 12))
+    c.paint(wheels, BICYCLIST, c.jitter(BICYCLIST_COLOURS[1], 10))  # dark orange tyres, not the cars' black
 
 
 class SyntheticSource:

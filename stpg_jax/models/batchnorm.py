@@ -30,7 +30,7 @@ recomputed from x in the backward pass instead of being read from memory.
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -76,7 +76,10 @@ def _activate(y, slope):
     return jnp.maximum(y, 0) if slope == 0.0 else jnp.where(y > 0, y, slope * y)
 
 
-def _group_index(groups):
+@lru_cache(maxsize=64)
+def _group_index(groups: tuple):
+    """(each sample's group, each group's samples), NumPy: static, computed once per layout (every BatchNorm of a
+    network shares its layout)."""
     ids = np.asarray(groups)
     return ids, [np.flatnonzero(ids == g) for g in range(int(ids.max()) + 1)]
 

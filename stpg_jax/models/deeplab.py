@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stpg_jax.config import FIELDS_ADDED_LATER
 from stpg_jax.models.batchnorm import BatchNormSpec
+from stpg_jax.models.inputs import normalize
 from stpg_jax.models.resnet import KAIMING_FAN_IN, KAIMING_FAN_OUT, STAGE_BLOCKS, ResNet, batch_norm, conv, maybe_remat
 
 # The released code's ASPP uses LeakyReLU (PyTorch's default slope) for its three activations (DESIGN.md §8.2).
@@ -144,6 +144,9 @@ class ASPP(nn.Module):
 class DeepLabV3Plus(nn.Module):
     """DeepLabV3+ returning ``{'logits': (B,H,W,C) float32, 'features': (B,H/4,W/4,proj_dim) float32}``.
 
+    Input: (B, H, W, 3) RGB pixel values in [0, 255] (uint8 as the loaders give them), ImageNet-normalised here;
+    ``valid`` (B, H, W) bool, optional: False on padding, which is then exactly 0 after normalisation (``inputs``).
+
     ``features`` come from the projection head (3×3 conv (with a bias if ``proj_conv_bias``) → BN → ReLU →
     Dropout(``proj_dropout``, 0.1; whole channels if ``proj_dropout_kind`` is 'channel', as PyTorch's Dropout2d) → 1×1
     conv) on the 256-channel decoder output; with ``proj_dim=0`` the head is left out and ``features`` is the decoder
@@ -184,8 +187,8 @@ class DeepLabV3Plus(nn.Module):
     bn_running_var: str = "unbiased"
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
-        in_h, in_w = x.shape[1], x.shape[2]
+    def __call__(self, images, train: bool = False, valid=None):
+        in_h, in_w = images.shape[1], images.shape[2]
         blocks = tuple(self.stage_blocks) if self.stage_blocks else STAGE_BLOCKS[self.depth]
         if self.aspp_activation not in ASPP_SLOPES:
             raise ValueError(f"model.aspp_activation must be one of {sorted(ASPP_SLOPES)}, got {self.aspp_activation!r}")
@@ -195,7 +198,7 @@ class DeepLabV3Plus(nn.Module):
         legacy_init = self.head_init == "legacy"
         head_init = KAIMING_FAN_OUT if legacy_init else KAIMING_FAN_IN
         out_init = nn.linear.default_kernel_init if legacy_init else KAIMING_FAN_IN  # the two 1×1 output convs
-        x = x.astype(self.dtype)
+        x = normalize(images, valid).astype(self.dtype)
         low, high = ResNet(
             blocks, self.width, self.stem, self.stride_in_1x1, self.output_stride, self.dtype, self.remat, bn,
             name="backbone",
@@ -229,38 +232,3 @@ class DeepLabV3Plus(nn.Module):
         else:
             f = y
         return {"logits": logits, "features": f.astype(jnp.float32)}
-
-
-def model_from_config(model_config, num_classes: int) -> DeepLabV3Plus:
-    """Builds the network described by a config's ``model`` section."""
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    if model_config.dtype not in dtypes:
-        raise ValueError(f"config.model.dtype must be one of {sorted(dtypes)}, got {model_config.dtype!r}")
-    if model_config.depth not in STAGE_BLOCKS and not model_config.stage_blocks:
-        raise ValueError(f"config.model.depth must be one of {sorted(STAGE_BLOCKS)}, got {model_config.depth}")
-
-    def later(name):  # absent from configs and exports written before the field existed
-        return model_config.get(name, FIELDS_ADDED_LATER[f"model.{name}"])
-
-    return DeepLabV3Plus(
-        num_classes=num_classes,
-        depth=model_config.depth,
-        stage_blocks=tuple(model_config.stage_blocks) or None,
-        width=model_config.width,
-        stem=model_config.stem,
-        stride_in_1x1=model_config.stride_in_1x1,
-        output_stride=model_config.output_stride,
-        aspp_channels=model_config.aspp_channels,
-        decoder_channels=model_config.decoder_channels,
-        low_level_channels=model_config.low_level_channels,
-        proj_dim=model_config.proj_dim,
-        proj_dropout=float(later("proj_dropout")),
-        proj_dropout_kind=later("proj_dropout_kind"),
-        proj_conv_bias=bool(later("proj_conv_bias")),
-        aspp_activation=later("aspp_activation"),
-        head_init=later("head_init"),
-        dtype=dtypes[model_config.dtype],
-        remat=bool(later("remat")),
-        bn_backward=later("bn_backward"),
-        bn_running_var=later("bn_running_var"),
-    )

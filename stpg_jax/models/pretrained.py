@@ -21,6 +21,7 @@ are skipped), every flax leaf filled and every shape equal; otherwise one `Weigh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -362,3 +363,31 @@ def merge_backbone(variables: Mapping[str, Any], params: Tree, batch_stats: Tree
     if problems:
         raise WeightsMismatchError("backbone weights do not fit the model:\n  " + "\n  ".join(problems))
     return out
+
+
+@contextlib.contextmanager
+def reading_weights(path: str, field: str):
+    """Turns a weights file that numpy, zipfile or torch cannot read (random bytes, a truncated archive, a pickle of
+    more than tensors, which torch's weights_only loading refuses for safety) into a WeightsMismatchError naming
+    the file and the ``field`` or argument that gave it. A file that reads but does not fit keeps its own message."""
+    import pickle
+    import zipfile
+
+    try:
+        yield
+    except WeightsMismatchError:
+        raise
+    except ImportError as error:  # a .pth file without PyTorch installed: the message says what to do
+        raise WeightsMismatchError(f"{error}, {field} = {path!r}, expected PyTorch or an .npz file") from error
+    except (ValueError, OSError, EOFError, KeyError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        if isinstance(error, FileNotFoundError):
+            reason = "no such file"
+        elif isinstance(error, pickle.UnpicklingError):
+            reason = "torch's safe loading refused it: not a plain state dict of tensors, or not a torch file"
+        elif "pickle" in str(error):
+            reason = "not an .npz archive, and unpickling it is refused for safety"
+        else:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise WeightsMismatchError(
+            f"not a usable weights file ({reason}), {field} = {path!r}, expected a .pth/.npz state dict of an "
+            "ImageNet ResNet or a file written by python -m stpg_jax.convert_weights") from error
