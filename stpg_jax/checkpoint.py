@@ -160,6 +160,10 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict) -> None:
+        # The loader's position goes in ``meta`` (JSON, written by process 0), not through grain's checkpoint handler:
+        # that one writes a file per process named for the process count (process_<i>-of-<n>.json) and restores only
+        # onto as many processes, while this position is the global batch index, so a run saved on two processes
+        # resumes on one (tests/test_train.py) or on eight.
         self.manager.save(
             step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta))
         )

@@ -181,6 +181,10 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# The config argument's ``key=value`` items (``configs/demo.py:1_8,mode=supervised``). ml_collections' config_flags
+# parses overrides only as separate absl flags (``--config.mode=supervised``, which launch.py accepts too); the
+# argument keeps a run's whole config in one string that the benchmark scripts and ``--config`` of the evaluate and
+# predict commands pass on and print as it is, so its items are parsed here, to a value of the field's type.
 def _parse_value(text: str, current, key: str):
     if isinstance(current, str):
         return text

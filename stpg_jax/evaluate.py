@@ -176,22 +176,28 @@ def main(argv) -> None:
     else:
         print(format_iou_columns(results, bundle.info.class_names))
     if FLAGS.out:
-        def network_record(name):
-            return {**result_record(results[name], bundle.info.class_names),
-                    "confusion": results[name]["confusion"].tolist(), "seconds": seconds[name]}
-
         record = {"checkpoint": os.path.abspath(path), "step": step, "dataset": bundle.info.name, "images": count,
                   "window": predictor.window, "stride_rate": predictor.stride_rate, "flip": predictor.flip}
-        if len(networks) == 1:
-            record.update(network=networks[0], **network_record(networks[0]))
-        else:
-            record["networks"] = {name: network_record(name) for name in networks}
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-        with open(FLAGS.out, "x") as f:  # "x": a file that appeared meanwhile is not overwritten either
-            json.dump(record, f, indent=2)
-        print(f"written to {FLAGS.out}")
+        _write_record(FLAGS.out, record, results, seconds, bundle.info.class_names)
     if FLAGS.plot:
         print(f"chart: {plots.eval_iou_png(results, bundle.info.class_names, FLAGS.plot, step)}")
+
+
+def _write_record(path: str, record: dict, results: dict, seconds: dict, class_names) -> None:
+    """The command's --out JSON: ``record`` and each network's result (one network: at the top level)."""
+    def network_record(name):
+        return {**result_record(results[name], class_names), "confusion": results[name]["confusion"].tolist(),
+                "seconds": seconds[name]}
+
+    if len(results) == 1:
+        name = next(iter(results))
+        record.update(network=name, **network_record(name))
+    else:
+        record["networks"] = {name: network_record(name) for name in results}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "x") as f:  # "x": a file that appeared meanwhile is not overwritten either
+        json.dump(record, f, indent=2)
+    print(f"written to {path}")
 
 
 def _define_flags():
