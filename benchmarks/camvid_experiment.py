@@ -17,7 +17,6 @@ are then not solo times). Results in ``--out``: ``camvid_results.{md,json,png}``
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -29,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import last_eval, load_config, report_header, run_cli, signal_group, start
+from common import (TINY_NETWORK, last_eval, load_config, names_of, report_header, run_cli, signal_group, split_digest,
+                    start)
 
 from stpg_jax import plots
 from stpg_jax.data.palettes import rare_classes
@@ -38,11 +38,10 @@ METHODS = ("supervised", "mean_teacher", "stpg")
 MEM_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 TOTAL_MEM_FRACTION = 0.9  # of the accelerator, split between concurrent runs; the rest for CUDA contexts
 STOP_GRACE_S = 5.0  # after SIGTERM, before SIGKILL (gpu_camvid.sh's `timeout -k 10` allows 10 s in all)
-SMOKE_OVERRIDES = (  # a tiny random network, crop 64, batch 2+2, 4 val images: the whole pipeline in minutes
-    "model.stage_blocks=(1,1,1,1),model.width=8,model.aspp_channels=16,model.decoder_channels=16,"
-    "model.low_level_channels=8,model.proj_dim=16,model.output_stride=8,model.pretrained=,data.crop_size=64,"
-    "data.batch_labeled=2,data.batch_unlabeled=2,data.workers=0,stpg.bank_capacity=32,stpg.anchor_steps=100,"
-    "eval.window=64,eval.windows_per_batch=8,eval.max_images=4,log_every_steps=2"
+SMOKE_OVERRIDES = (  # the tiny network, crop 64, batch 2+2 and 4 val images: the whole pipeline in minutes
+    f"{TINY_NETWORK},model.pretrained=,data.crop_size=64,data.batch_labeled=2,data.batch_unlabeled=2,data.workers=0,"
+    "stpg.bank_capacity=32,stpg.anchor_steps=100,eval.window=64,eval.windows_per_batch=8,eval.max_images=4,"
+    "log_every_steps=2"
 )
 
 
@@ -53,11 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--workdir_root", help="each method trains in WORKDIR_ROOT/<method> (required to run)")
     p.add_argument("--config", default="configs/camvid.py:1_8", help="config file and split (no mode= here)")
     p.add_argument("--overrides", default="", help="extra comma-separated key=value overrides for every run")
-    p.add_argument("--data_dir", default="", help="where the prepared dataset goes (default WORKDIR_ROOT/prepared)")
     p.add_argument("--out", default="", help="folder for the results (default the workdir root)")
     p.add_argument("--smoke", action="store_true", help="tiny network and crop, few steps: a CPU check")
-    p.add_argument("--no_proportional_schedule", action="store_true",
-                   help="keep the data's epoch length instead of total_steps // epochs")
     p.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=False,
                    help="start every run at once on the one device (default: one after another)")
     p.add_argument("--mem_fraction", type=float, default=0.0,
@@ -75,10 +71,7 @@ def parse_args(argv=None):
         return args
     if not args.workdir_root:
         p.error("--workdir_root is required (each method trains in WORKDIR_ROOT/<method>)")
-    args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in args.method_list:
-        if m not in METHODS:
-            p.error(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
+    args.method_list = names_of(p, "--methods", args.methods, METHODS)
     if "mode=" in args.config or "mode=" in args.overrides.replace("model.", ""):
         p.error("the mode is set per method by --methods; leave mode= out of --config and --overrides")
     args.steps = args.steps or (4 if args.smoke else 300)
@@ -88,17 +81,16 @@ def parse_args(argv=None):
     if not 0 < args.mem_fraction * len(args.method_list) <= 1:
         p.error(f"--mem_fraction: {len(args.method_list)} runs of {args.mem_fraction} exceed the device")
     args.workdir_root = os.path.abspath(args.workdir_root)  # the runs start in the repository root
-    args.data_dir = os.path.abspath(args.data_dir) if args.data_dir else os.path.join(args.workdir_root, "prepared")
+    args.data_dir = os.path.join(args.workdir_root, "prepared")  # prepared once, read by every run
     args.out = args.out or args.workdir_root
     return args
 
 
 def build_commands(args) -> list[tuple[str, list[str], str]]:
     """[(method, argv from the repository root, workdir)]."""
-    common = [f"schedule.total_steps={args.steps}"]
-    if not args.no_proportional_schedule:
-        common.append(f"schedule.steps_per_epoch={max(1, args.steps // load_config(args.config).schedule.epochs)}")
-    common += ["eval.every_steps=0", f"data.data_dir={args.data_dir}"]
+    epochs = load_config(args.config).schedule.epochs  # STPG's schedule in proportion: epochs of steps // epochs
+    common = [f"schedule.total_steps={args.steps}", f"schedule.steps_per_epoch={max(1, args.steps // epochs)}",
+              "eval.every_steps=0", f"data.data_dir={args.data_dir}"]
     common += [SMOKE_OVERRIDES] if args.smoke else []
     common += [args.overrides] if args.overrides else []
     return [(m, ["python", "launch.py", f"--config={args.config},mode={m}," + ",".join(common),
@@ -251,8 +243,8 @@ def write_figure(repeats: list[dict], path: str, title: str, config: str) -> Non
 
 def collect_split(args, runs: dict) -> dict:
     """Copies the first run's split files next to the results; says whether every run used the same one."""
-    digests = {m: hashlib.sha256(Path(args.workdir_root, m, "split_labeled.txt").read_bytes()).hexdigest()[:16]
-               for m in runs if Path(args.workdir_root, m, "split_labeled.txt").exists()}
+    digests = {m: split_digest(Path(args.workdir_root, m)) for m in runs
+               if Path(args.workdir_root, m, "split_labeled.txt").exists()}
     if not digests:
         return {"identical": None, "sha256_16": {}}
     first = Path(args.workdir_root, next(iter(digests)))

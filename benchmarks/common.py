@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import importlib.util
 import json
 import os
@@ -17,6 +18,9 @@ if str(REPO) not in sys.path:  # run as `python benchmarks/<script>.py` from a c
     sys.path.insert(0, str(REPO))
 
 NUM_CLASSES = {"voc": 21, "cityscapes": 19, "camvid": 11, "synthetic": 11}
+# A tiny network (one block per stage, width 8) for the scripts' CPU checks.
+TINY_NETWORK = ("model.stage_blocks=(1,1,1,1),model.width=8,model.aspp_channels=16,model.decoder_channels=16,"
+                "model.low_level_channels=8,model.proj_dim=16,model.output_stride=8")
 
 
 def log(message: str) -> None:
@@ -88,12 +92,13 @@ def arg_parser(doc: str, config: str, dtypes: str = "") -> argparse.ArgumentPars
     return p
 
 
-def dtypes_of(p: argparse.ArgumentParser, text: str) -> list[str]:
-    dtypes = [d.strip() for d in text.split(",") if d.strip()]
-    for d in dtypes:
-        if d not in ("float32", "bfloat16"):
-            p.error(f"--dtypes: unknown dtype {d!r} (float32, bfloat16)")
-    return dtypes
+def names_of(p: argparse.ArgumentParser, flag: str, text: str, allowed) -> list[str]:
+    """The comma-separated names of ``flag``, each one of ``allowed`` (else the parser's error)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        if n not in allowed:
+            p.error(f"{flag}: unknown {n!r}; choose from {', '.join(allowed)}")
+    return names
 
 
 def finish(report: dict, table: str, out: str = "", where: str = "") -> dict:
@@ -113,6 +118,11 @@ def write_json(path: str, data: dict) -> None:
     with open(f"{path}.tmp", "w") as f:
         json.dump(data, f, indent=1)
     os.replace(f"{path}.tmp", path)
+
+
+def split_digest(workdir) -> str:
+    """SHA-256 (16 hex digits) of the labelled ids a run trained on (its ``split_labeled.txt``)."""
+    return hashlib.sha256((Path(workdir) / "split_labeled.txt").read_bytes()).hexdigest()[:16]
 
 
 def last_eval(workdir: str) -> dict:

@@ -29,7 +29,7 @@ if __name__ == "__main__":  # the state is built on the host CPU; the GPU is onl
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 import step_time
-from common import arg_parser, dtypes_of, finish, load_config, log, num_classes_of, report_header, run_cli, write_json
+from common import arg_parser, names_of, finish, load_config, log, num_classes_of, report_header, run_cli, write_json
 
 import jax
 
@@ -75,8 +75,8 @@ def gpu_mesh(target_text: str, num_devices: int):
         topology = topologies.get_topology_desc(platform="cuda", target_config=target_text,
                                                 topology=f"1x1x{num_devices}")
     except Exception as e:  # noqa: BLE001  (no CUDA plugin: NotImplementedError / RuntimeError by version)
-        v = jax.__version__
-        raise TargetError(f"could not create a CUDA topology ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+        v, first = jax.__version__, (str(e).splitlines() or [""])[0]
+        raise TargetError(f"could not create a CUDA topology ({type(e).__name__}: {first}). "
                           f"Compiling for a GPU without one needs JAX's CUDA plugin for jax {v}: "
                           f"pip install \"jax-cuda13-plugin=={v}\" \"jax-cuda13-pjrt=={v}\"") from e
     return topologies.make_mesh(topology, (num_devices,), ("data",))
@@ -224,8 +224,8 @@ def format_report(report: dict) -> str:
              "| kernels | GB moved | step floor ms | MFU ceiling |", "|---|---|" + "---:|" * 9]
     for r in report["results"].values():
         m, t = r["memory"] or {}, r["traffic"]
-        gib = [f"{m.get(k, float('nan')) / GIB:.2f}" for k in ("argument_size_in_bytes", "output_size_in_bytes",
-                                                                "alias_size_in_bytes", "temp_size_in_bytes", "total_bytes")]
+        gib = [f"{m.get(f'{k}_bytes', float('nan')) / GIB:.2f}" for k in ("argument_size_in", "output_size_in",
+                                                                           "alias_size_in", "temp_size_in", "total")]
         bound = t.get("bounds", {})
         floor = f"{bound['step_floor_ms']:.2f}" if "step_floor_ms" in bound else "n/a"
         ceiling = f"{100 * bound['mfu_ceiling']:.1f} %" if "mfu_ceiling" in bound else "n/a"
@@ -242,7 +242,7 @@ def parse_args(argv=None):
     p.add_argument("--num_devices", type=int, default=1, help="GPUs on the one host the batch is split over")
     p.add_argument("--hlo_dir", default="", help="write each dtype's optimised HLO here")
     args = p.parse_args(argv)
-    args.dtype_list = dtypes_of(p, args.dtypes)
+    args.dtype_list = names_of(p, "--dtypes", args.dtypes, ("float32", "bfloat16"))
     if args.num_devices < 1:
         p.error("--num_devices must be >= 1")
     return args

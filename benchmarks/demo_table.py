@@ -14,7 +14,6 @@ text between the README's markers, and tests/test_demo_table.py checks that the 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -27,7 +26,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from common import REPO, git_commit, last_eval, load_config, run_cli, start, utc_now, write_json
+from common import REPO, git_commit, last_eval, load_config, names_of, run_cli, split_digest, start, utc_now, write_json
 
 CONFIG = "configs/demo.py"
 SPLIT = "1_8"
@@ -68,10 +67,7 @@ def parse_args(argv=None):
         p.error(f"--seeds: integers separated by commas, got {args.seeds!r}")
     if not args.seed_list or len(set(args.seed_list)) < len(args.seed_list):
         p.error(f"--seeds: one or more distinct seeds, got {args.seeds!r}")
-    args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in args.method_list:
-        if m not in METHODS:
-            p.error(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
+    args.method_list = names_of(p, "--methods", args.methods, METHODS)
     if args.steps < 0:
         p.error("--steps must be >= 1 (or 0: the config's schedule)")
     if args.steps and not args.out and not (args.from_json or args.print_default):
@@ -90,11 +86,6 @@ def run_spec(method: str, seed: int, steps: int = 0) -> str:
 
 def run_command(method: str, seed: int, workdir: str, steps: int = 0) -> list[str]:
     return ["python", "launch.py", f"--config={run_spec(method, seed, steps)}", f"--workdir={workdir}"]
-
-
-def split_digest(workdir: str) -> str:
-    """SHA-256 (16 hex digits) of the labelled ids the run trained on."""
-    return hashlib.sha256((Path(workdir) / "split_labeled.txt").read_bytes()).hexdigest()[:16]
 
 
 def run_one(method: str, seed: int, workdir: str, steps: int) -> dict:

@@ -11,7 +11,6 @@ BENCHMARKS.md says what each figure means and holds the ones measured.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import math
@@ -24,18 +23,18 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from common import arg_parser, dtypes_of, finish, load_config, log, num_classes_of, report_header, run_cli, write_json
+from common import (TINY_NETWORK, arg_parser, names_of, finish, load_config, log, num_classes_of, report_header,
+                    run_cli, write_json)
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# A tiny network and crop that runs on a CPU in well under a minute (the CI smoke test).
-TINY_OVERRIDES = (
-    "model.stage_blocks=(1,1,1,1),model.width=8,model.aspp_channels=16,model.decoder_channels=16,"
-    "model.low_level_channels=8,model.proj_dim=16,model.output_stride=8,data.crop_size=64,"
-    "data.batch_labeled=2,data.batch_unlabeled=2,stpg.bank_capacity=32,stpg.bank_k=4"
-)
+from stpg_jax.host_matching import assignment_arrays  # the step's third argument, as the training loop passes it
+
+# The tiny network at crop 64, batch 2 + 2: the step in under a minute on a CPU (the CI smoke test).
+TINY_OVERRIDES = (f"{TINY_NETWORK},data.crop_size=64,data.batch_labeled=2,data.batch_unlabeled=2,"
+                  "stpg.bank_capacity=32,stpg.bank_k=4")
 
 # Dense peak TFLOP/s (no sparsity) by jax's device_kind: (bfloat16, float32 compute as tf32). Datasheet figures.
 PEAK_TFLOPS = {kind: peaks for kinds, peaks in (
@@ -52,14 +51,6 @@ def peak_tflops(device_kind: str, dtype: str):
     return None if peaks is None else peaks[0] if dtype == "bfloat16" else peaks[1]
 
 
-def assignment_arrays(state):
-    """The step's third argument, as the training loop passes it."""
-    from stpg_jax.host_matching import assignment_arrays as arrays
-
-    return arrays(state)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Measurement
 
 
@@ -134,7 +125,6 @@ def memory_stat(devices, key: str):
     return max(values) if values else None
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # The real step
 
 
@@ -206,7 +196,6 @@ def random_batches(config, num_classes: int, batch_sharding, count: int = 2, see
     return batches
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Optimised HLO, and where a profiled step's device time goes
 
 _HEAD = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
@@ -409,7 +398,6 @@ def format_profile(s: dict) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # One dtype
 
 
@@ -496,7 +484,6 @@ def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
     return result
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Report
 
 
@@ -529,12 +516,8 @@ def parse_args(argv=None):
     p.add_argument("--profile_steps", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="tiny network, crop 64, batch 2+2: a CPU smoke test")
     p.add_argument("--num_devices", type=int, default=0, help="use the first N devices (0 = all)")
-    p.add_argument("--in_process", action="store_true",
-                   help="run every dtype in this process (by default each in its own, so that peak memories do "
-                        "not mix)")
-    p.add_argument("--no_table", action="store_true", help=argparse.SUPPRESS)  # set for the per-dtype processes
     args = p.parse_args(argv)
-    args.dtype_list = dtypes_of(p, args.dtypes)
+    args.dtype_list = names_of(p, "--dtypes", args.dtypes, ("float32", "bfloat16"))
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     return args
@@ -548,7 +531,7 @@ def _child_argv(argv, dtype, out):
             continue
         kept.append(argv[i])
         i += 1
-    return kept + ["--dtypes", dtype, "--out", out, "--in_process", "--no_table"]
+    return kept + ["--dtypes", dtype, "--out", out]
 
 
 def main(argv=None) -> dict:
@@ -558,7 +541,7 @@ def main(argv=None) -> dict:
     load_config(args.config, TINY_OVERRIDES if args.tiny else "")  # a bad --config fails here, once
     report = {**report_header("step_time.py", argv), "jax_version": jax.__version__,
               "config": args.config + (f" + tiny ({TINY_OVERRIDES})" if args.tiny else ""), "results": {}}
-    if len(args.dtype_list) > 1 and not args.in_process:
+    if len(args.dtype_list) > 1:  # each dtype in its own process, so that their peak memories do not mix
         with tempfile.TemporaryDirectory() as tmp:
             for dtype in args.dtype_list:
                 out = os.path.join(tmp, f"{dtype}.json")
@@ -579,9 +562,6 @@ def main(argv=None) -> dict:
                     write_json(args.out, report)
 
             save(run_dtype(args, dtype, save))
-    if args.no_table:  # a per-dtype process: its parent reports
-        write_json(args.out, report)
-        return report
     d = report["device"]
     return finish(report, markdown_tables(report), args.out,
                   f" | jax {report['jax_version']} | {d['count']} x {d['kind']} ({d['platform']})")

@@ -122,8 +122,7 @@ def test_step_time_helpers():
     assert st.peak_tflops("cpu", "bfloat16") is None
     argv = ["--config=configs/voc_blender.py:1_4", "--dtypes", "float32,bfloat16", "--out=x.json", "--steps", "4"]
     assert st._child_argv(argv, "bfloat16", "/t/b.json") == [
-        "--config=configs/voc_blender.py:1_4", "--steps", "4", "--dtypes", "bfloat16", "--out", "/t/b.json",
-        "--in_process", "--no_table"]
+        "--config=configs/voc_blender.py:1_4", "--steps", "4", "--dtypes", "bfloat16", "--out", "/t/b.json"]
     assert st._fmt(None) == "n/a" and st._fmt(0.4123, ".1f", 100, "%") == "41.2%"
     with pytest.raises(SystemExit):
         st.parse_args(["--dtypes", "float16"])
@@ -219,7 +218,8 @@ def test_hlo_instructions_and_their_categories():
                 "scatter_fusion.3": "scatter", "gemm.5": "matmul", "copy.8": "copy / transpose", "while.2": "other"}
     assert {name: st.categorize(name, "", hlo) for name in expected} == expected
     # Kernels known by their names only (library kernels inside a command buffer), and memsets.
-    assert st.categorize("sm90_xmma_fprop_implicit_gemm_bf16", "sm90_xmma_fprop_implicit_gemm_bf16", hlo) == "convolution"
+    conv_kernel = "sm90_xmma_fprop_implicit_gemm_bf16"
+    assert st.categorize(conv_kernel, conv_kernel, hlo) == "convolution"
     assert st.categorize("sm90_xmma_gemm_bf16bf16", "sm90_xmma_gemm_bf16bf16", hlo) == "matmul"
     assert st.categorize("cudnn-conv.4", "Memset 3", hlo) == "memcpy / memset"
     with pytest.raises(ValueError, match="ENTRY"):
@@ -400,8 +400,9 @@ def test_camvid_experiment_commands_and_results(tmp_path):
     assert cmd[1] == "launch.py" and workdir == str(tmp_path / "stpg") and f"--workdir={workdir}" in cmd
     assert (f"--config=configs/camvid.py:1_8,mode=stpg,schedule.total_steps=120,schedule.steps_per_epoch=3,"
             f"eval.every_steps=0,data.data_dir={tmp_path / 'prepared'},data.root=/d,model.dtype=bfloat16") in cmd
-    assert ce.prepare_command(cmd[2][len("--config="):])[1:] == [
-        "-m", "stpg_jax.data.prepare", "--dataset", "camvid", "--manual_dir", "/d", "--data_dir", str(tmp_path / "prepared")]
+    assert ce.prepare_command(cmd[2][len("--config="):])[1:] == ["-m", "stpg_jax.data.prepare", "--dataset", "camvid",
+                                                                 "--manual_dir", "/d", "--data_dir",
+                                                                 str(tmp_path / "prepared")]
     assert args.mem_fraction == pytest.approx(0.45)
 
     # A run's result is its last evaluation, in %.
@@ -409,7 +410,8 @@ def test_camvid_experiment_commands_and_results(tmp_path):
     _eval_json(tmp_path / "stpg", 0.4525, {"sky": 0.905, "sign_symbol": None})
     result = ce.result_of(str(tmp_path / "stpg"))
     assert result == {"step": 4, "miou": pytest.approx(45.25), "iou": {"sky": pytest.approx(90.5), "sign_symbol": None}}
-    table = ce.iou_table([{"supervised": {"result": result, "wall_s": 60.0}, "stpg": {"result": result, "wall_s": 120.0}}])
+    table = ce.iou_table([{"supervised": {"result": result, "wall_s": 60.0},
+                           "stpg": {"result": result, "wall_s": 120.0}}])
     assert "| sky | 90.50 | 90.50 |" in table and "| **mIoU** | **45.25** | **45.25** |" in table
     assert "| sign_symbol | n/a | n/a |" in table and "| wall time (train + eval), s | 60 | 120 |" in table
 
