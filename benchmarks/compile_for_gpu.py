@@ -29,7 +29,7 @@ if __name__ == "__main__":  # the state is built on the host CPU; the GPU is onl
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 import step_time
-from common import arg_parser, names_of, finish, load_config, log, num_classes_of, report_header, run_cli, write_json
+from common import arg_parser, finish, load_config, log, names_of, num_classes_of, report_header, run_cli, write_json
 
 import jax
 

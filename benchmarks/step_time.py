@@ -23,7 +23,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from common import (TINY_NETWORK, arg_parser, names_of, finish, load_config, log, num_classes_of, report_header,
+from common import (TINY_NETWORK, arg_parser, finish, load_config, log, names_of, num_classes_of, report_header,
                     run_cli, write_json)
 
 import jax
