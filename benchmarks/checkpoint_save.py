@@ -1,39 +1,30 @@
-"""Checkpoint save and restore time of a run's full train state (four networks, optimiser, bank), as the trainer
-saves it (``stpg_jax.checkpoint.Checkpointer``); also the time a new run takes to build its initial state and a resumed
-run to build the target it restores into.
+"""Checkpoint save and restore time of a run's whole train state through ``stpg_jax.checkpoint.Checkpointer``, and
+what a new run (its initial state) and a resumed one (the traced restore target) build before their first step.
 
-    python benchmarks/checkpoint_save.py --config=configs/demo.py --cpu_devices 4 --repeats 3
-    python benchmarks/checkpoint_save.py --config=configs/demo.py --cpu_devices 4 --min_slice_mib 0
+    python benchmarks/checkpoint_save.py --config=configs/demo.py --cpu_devices 4 --repeats 3 [--min_slice_mib 0]
 
-A state replicated over several devices is written replica-parallel by Orbax: an array is sliced into one piece
-per device, each slice a dispatched program (compiled once per shape, at the first save). The Checkpointer slices only
-arrays whose per-device slice is at least ``stpg_jax.checkpoint.MIN_SLICE_BYTES`` (1 MiB); ``--min_slice_mib N`` sets
-another threshold, ``--min_slice_mib 0`` slices every array (Orbax's default). The first save is reported apart from
-the later ones.
+Orbax writes a replicated array one slice per device, each slice a program compiled at the first save; the
+Checkpointer slices only arrays whose slices reach ``--min_slice_mib`` (default its MIN_SLICE_BYTES; 0: all).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
+
+from common import arg_parser, load_config, report_header, write_json
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/demo.py", help="config file[:arg], as launch.py takes it")
+    p = arg_parser(__doc__, "configs/demo.py")
     p.add_argument("--cpu_devices", type=int, default=0,
                    help="run on this many virtual CPU devices (0: the machine's own devices)")
     p.add_argument("--repeats", type=int, default=3, help="saves (and restores) timed, each into a new directory")
     p.add_argument("--min_slice_mib", type=float, default=None,
                    help="slice replicated arrays across devices only from this size per slice, in MiB (default: "
                         "the Checkpointer's, stpg_jax.checkpoint.MIN_SLICE_BYTES; 0: every array, as Orbax does)")
-    p.add_argument("--out", default="", help="also write the figures as JSON here")
     return p.parse_args(argv)
 
 
@@ -43,10 +34,7 @@ def main(argv=None) -> dict:
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + f" --xla_force_host_platform_device_count={args.cpu_devices}")
-    repo = Path(__file__).resolve().parents[1]
-    sys.path[:0] = [str(repo), str(Path(__file__).resolve().parent)]
     import jax
-    from step_time import git_commit, load_config
 
     from stpg_jax import checkpoint, train
 
@@ -85,8 +73,7 @@ def main(argv=None) -> dict:
             restores.append(t2 - t1)
             print(f"  save {i + 1}: {saves[-1]:.2f} s, restore {restores[-1]:.2f} s", flush=True)
     report = {
-        "command": "python benchmarks/checkpoint_save.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "commit": git_commit(),
+        **report_header("checkpoint_save.py", argv),
         "device": f"{trainer.mesh.devices.size} x {jax.devices()[0].device_kind}",
         "arrays": len(leaves), "state_mib": size / 2 ** 20, "min_slice_bytes": min_slice_bytes,
         "init_state_s": init_s, "restore_target_s": target_s,
@@ -98,7 +85,7 @@ def main(argv=None) -> dict:
     print(f"first save {saves[0]:.2f} s | later saves (median) "
           f"{'n/a' if later is None else f'{later:.2f} s'} | restore (median) {report['restore_median_s']:.2f} s")
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
+        write_json(args.out, report)
     return report
 
 

@@ -1,54 +1,32 @@
 """The README's demo table: supervised, mean teacher and STPG on configs/demo.py's split, and the all-labels ceiling.
 
-    python benchmarks/demo_table.py                                   # 3 seeds x 4 methods, one run after another
-    python benchmarks/demo_table.py --write_readme                    # the same, then README.md's section from it
-    python benchmarks/demo_table.py --from_json --write_readme        # README.md's section from the recorded JSON
-    python benchmarks/demo_table.py --print_default                   # what the README's demo command prints
-    python benchmarks/demo_table.py --steps 4 --seeds 0 --methods supervised --out /tmp/dt --workdir_root /tmp/dt
+    python benchmarks/demo_table.py [--write_readme]          # 3 seeds x 4 methods, one run after another
+    python benchmarks/demo_table.py --from_json --write_readme  # README.md's section from the recorded JSON
+    python benchmarks/demo_table.py --print_default             # what the README's demo command prints
 
-Each run is one ordinary ``python launch.py`` in a fresh work directory ``WORKDIR_ROOT/<method>_seed<S>`` (its own
-empty compilation cache, so the wall time is that of a first run of the command, compile included), one after
-another: ``configs/demo.py:1_8,mode=<method>,seed=<S>``, and for the ceiling ``configs/demo.py:full,mode=supervised,
-seed=<S>``. STPG with seed 0 runs as the README's demo command itself, ``--config=configs/demo.py``, so its figure is
-the one a new user sees. The training seed (``seed``) changes the initialisation, the data order and augmentation;
-the generated scenes and the labelled split (``data.synthetic.seed``, ``data.split_seed``) stay the same, which is
-checked on each run's ``split_labeled.txt``.
-
-A run's result is its work directory's last ``eval_<step>.json`` (the console is not parsed; its output is kept in
-``train.log`` there). Written to ``--out`` (default ``benchmarks/results``) after every run: ``demo_table.json``
-(commit, package versions, host, every run's command, per-class IoU, mIoU and wall time) and ``demo_table.md``: per
-class the mean ± sample standard deviation over the seeds, the mIoU, the mean IoU of the rare classes, the wall time
-per run, the differences between the methods paired by seed, and the default command's own single-seed figure.
-``--write_readme`` puts the same text into README.md between ``<!-- demo-table:start -->`` and
-``<!-- demo-table:end -->``; tests/test_demo_table.py checks that the README says what the JSON holds.
-A change that moves the training trajectory (the step, the model, the losses, the data) re-runs this script.
+Each run is one ``python launch.py`` in a fresh work directory ``WORKDIR_ROOT/<method>_seed<S>`` (compile included in
+its wall time); STPG with seed 0 is the README's demo command itself. The seed changes initialisation, data order
+and augmentation, not the scenes or the labelled split (checked). A run's result is its last ``eval_<step>.json``.
+``--out`` (default ``benchmarks/results``) gets ``demo_table.json`` and ``demo_table.md``; ``--write_readme`` puts the
+text between the README's markers, and tests/test_demo_table.py checks that the README says what the JSON holds.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import hashlib
 import json
-import math
 import os
 import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import textwrap
 import time
 from importlib import metadata
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from step_time import load_config, run_cli, write_json  # noqa: E402  (the sibling script)
+from common import REPO, git_commit, last_eval, load_config, names_of, run_cli, split_digest, start, utc_now, write_json
 
 CONFIG = "configs/demo.py"
 SPLIT = "1_8"
@@ -89,10 +67,7 @@ def parse_args(argv=None):
         p.error(f"--seeds: integers separated by commas, got {args.seeds!r}")
     if not args.seed_list or len(set(args.seed_list)) < len(args.seed_list):
         p.error(f"--seeds: one or more distinct seeds, got {args.seeds!r}")
-    args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in args.method_list:
-        if m not in METHODS:
-            p.error(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
+    args.method_list = names_of(p, "--methods", args.methods, METHODS)
     if args.steps < 0:
         p.error("--steps must be >= 1 (or 0: the config's schedule)")
     if args.steps and not args.out and not (args.from_json or args.print_default):
@@ -101,88 +76,39 @@ def parse_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Running
-
-
 def run_spec(method: str, seed: int, steps: int = 0) -> str:
     """The --config argument of one run; STPG with seed 0 and the config's schedule is the README's demo command."""
     split, mode, _ = METHODS[method]
     if method == "stpg" and seed == 0 and not steps:
         return CONFIG
-    spec = f"{CONFIG}:{split},mode={mode},seed={seed}"
-    return spec + (f",schedule.total_steps={steps}" if steps else "")
+    return f"{CONFIG}:{split},mode={mode},seed={seed}" + (f",schedule.total_steps={steps}" if steps else "")
 
 
 def run_command(method: str, seed: int, workdir: str, steps: int = 0) -> list[str]:
     return ["python", "launch.py", f"--config={run_spec(method, seed, steps)}", f"--workdir={workdir}"]
 
 
-def last_eval(workdir: str) -> dict:
-    """The work directory's ``eval_<step>.json`` with the highest step (FileNotFoundError if there is none)."""
-    found = sorted((int(p.stem[len("eval_"):]), p) for p in Path(workdir).glob("eval_*.json")
-                   if p.stem[len("eval_"):].isdigit())
-    if not found:
-        raise FileNotFoundError(f"{workdir}: no eval_<step>.json (the run did not finish its evaluation)")
-    return json.loads(found[-1][1].read_text())
-
-
-def split_digest(workdir: str) -> str:
-    """SHA-256 (16 hex digits) of the labelled ids the run trained on."""
-    return hashlib.sha256((Path(workdir) / "split_labeled.txt").read_bytes()).hexdigest()[:16]
-
-
 def run_one(method: str, seed: int, workdir: str, steps: int) -> dict:
-    """Trains one run in ``workdir`` (must not exist), output to ``workdir/train.log`` and stdout; its record."""
+    """Trains one run in ``workdir`` (a new folder; output in its train.log) and returns its record."""
     argv = run_command(method, seed, workdir, steps)
-    print(f"\n=== {method}, seed {seed}: {shlex.join(argv)}", flush=True)
-    where = REPO / workdir  # workdir is as the run sees it, from the repository root
-    where.mkdir(parents=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    print(f"=== {method}, seed {seed}: {shlex.join(argv)}", flush=True)
     t0 = time.monotonic()
-    with open(where / "train.log", "w") as log:
-        proc = subprocess.Popen([sys.executable] + argv[1:], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, errors="replace")
-        try:
-            for line in proc.stdout:
-                log.write(line)
-                sys.stdout.write(line)
-            returncode = proc.wait()
-        except KeyboardInterrupt:  # the run got the same Ctrl-C: it checkpoints and stops
-            proc.wait()
-            raise
+    proc = start([sys.executable] + argv[1:], str(REPO / workdir / "train.log"),  # workdir as seen from REPO
+                 {**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        returncode = proc.wait()
+    except KeyboardInterrupt:  # the run got the same Ctrl-C: it checkpoints and stops
+        proc.wait()
+        raise
     record = {"method": method, "seed": seed, "command": shlex.join(argv), "workdir": workdir,
               "wall_s": round(time.monotonic() - t0, 1), "returncode": returncode}
     if returncode != 0:
         raise RuntimeError(f"{method} seed {seed} failed (exit status {returncode}); see {workdir}/train.log")
-    result = last_eval(str(where))
+    result = last_eval(str(REPO / workdir))
     record.update(step=result["step"], miou=result["miou"], pixel_accuracy=result["pixel_accuracy"],
-                  iou=result["iou"], split_labeled_sha256_16=split_digest(str(where)))
+                  iou=result["iou"], split_labeled_sha256_16=split_digest(str(REPO / workdir)))
     print(f"=== {method}, seed {seed}: mIoU {100 * result['miou']:.2f} after {record['wall_s']:.0f} s", flush=True)
     return record
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def git_state() -> dict:
-    """The checkout's full commit and whether tracked files differ from it."""
-    def git(*cmd):
-        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30)
-
-    try:
-        commit = git("rev-parse", "HEAD").stdout.strip() or "unknown"
-        dirty = git("diff", "--quiet", "HEAD", "--").returncode == 1
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "unknown", False
-    return {"commit": commit, "dirty": dirty}
 
 
 def repo_path(path: str) -> str:
@@ -201,11 +127,17 @@ def measure(args) -> dict:
                               f"{', '.join(existing)}; remove them or pass --overwrite")
     for w in existing:
         shutil.rmtree(REPO / w)
+    commit = git_commit(full=True)  # before the runs: the code they run
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
     report = {
         "what": "configs/demo.py Gen-Student IoU on the generated val set, by method and training seed",
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        **git_state(),  # before the runs: the code they run
-        "versions": versions(),
+        "date": utc_now(), "commit": commit.removesuffix("-dirty"),
+        "dirty": commit.endswith("-dirty"), "versions": versions,
         "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "config": CONFIG, "split": SPLIT, "steps": args.steps or None, "seeds": args.seed_list,
         "methods": args.method_list, "default_command": DEFAULT_COMMAND, "data": data_sizes(), "runs": [],
@@ -236,10 +168,6 @@ def check_splits(runs: list[dict]):
     for method, counts in steps.items():
         if len(counts) > 1:
             raise RuntimeError(f"the {method} runs were evaluated after different steps ({sorted(counts)})")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Summaries and text
 
 
 def spread(values: list[float]) -> dict:

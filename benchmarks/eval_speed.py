@@ -1,36 +1,21 @@
-"""Evaluation throughput: how fast the sliding-window protocol scores val images (the training loop's evaluation,
-`python -m stpg_jax.evaluate` and `stpg_jax.predict` all run it).
+"""Evaluation throughput: how fast the sliding-window protocol (the training loop's evaluation, ``python -m
+stpg_jax.evaluate`` and ``stpg_jax.predict``) scores val images, with the config's network (random weights).
 
-    python benchmarks/eval_speed.py --config=configs/voc_blender.py:1_4 --size 375x500 --images 64
-    python benchmarks/eval_speed.py --config=configs/camvid.py:1_8 --images 101          # the real val set
-    python benchmarks/eval_speed.py --config=configs/demo.py --size 96x128 --images 16    # tiny, seconds on a CPU
+    python benchmarks/eval_speed.py --config=configs/voc_blender.py:1_4 --size 375x500 --images 64   # random images
+    python benchmarks/eval_speed.py --config=configs/camvid.py:1_8 --images 101                      # the val set
 
-The network is the config's (``model.*``, random weights: speed does not depend on them), on every local device as
-the trainer places it (window batches split over the devices when their count divides ``eval.windows_per_batch``).
-The images are the config's val set, or with ``--size HxW`` random images of that size and random labels. The first
-``--warmup`` images (compilation) are timed apart; the rest give images/s.
+The first ``--warmup`` images (compilation) are timed apart; the rest give images/s.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import math
-import os
-import platform
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import arg_parser, finish, load_config, num_classes_of, report_header, run_cli
 
-from step_time import git_commit, load_config, num_classes_of, run_cli, write_json  # noqa: E402  (the sibling script)
-
-from stpg_jax.data import DataError  # noqa: E402
-from stpg_jax.host import tune_malloc  # noqa: E402
+from stpg_jax.data import DataError
+from stpg_jax.host import tune_malloc
 
 
 class RandomImages:
@@ -71,14 +56,11 @@ def parse_size(text: str):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/voc_blender.py:1_4",
-                   help="config file, with the split and overrides after ':' (as launch.py takes it)")
+    p = arg_parser(__doc__, "configs/voc_blender.py:1_4")
     p.add_argument("--overrides", default="", help="extra comma-separated key=value overrides")
     p.add_argument("--size", default="", help="HEIGHTxWIDTH of random images (default: the config's val set)")
     p.add_argument("--images", type=int, default=64, help="images to evaluate, warm-up included")
     p.add_argument("--warmup", type=int, default=4, help="first images timed apart (compilation)")
-    p.add_argument("--out", default="", help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.images <= args.warmup or args.warmup < 1:
         p.error("need --warmup >= 1 and --images > --warmup")
@@ -133,27 +115,18 @@ def main(argv=None) -> dict:
     timed_s = time.perf_counter() - t0
     timed = count - args.warmup
     report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git_commit(),
-        "host": f"{platform.node()} ({os.cpu_count()} CPUs)",
-        "devices": devices,
-        "command": "python benchmarks/eval_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        **report_header("eval_speed.py", argv), "devices": devices,
         "images": count, "source": what, "window": window, "windows_per_batch": per_batch, "flip": c.eval.flip,
         "windows_per_image": sum(windows) / count,
         "warmup_images": args.warmup, "warmup_s": warmup_s,
         "timed_images": timed, "timed_s": timed_s, "images_per_s": timed / timed_s,
         "ms_per_image": 1e3 * timed_s / timed,
     }
-    print(f"\n{report['date']} | commit {report['commit']} | host {report['host']} | {devices}\n"
-          f"command: {report['command']}\n")
-    print("| images | windows per image | first images (compile) s | images/s | ms per image |\n"
-          "|---:|---:|---:|---:|---:|\n"
-          f"| {timed} + {args.warmup} | {report['windows_per_image']:.2f} | {warmup_s:.1f} | "
-          f"{report['images_per_s']:.2f} | {report['ms_per_image']:.1f} |", flush=True)
-    if args.out:
-        write_json(args.out, report)
-        print(f"wrote {args.out}")
-    return report
+    table = ("| images | windows per image | first images (compile) s | images/s | ms per image |\n"
+             "|---:|---:|---:|---:|---:|\n"
+             f"| {timed} + {args.warmup} | {report['windows_per_image']:.2f} | {warmup_s:.1f} | "
+             f"{report['images_per_s']:.2f} | {report['ms_per_image']:.1f} |")
+    return finish(report, table, args.out, f" | {devices}")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 # 600 steps on an H200.
 #
 # The three runs start together on the one GPU (camvid_experiment.py --parallel), so that their start-up and XLA
-# compilation (each about a minute per R50 run on the H200; BENCHMARKS.md section 1) overlap instead of being paid
+# compilation (each about a minute per R50 run on the H200; BENCHMARKS.md, History) overlap instead of being paid
 # three times. The dataset is prepared once before they start. Each run preallocates its share of the GPU's memory
-# (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.9 / 3 each; MEM_FRACTION=stpg=0.45 gives STPG more and splits the rest),
+# (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.9 / 3 each by default, MEM_FRACTION=0.3 sets it),
 # computes in DTYPE (bfloat16; parameters stay float32) and loads its batches with data.workers=WORKERS (4): 3 x 4
 # loader processes beside the 3 trainers fit the 16 cores.
 # The per-method wall times overlap: they are not solo times, and the results say so. PARALLEL=0 runs the methods one
@@ -22,9 +22,9 @@
 #   call 1, carry [".whl", ".carry/weights"]:  bash benchmarks/gpu_session.sh   (it keeps both in KEEP)
 #   call 2 at once, carry [".carry/camvid"], timeout_s 540:  STPG_COMMIT=<sha> bash benchmarks/gpu_camvid.sh
 # (A machine that went back in between has lost KEEP: then carry .whl and .carry/weights again and call 1 again.)
-# On 2026-11-27 on an H200 the three 600-step runs took 296 s together (BENCHMARKS.md section 2).
+# On 2026-11-27 on an H200 the three 600-step runs took 296 s together (BENCHMARKS.md, History).
 # Another training seed: EXTRA_OVERRIDES=seed=1,log_every_steps=50 (then camvid_experiment.py --combine with
-# benchmarks/results/camvid_1_8_600steps_h200_seed0.json; BENCHMARKS.md section 2).
+# benchmarks/results/camvid_1_8_600steps_h200_seed0.json).
 #
 # Writes into $OUT (8 files): camvid_results.{md,json}, commands.txt, split_labeled.txt, split.json and the three
 # train logs.

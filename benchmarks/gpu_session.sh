@@ -7,15 +7,13 @@
 #     STPG_COMMIT=<git rev-parse --short HEAD> bash benchmarks/gpu_session.sh
 #
 # Writes into $OUT: nvidia_smi.txt, step_time_bf16.{json,log}, step_time_f32.{json,log}, and profile_bf16.tgz with
-# PROFILE_TGZ=1. bfloat16 runs first, with the losses-part pieces, the per-network breakdown and (PROFILE=1, the
-# default) a jax.profiler trace of 2 steps summarised by benchmarks/profile_summary.py into the log and the JSON,
-# then the loop with the host matching after each step, waiting for it and started ahead (a few seconds).
+# PROFILE_TGZ=1. bfloat16 runs first, with (PROFILE=1, the default) a jax.profiler trace of 2 steps whose summary
+# (where the device time goes) step_time.py writes into the log and the JSON; BF16_ARGS adds arguments.
 # float32 runs with the allocator's pool capped at F32_POOL_GIB (default 37.25 GiB = 40 GB, the memory
 # target; 0 = no cap), so a run that completes shows the float32 VOC step fits in 40 GB; F32_REMAT=1 runs it with
-# model.remat=True (activations recomputed in the backward pass). Each run writes its JSON
-# after every phase (the profile right after the timed steps), so a run stopped by its timeout keeps what it
-# measured; BF16_ARGS (default --breakdown) adds the optional phases. AB_OVERRIDES (e.g.
-# model.bn_backward=closed_form) times bfloat16 once more with those config overrides (no profile), before float32.
+# model.remat=True (activations recomputed in the backward pass). Each run writes its JSON after every phase, so a
+# run stopped by its timeout keeps what it measured. AB_OVERRIDES (e.g. model.bn_statistics=joined) times bfloat16
+# once more with those config overrides (no profile), before float32.
 # BUDGET_S (default 300 s) bounds the whole script (on the H200 at de77a35 each process took about 35 s to
 # initialise and 70 s to compile, so bfloat16 with its profile needed 150 s and float32 another 125 s); what is left
 # of it at the end times the evaluation protocol.
@@ -63,7 +61,7 @@ echo "setup took $((SECONDS - START))s"
 
 left() { echo $((BUDGET_S - (SECONDS - START))); }
 
-BF16_ARGS=${BF16_ARGS:---breakdown}  # e.g. "--parts none" for a short call that only needs the profile
+BF16_ARGS=${BF16_ARGS:-}
 PROFILE_ARGS=()
 [ "${PROFILE:-1}" = 1 ] && PROFILE_ARGS=(--profile /tmp/stpg_profile --profile_steps 2)
 T=$(( $(left) - 80 )); [ "$T" -gt 170 ] && T=170
@@ -79,7 +77,7 @@ if [ -n "${AB_OVERRIDES:-}" ]; then
   if [ "$T" -gt 90 ]; then
     echo "== bfloat16 with $AB_OVERRIDES (timeout ${T}s)"
     timeout -k 5 "$T" python3 benchmarks/step_time.py --config="$CONFIG,$AB_OVERRIDES" $STEP_ARGS --dtypes bfloat16 \
-      --steps 30 --warmup 5 --parts none --no_matching_loop --out "$OUT/step_time_bf16_ab.json" 2>&1 \
+      --steps 30 --warmup 5 --out "$OUT/step_time_bf16_ab.json" 2>&1 \
       | tee "$OUT/step_time_bf16_ab.log"
   else
     echo "== bfloat16 with $AB_OVERRIDES skipped: ${T}s left for it"
@@ -100,12 +98,12 @@ if [ "$T" -gt 30 ]; then
   echo "== float32 (timeout ${T}s)"
   F32_CONFIG=$CONFIG; [ "${F32_REMAT:-0}" = 1 ] && F32_CONFIG="$CONFIG,model.remat=True"
   env ${FRACTION:+XLA_PYTHON_CLIENT_MEM_FRACTION=$FRACTION} timeout -k 5 "$T" python3 benchmarks/step_time.py --config="$F32_CONFIG" $STEP_ARGS --dtypes float32 \
-    --steps 20 --warmup 3 --parts none --out "$OUT/step_time_f32.json" 2>&1 | tee "$OUT/step_time_f32.log"
+    --steps 20 --warmup 3 --out "$OUT/step_time_f32.json" 2>&1 | tee "$OUT/step_time_f32.log"
   echo "float32 exit status ${PIPESTATUS[0]} (non-zero with RESOURCE_EXHAUSTED above = does not fit the pool)"
 else
   echo "== float32 skipped: ${T}s left"
 fi
-# Last, with what time is left: the evaluation protocol's throughput (benchmarks/eval_speed.py, BENCHMARKS.md §6) on
+# Last, with what time is left: the evaluation protocol's throughput (benchmarks/eval_speed.py) on
 # VOC-sized images, one window each (EVAL_CONFIG / EVAL_ARGS to change it).
 T=$(( $(left) - 5 ))
 if [ "$T" -gt 60 ]; then

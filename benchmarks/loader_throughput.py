@@ -1,36 +1,38 @@
-"""Input-pipeline throughput: can the training loader feed the step? (No accelerator involved.)
+"""Input-pipeline throughput: how fast the training loader (``stpg_jax.data.make_train_loader``: decode, random
+scale, crop, flip; for STPG the labelled batch and both unlabelled streams) delivers batches, per ``data.workers``.
 
     python benchmarks/loader_throughput.py --config=configs/camvid.py:1_8 --workers 0,2,4 --batches 40
-    python benchmarks/loader_throughput.py --config=configs/demo.py --workers 0 --batches 5     # synthetic, seconds
 
-Builds the config's dataset (preparing it into ``data.data_dir`` on first use, as training does) and the very loader
-``train_and_evaluate`` uses (``stpg_jax.data.make_train_loader``: decode, random scale, crop, flip; for STPG the
-labelled batch and both unlabelled streams), then for each worker count times ``--batches`` batches after
-``--warmup`` (which absorbs the start of the worker processes). It reports batches/s, decoded images/s, and the
-fastest step time each worker count can feed. Compare that with the step time of ``benchmarks/step_time.py`` on the
-same config to choose ``data.workers``: a loader slower than the step leaves the accelerator waiting.
+The mean time per batch is the shortest step the loader can keep fed; set it against step_time.py's step.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import os
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import arg_parser, finish, load_config, report_header, run_cli
 
-from step_time import git_commit, load_config, run_cli, write_json  # noqa: E402  (the sibling script)
+from stpg_jax.data import DataError, build_data, make_train_loader
+from stpg_jax.host import tune_malloc
 
-from stpg_jax.data import DataError, build_data, make_train_loader  # noqa: E402
-from stpg_jax.host import tune_malloc  # noqa: E402
+
+def parse_args(argv=None):
+    p = arg_parser(__doc__, "configs/camvid.py:1_8")
+    p.add_argument("--workers", default="0,2,4", help="comma-separated data.workers values to time")
+    p.add_argument("--batches", type=int, default=40, help="timed batches per worker count")
+    p.add_argument("--warmup", type=int, default=3, help="untimed batches first (worker start-up)")
+    args = p.parse_args(argv)
+    try:
+        args.worker_list = [int(w) for w in args.workers.split(",") if w.strip()]
+    except ValueError:
+        p.error(f"--workers must be comma-separated integers, got {args.workers!r}")
+    if not args.worker_list or min(args.worker_list) < 0:
+        p.error(f"--workers must list counts >= 0, got {args.workers!r}")
+    if args.batches < 1 or args.warmup < 1:
+        p.error("--batches and --warmup must be >= 1")
+    return args
 
 
 def images_per_batch(batch: dict) -> int:
@@ -80,26 +82,6 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/camvid.py:1_8",
-                   help="config file, with the split and overrides after ':' (as launch.py takes it)")
-    p.add_argument("--workers", default="0,2,4", help="comma-separated data.workers values to time")
-    p.add_argument("--batches", type=int, default=40, help="timed batches per worker count")
-    p.add_argument("--warmup", type=int, default=3, help="untimed batches first (worker start-up)")
-    p.add_argument("--out", default="", help="write the results as JSON here")
-    args = p.parse_args(argv)
-    try:
-        args.worker_list = [int(w) for w in args.workers.split(",") if w.strip()]
-    except ValueError:
-        p.error(f"--workers must be comma-separated integers, got {args.workers!r}")
-    if not args.worker_list or min(args.worker_list) < 0:
-        p.error(f"--workers must list counts >= 0, got {args.workers!r}")
-    if args.batches < 1 or args.warmup < 1:
-        p.error("--batches and --warmup must be >= 1")
-    return args
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     tune_malloc()
@@ -117,20 +99,8 @@ def main(argv=None) -> dict:
         rows.append(r)
         print(f"  workers={workers}: {r['batches_per_s']:.2f} batches/s, {r['images_per_s']:.1f} images/s "
               f"(first batch after {r['first_batch_s']:.1f}s)", flush=True)
-    report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git_commit(),
-        "host": f"{platform.node()} ({os.cpu_count()} CPUs)",
-        "command": "python benchmarks/loader_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "config": args.config,
-        "results": rows,
-    }
-    print(f"\n{report['date']} | commit {report['commit']} | host {report['host']}\ncommand: {report['command']}\n")
-    print(markdown_table(rows), flush=True)
-    if args.out:
-        write_json(args.out, report)
-        print(f"wrote {args.out}")
-    return report
+    report = {**report_header("loader_throughput.py", argv), "config": args.config, "results": rows}
+    return finish(report, markdown_table(rows), args.out)
 
 
 if __name__ == "__main__":

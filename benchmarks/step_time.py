@@ -1,149 +1,57 @@
-"""Step-time, memory and FLOP benchmark of the real STPG training step (issue 7).
+"""Time, memory and FLOPs of the real training step, and with --profile where its device time goes.
 
-    python benchmarks/step_time.py --config=configs/voc_blender.py:1_4 --dtypes float32,bfloat16 --out step_time.json
-    python benchmarks/step_time.py --tiny --steps 3 --warmup 1 --dtypes float32     # CPU smoke test, < 1 min
+    python benchmarks/step_time.py --config=configs/voc_blender.py:1_4        # float32 and bfloat16, own processes
+    python benchmarks/step_time.py --tiny --dtypes float32 --steps 3 --warmup 1  # a CPU smoke test
+    python benchmarks/step_time.py --dtypes bfloat16 --profile /tmp/prof       # + a jax.profiler trace, summarised
 
-For each compute dtype it builds the step of the config's mode exactly as the trainer does (same model, optimiser,
-settings, jit shardings and state donation: the STPG step keeps its input when the trainer would start steps ahead
-of the host matching) on random batches of the config's shapes, with the state's step counter
-set past the bank / contrastive / proximity starts so that the timed step runs the whole method. It reports:
-
-- compile time: ``lower`` and ``compile`` timed separately (the persistent compilation cache is switched off);
-- step time: median / p10 / p90 over ``--steps`` steps after ``--warmup``, each synchronised with
-  ``block_until_ready`` on the new state and metrics, plus the mean of the same number of back-to-back steps with
-  one synchronisation at the end (what training sees, since the loop does not wait every step);
-- steps/s and images/s (labelled + 2 × unlabelled images per STPG step);
-- peak device memory (``peak_bytes_in_use``; each dtype runs in its own process so the peaks do not mix) and XLA's
-  static memory analysis of the compiled step;
-- FLOPs per step from XLA's cost analysis, achieved TFLOP/s and MFU against the chip's dense peak (bf16 for
-  bfloat16 compute, tf32 for float32 compute, which is what XLA uses for float32 convolutions on Hopper);
-- the selection + weighted-CE + contrastive + prototype/memory-bank part alone, jitted on its own at the step's
-  sizes, and its share of the step. Inside the step XLA may fuse it with its neighbours, so the share is a close
-  estimate, not an exact slice of the step;
-- for STPG, back-to-back steps with the Hungarian matching on the host after each, as in the matching phase of
-  training: waiting for every matching, and starting each step ahead of it (``stpg_jax.host_matching``).
-
-Nothing here reads data or weights: the backbone is randomly initialised (its cost does not depend on the values).
+The step of the config's mode is built as the Trainer builds it and run on random batches of the config's shapes,
+its step counter past every schedule start so that the whole method runs; nothing reads data or weights.
+BENCHMARKS.md says what each figure means and holds the ones measured.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import importlib.util
+import gzip
 import json
 import math
 import os
-import platform
+import re
 import subprocess
 import sys
+import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as `python benchmarks/step_time.py` from a checkout without installing
-    sys.path.insert(0, str(REPO))
+from common import (TINY_NETWORK, arg_parser, finish, load_config, log, names_of, num_classes_of, report_header,
+                    run_cli, write_json)
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import profile_summary  # noqa: E402  (the sibling script)
+from stpg_jax.host_matching import assignment_arrays  # the step's third argument, as the training loop passes it
 
-# A tiny network and crop that runs on a laptop CPU in well under a minute (CI smoke test).
-TINY_OVERRIDES = (
-    "model.stage_blocks=(1,1,1,1),model.width=8,model.aspp_channels=16,model.decoder_channels=16,"
-    "model.low_level_channels=8,model.proj_dim=16,model.output_stride=8,data.crop_size=64,"
-    "data.batch_labeled=2,data.batch_unlabeled=2,stpg.bank_capacity=32,stpg.bank_k=4"
-)
+# The tiny network at crop 64, batch 2 + 2: the step in under a minute on a CPU (the CI smoke test).
+TINY_OVERRIDES = (f"{TINY_NETWORK},data.crop_size=64,data.batch_labeled=2,data.batch_unlabeled=2,"
+                  "stpg.bank_capacity=32,stpg.bank_k=4")
 
 # Dense peak TFLOP/s (no sparsity) by jax's device_kind: (bfloat16, float32 compute as tf32). Datasheet figures.
-PEAK_TFLOPS = {
-    "NVIDIA H100 80GB HBM3": (989.4, 494.7),  # H100 SXM5
-    "NVIDIA H100": (989.4, 494.7),
-    "NVIDIA H100 PCIe": (756.0, 378.0),
-    "NVIDIA H100 NVL": (835.0, 417.5),
-    "NVIDIA H200": (989.4, 494.7),
-    "NVIDIA H200 NVL": (835.0, 417.5),
-    "NVIDIA A100-SXM4-80GB": (312.0, 156.0),
-    "NVIDIA A100-SXM4-40GB": (312.0, 156.0),
-    "NVIDIA A100 80GB PCIe": (312.0, 156.0),
-    "NVIDIA A100-PCIE-40GB": (312.0, 156.0),
-}
-
-NUM_CLASSES = {"voc": 21, "cityscapes": 19, "camvid": 11, "synthetic": 11}
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
-
-
-
-def assignment_arrays(state):
-    """The step's third argument, as the training loop passes it (imported late: JAX is set up first)."""
-    from stpg_jax.host_matching import assignment_arrays as arrays
-
-    return arrays(state)
-
-# ----------------------------------------------------------------------------------------------------------------
-# Config
-
-
-def load_config(spec: str, extra_overrides: str = ""):
-    """``path.py[:arg]`` → ``get_config(arg)``, as ml_collections' config_flags does; extra overrides appended."""
-    path, _, arg = spec.partition(":")
-    if extra_overrides:
-        arg = f"{arg},{extra_overrides}" if arg else extra_overrides
-    file = Path(path)
-    if not file.is_file() and (REPO / path).is_file():
-        file = REPO / path
-    if not file.is_file():
-        raise FileNotFoundError(f"--config: no such config file {path!r}")
-    module_spec = importlib.util.spec_from_file_location(f"_bench_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
-
-
-def num_classes_of(config, override: int = 0) -> int:
-    if override:
-        return override
-    if len(config.data.class_names):
-        return len(config.data.class_names)
-    if config.data.dataset in NUM_CLASSES:
-        return NUM_CLASSES[config.data.dataset]
-    raise ValueError(f"dataset {config.data.dataset!r}: pass --num_classes")
+PEAK_TFLOPS = {kind: peaks for kinds, peaks in (
+    (("NVIDIA H100 80GB HBM3", "NVIDIA H100", "NVIDIA H200"), (989.4, 494.7)),  # SXM
+    (("NVIDIA H100 NVL", "NVIDIA H200 NVL"), (835.0, 417.5)),
+    (("NVIDIA H100 PCIe",), (756.0, 378.0)),
+    (("NVIDIA A100-SXM4-80GB", "NVIDIA A100-SXM4-40GB", "NVIDIA A100 80GB PCIe", "NVIDIA A100-PCIE-40GB"),
+     (312.0, 156.0)),
+) for kind in kinds}
 
 
 def peak_tflops(device_kind: str, dtype: str):
     peaks = PEAK_TFLOPS.get(device_kind)
-    if peaks is None:
-        return None
-    return peaks[0] if dtype == "bfloat16" else peaks[1]
+    return None if peaks is None else peaks[0] if dtype == "bfloat16" else peaks[1]
 
 
-def git_commit(repo: Path = REPO) -> str:
-    """The checkout's short commit, with ``-dirty`` when tracked files differ from it ($STPG_COMMIT wins).
-
-    A figure measured with uncommitted changes then says so instead of naming a commit that did not produce it.
-    """
-    if os.environ.get("STPG_COMMIT"):
-        return os.environ["STPG_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
-                             timeout=10)
-        commit = out.stdout.strip()
-        if not commit:
-            return "unknown"
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=repo, capture_output=True, timeout=30)
-        return commit + ("-dirty" if dirty.returncode == 1 else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Measurement helpers
+# Measurement
 
 
 def percentiles(times_s):
@@ -152,11 +60,11 @@ def percentiles(times_s):
             "p90_ms": float(np.percentile(t, 90)), "min_ms": float(np.min(t)), "n": int(t.size)}
 
 
-def time_synchronised(fn, args_cycle, steps: int, warmup: int):
-    """Calls ``fn(*args)`` with each call synchronised; returns per-call seconds after the warm-up."""
+def time_synchronised(fn, args_of, steps: int, warmup: int):
+    """Seconds of each call ``fn(*args_of(i))`` after ``warmup`` calls, each synchronised."""
     times = []
     for i in range(warmup + steps):
-        args = args_cycle(i)
+        args = args_of(i)
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         if i >= warmup:
@@ -165,25 +73,19 @@ def time_synchronised(fn, args_cycle, steps: int, warmup: int):
 
 
 def flops_of(compiled_or_lowered):
-    """Total 'flops' from XLA's cost analysis; it is a dict in newer JAX, a list of per-module dicts in older."""
+    """Total 'flops' of XLA's cost analysis (a dict in newer JAX, a list of per-module dicts in older)."""
     try:
         analysis = compiled_or_lowered.cost_analysis()
     except Exception:  # noqa: BLE001 - some backends do not implement it
         return None
-    if analysis is None:
-        return None
-    if isinstance(analysis, dict):
-        analysis = [analysis]
+    analysis = [analysis] if isinstance(analysis, dict) else analysis or []
     total = sum(float(a.get("flops", 0.0)) for a in analysis if a)
     return total if total > 0 else None
 
 
 def model_flops_per_step(step_fn, state, batch):
-    """FLOPs of one step from XLA's cost analysis of the step lowered for the host CPU from abstract shapes.
-
-    The GPU's compiled cost analysis leaves out the cuDNN convolutions (custom calls), which are nearly all of the
-    work, so MFU uses this hardware-independent count of the program's operations instead.
-    """
+    """FLOPs of one step from the cost analysis of the step lowered for the host CPU from abstract shapes: the
+    GPU's compiled analysis leaves out the cuDNN convolutions (custom calls), nearly all of the work."""
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
                                       (state, batch, assignment_arrays(state)))
@@ -194,11 +96,11 @@ def model_flops_per_step(step_fn, state, batch):
 
 
 def memory_analysis_of(compiled):
+    """XLA's static memory analysis of a compiled program, with its total (arguments + outputs − aliased +
+    temporaries); None where the backend has none."""
     try:
         m = compiled.memory_analysis()
     except Exception:  # noqa: BLE001
-        return None
-    if m is None:
         return None
     fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
               "generated_code_size_in_bytes")
@@ -206,7 +108,7 @@ def memory_analysis_of(compiled):
     if {"argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"} <= out.keys():
         out["total_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
                               - out.get("alias_size_in_bytes", 0) + out["temp_size_in_bytes"])
-    return out
+    return out or None
 
 
 def memory_stat(devices, key: str):
@@ -223,15 +125,6 @@ def memory_stat(devices, key: str):
     return max(values) if values else None
 
 
-def peak_memory_bytes(devices):
-    return memory_stat(devices, "peak_bytes_in_use")
-
-
-def bytes_in_use(devices):
-    return memory_stat(devices, "bytes_in_use")
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The real step
 
 
@@ -287,6 +180,7 @@ def build(config, num_classes: int, num_devices: int, batch_groups: int = 0):
                 same_step=same_step_matching(c))
 
 
+
 def random_batches(config, num_classes: int, batch_sharding, count: int = 2, seed: int = 0):
     rng = np.random.default_rng(seed)
     s, bl, bu = config.data.crop_size, config.data.batch_labeled, config.data.batch_unlabeled
@@ -302,192 +196,235 @@ def random_batches(config, num_classes: int, batch_sharding, count: int = 2, see
     return batches
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The selection + contrastive + memory-bank part alone
+# Optimised HLO, and where a profiled step's device time goes
+
+_HEAD = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
+_OPCODE = re.compile(r"([a-z][\w\-]*)\(")
+_COMPUTATION = re.compile(r"^\s*(ENTRY\s+)?%?([\w.\-]+)\s*[({]")
+_ATTRS = {"kind": r"\bkind=(k\w+)", "target": r'custom_call_target="([^"]+)"', "calls": r"\bcalls=%?([\w.\-]+)",
+          "backend": r'"(?:kind|name)":"(__[\w$]+)"'}
 
 
-def losses_part_functions(settings, num_classes: int, bl: int, bu: int, crop: int, feat_hw, dim: int,
-                          bank_capacity: int):
-    """Jitted pieces of the method-specific losses at the step's sizes, and random inputs for them.
-
-    Per step the STPG step runs: selection on the Pro-Student's (Bu,S,S) predictions; two weighted CEs on (Bu,S,S,C)
-    logits, forward and backward to the logits; the dual contrastive loss on the labelled (Bl·h·w, D) and the
-    unlabelled (Bu·h·w, D) features, forward and backward to the features; prototypes and the memory bank from the
-    teacher's labelled (Bl·h·w, D) features.
-    """
-    from stpg_jax import losses
-
-    h, w = feat_hw
-    s = settings
-    key = jax.random.PRNGKey(3)
-    ks = jax.random.split(key, 12)
-    c = num_classes
-    inputs = dict(
-        g_u=jax.random.normal(ks[0], (bu, crop, crop, c), jnp.float32),
-        p_u=jax.random.normal(ks[1], (bu, crop, crop, c), jnp.float32),
-        gen_target=jax.random.randint(ks[2], (bu, crop, crop), 0, c),
-        pro_target=jax.random.randint(ks[3], (bu, crop, crop), 0, c),
-        gen_conf=jax.random.uniform(ks[4], (bu, crop, crop)),
-        pro_conf=jax.random.uniform(ks[5], (bu, crop, crop)),
-        feats=jax.random.normal(ks[6], (bl + bu, h, w, dim), jnp.float32),
-        y=jax.random.randint(ks[7], (bl, crop, crop), 0, c),
-        yhat_p=jax.random.randint(ks[8], (bu, crop, crop), 0, c),
-        teacher_feats=jax.random.normal(ks[9], (bl, h, w, dim), jnp.float32),
-        # Confident teacher logits so that a realistic share of pixels are bank candidates.
-        teacher_logits=8.0 * jax.random.normal(ks[10], (bl, h, w, c), jnp.float32),
-        anchors=losses.init_prototypes(ks[11], c, dim),
-        prototypes=losses.init_prototypes(ks[0], c, dim),
-        bank=losses.init_memory_bank(c, bank_capacity, dim)._replace(
-            features=jax.random.normal(ks[1], (c, bank_capacity, dim), jnp.float32),
-            count=jnp.full((c,), bank_capacity, jnp.int32)),
-    )
-
-    def selection(x):
-        pi = jnp.argmax(x["p_u"], axis=-1)
-        return losses.select_pixels(x["pro_target"], pi, c, variant=s.selection)["keep"]
-
-    def weighted_ce(x, keep):
-        def f(g_u, p_u):
-            return (losses.weighted_cross_entropy(g_u, x["gen_target"], x["gen_conf"], s.ignore_index)
-                    + losses.weighted_cross_entropy(p_u, x["pro_target"], x["pro_conf"] * keep, s.ignore_index))
-        return jax.value_and_grad(f, argnums=(0, 1))(x["g_u"], x["p_u"])
-
-    def contrastive(x):
-        def f(feats):
-            y_small = losses.nearest_resize(x["y"], (h, w))
-            p_small = losses.nearest_resize(x["yhat_p"], (h, w))
-            args = dict(num_classes=c, ignore_index=s.ignore_index, temperature=s.contrastive_temperature)
-            lab = losses.dual_contrastive_loss(feats[:bl].reshape(-1, dim), y_small.reshape(-1), x["anchors"],
-                                               x["bank"].features, x["bank"].count, **args)
-            unl = losses.dual_contrastive_loss(feats[bl:].reshape(-1, dim), p_small.reshape(-1), x["anchors"],
-                                               x["bank"].features, x["bank"].count, **args)
-            return s.contrastive_weight * (lab + unl)
-        return jax.value_and_grad(f)(x["feats"])
-
-    def bank(x):
-        y_small = losses.nearest_resize(x["y"], (h, w))
-        probs = jax.nn.softmax(x["teacher_logits"], axis=-1)
-        cand = losses.bank_candidates(probs, y_small, s.bank_confidence, s.ignore_index).reshape(-1)
-        flat_feats, flat_labels = x["teacher_feats"].reshape(-1, dim), y_small.reshape(-1)
-        protos = losses.update_prototypes(x["prototypes"], flat_feats, flat_labels, cand, s.prototype_momentum)
-        new_bank = losses.update_memory_bank(x["bank"], flat_feats, flat_labels, cand, x["anchors"], s.bank_n_add,
-                                             jnp.asarray(True))
-        return protos, new_bank
-
-    def combined(x):
-        keep = selection(x)
-        return weighted_ce(x, keep), contrastive(x), bank(x)
-
-    keep_fixed = jnp.ones((bu, crop, crop), jnp.float32)
-    parts = {
-        "selection": jax.jit(selection),
-        "weighted_ce_fwd_bwd": jax.jit(lambda x: weighted_ce(x, keep_fixed)),
-        "contrastive_fwd_bwd": jax.jit(contrastive),
-        "prototypes_and_bank": jax.jit(bank),
-        "all": jax.jit(combined),
-    }
-    return parts, inputs
+def _closing(text: str, start: int) -> int:
+    """Index of the bracket closing the one at ``start``."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += text[i] in "({"
+        depth -= text[i] in ")}"
+        if depth == 0:
+            return i
+    return len(text) - 1
 
 
-def network_breakdown(b, state, batch, config, steps: int) -> dict:
-    """Times one network's passes as the step runs them, to say what dominates a step.
-
-    teacher_forward: one teacher on [u0, u1, x_l] (2·Bu + Bl images, train-mode BatchNorm, no gradient);
-    student_forward_backward: one student's loss and gradient on [x_l, u_mix] (Bl + Bu images, a plain CE on
-    random targets, so the network's cost without the method's losses). STPG runs two of each per step.
-    """
-    model = b["model"]
-    net = state.gen_student
-    x_l = batch["image"]
-    u0, u1 = batch.get("unlabeled0", x_l[:0]), batch.get("unlabeled1", x_l[:0])
-    teacher_in = jnp.concatenate([u0, u1, x_l]).astype(jnp.float32) / 255.0
-    student_in = jnp.concatenate([x_l, u0]).astype(jnp.float32) / 255.0
-    targets = jnp.concatenate([batch["label"], batch["label"][: u0.shape[0]]])
-    targets = jnp.where(targets == config.data.ignore_index, 0, targets)
-
-    @jax.jit
-    def teacher_forward(params, batch_stats, images):
-        out, mutated = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
-                                   rngs={"dropout": jax.random.PRNGKey(0)}, mutable=["batch_stats"])
-        return out["logits"], out["features"], mutated["batch_stats"]
-
-    @jax.jit
-    def student_forward_backward(params, batch_stats, images, labels):
-        def loss_fn(p):
-            out, mutated = model.apply({"params": p, "batch_stats": batch_stats}, images, train=True,
-                                       rngs={"dropout": jax.random.PRNGKey(0)}, mutable=["batch_stats"])
-            logp = jax.nn.log_softmax(out["logits"], axis=-1)
-            nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)
-            return jnp.mean(nll) + 1e-3 * jnp.mean(out["features"] ** 2), mutated["batch_stats"]
-        return jax.value_and_grad(loss_fn, has_aux=True)(params)
-
-    result = {}
-    for name, fn, args in (("teacher_forward", teacher_forward, (net.params, net.batch_stats, teacher_in)),
-                           ("student_forward_backward", student_forward_backward,
-                            (net.params, net.batch_stats, student_in, targets))):
-        jax.block_until_ready(fn(*args))  # compile
-        result[name] = percentiles(time_synchronised(fn, lambda i: args, max(steps, 10), 3))
-    return result
+def parse_instruction(line: str) -> dict | None:
+    """One HLO instruction line: name, result shape, opcode, operand names, the attributes after the operands,
+    and the fusion kind, custom-call target, called computation and backend kind found among them."""
+    head = _HEAD.match(line)
+    if not head:
+        return None
+    rest = line[head.end():]
+    if rest.startswith("("):  # a tuple shape
+        end = _closing(rest, 0)
+        shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
+    else:
+        shape, _, rest = rest.partition(" ")
+    opcode = _OPCODE.match(rest)
+    if not opcode:
+        return None
+    end = _closing(rest, opcode.end() - 1)
+    attrs = rest[end + 1:]
+    ins = {"name": head[1], "shape": shape, "op": opcode[1], "attrs": attrs,
+           "operands": re.findall(r"%([\w.\-]+)", rest[opcode.end() - 1:end + 1])}
+    for key, pattern in _ATTRS.items():
+        found = re.search(pattern, attrs)
+        ins[key] = found[1] if found else ""
+    return ins
 
 
-# ----------------------------------------------------------------------------------------------------------------
+class Hlo:
+    """Optimised HLO text (``compiled.as_text()``): each computation's instructions, and the entry's name."""
+
+    def __init__(self, text: str):
+        self.computations, self.entry, current = {}, None, None
+        for line in text.splitlines():
+            if line.rstrip().endswith("{") and not _HEAD.match(line):
+                header = _COMPUTATION.match(line)
+                if header and not line.lstrip().startswith("HloModule"):
+                    current = header[2]
+                    self.computations[current] = []
+                    self.entry = current if header[1] else self.entry
+                continue
+            ins = parse_instruction(line) if current is not None else None
+            if ins:
+                self.computations[current].append(ins)
+        if self.entry is None:
+            raise ValueError("no ENTRY computation in the HLO text (expected the optimised HLO of a compiled program)")
+        self.instructions = {i["name"]: i for body in self.computations.values() for i in body}
+
+    def inside(self, ins: dict) -> set:
+        """Opcodes (and ``custom-call:<target>``) of the computation that a fusion or call runs."""
+        body = self.computations.get(ins["calls"], ())
+        return {i["op"] for i in body} | {"custom-call:" + i["target"] for i in body if i["target"]}
+
+
+def categorize(name: str, kernel: str = "", hlo: Hlo | None = None) -> str:
+    """The category of HLO instruction ``name`` (from its opcode, fusion kind, custom-call target and fused body),
+    or of a kernel known by its name only (a library kernel inside a CUDA-graph command buffer)."""
+    kernel = kernel.lower()
+    if kernel.startswith(("memcpy", "memset")):
+        return "memcpy / memset"
+    ins = hlo.instructions.get(name) if hlo else None
+    if ins is None:
+        names = f"{name.lower()} {kernel}"
+        return ("convolution" if any(t in names for t in ("conv", "fprop", "dgrad", "wgrad")) else
+                "matmul" if any(t in names for t in ("gemm", "cublas", "dot")) else "other")
+    op, target, inside = ins["op"], (ins["target"] + ins["backend"]).lower(), hlo.inside(ins)
+    if op == "convolution" or "conv" in target or "convolution" in inside or any("cudnn$conv" in o for o in inside):
+        return "convolution"
+    if op == "dot" or any(t in target for t in ("gemm", "matmul", "cublas", "triton")) or "dot" in inside:
+        return "matmul"
+    if op in ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all") or op.endswith(
+            ("-start", "-done")):
+        return "collective"
+    for kind in ("scatter", "gather"):
+        if op == kind or kind in inside:
+            return kind
+    if op in ("copy", "transpose") or ins["kind"] == "kLoop" and inside and inside <= {
+            "copy", "transpose", "parameter", "bitcast"}:
+        return "copy / transpose"
+    if op.startswith("reduce") or ins["kind"] == "kInput" or any(o.startswith("reduce") for o in inside):
+        return "reduction fusion"
+    return "elementwise fusion" if op == "fusion" or ins["kind"] == "kLoop" else "other"
+
+
+def find_trace(path) -> Path:
+    """The newest ``*.trace.json.gz`` that ``jax.profiler.trace`` wrote under ``path``."""
+    found = sorted(Path(path).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    found = [p for p in found if not p.name.startswith("perfetto")] or found
+    if not found:
+        raise FileNotFoundError(f"no *.trace.json.gz under {path} (was it written by jax.profiler.trace?)")
+    return found[-1]
+
+
+def device_events(events: list[dict]) -> tuple[list[dict], str]:
+    """The device's kernel events: a GPU's ``Stream #…`` lines; on a CPU, which has no device lines, the XLA
+    thunks (host events that carry an ``hlo_op``)."""
+    names = {(e["pid"], e.get("tid") if e["name"] == "thread_name" else None): e["args"].get("name", "")
+             for e in events if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")}
+    complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    kernels = [e for e in complete if re.match(r"/device:(GPU|TPU)", names.get((e["pid"], None), ""))
+               and names.get((e["pid"], e.get("tid")), "").lower().startswith("stream")]
+    if kernels:
+        return kernels, "gpu"
+    return [e for e in complete if (e.get("args") or {}).get("hlo_op") and not e["name"].startswith("end:")], "host"
+
+
+def _instruction_of(event: dict, hlo: Hlo | None) -> tuple[str, bool]:
+    """The HLO instruction that launched a kernel, and whether it ran inside a CUDA-graph command buffer: a graph's
+    kernels carry the graph's name, so each goes under its own instruction (kernel ``fusion_7`` = ``fusion.7``), a
+    library kernel under its own name."""
+    op = (event.get("args") or {}).get("hlo_op") or event["name"]
+    if not op.startswith("command_buffer"):
+        return op, False
+    kernel, known = event["name"], hlo.instructions if hlo else {}
+    numbered = re.fullmatch(r"(.+)_(\d+)", kernel)
+    if kernel not in known and numbered and f"{numbered[1]}.{numbered[2]}" in known:
+        return f"{numbered[1]}.{numbered[2]}", True
+    return kernel, True
+
+
+def summarize_profile(trace_dir, hlo_text: str | None = None, steps: int | None = None, top: int = 15) -> dict:
+    """Kernel time per step by category and by instruction, busy time (overlapping kernels counted once) and the
+    annotated steps' wall time. A memset or memcpy that an instruction issues before its kernel (a cuDNN
+    convolution zeroing its output) counts as ``memcpy / memset``, the rest under the instruction's category."""
+    trace = find_trace(trace_dir)
+    with gzip.open(trace, "rt") as f:
+        data = json.load(f)
+    all_events = data["traceEvents"] if isinstance(data, dict) else data
+    events, source = device_events(all_events)
+    hlo = Hlo(hlo_text) if hlo_text else None
+    walls = [e["dur"] / 1e3 for e in all_events if e.get("ph") == "X" and "dur" in e
+             and e.get("name", "").startswith("train_step")]
+    steps = steps or len(walls) or 1
+    by_op = defaultdict(lambda: {"us": 0.0, "count": 0, "kernel": "", "memset_us": 0.0, "memset_kernel": ""})
+    intervals, graph_us = [], 0.0
+    for e in events:
+        op, in_graph = _instruction_of(e, hlo)
+        entry, dur = by_op[op], float(e["dur"])
+        graph_us += dur if in_graph else 0.0
+        entry["us"] += dur
+        entry["count"] += 1
+        if e["name"].lower().startswith(("memset", "memcpy")):
+            entry["memset_us"] += dur
+            entry["memset_kernel"] = entry["memset_kernel"] or e["name"]
+        elif not entry["kernel"]:
+            entry["kernel"] = e["name"]
+        intervals.append((float(e["ts"]), float(e["ts"]) + dur))
+    busy, end = 0.0, -math.inf
+    for a, b in sorted(intervals):
+        busy, end = busy + max(0.0, b - max(a, end)), max(end, b)
+    total = sum(v["us"] for v in by_op.values()) or 1.0
+    categories, ops = defaultdict(float), []
+    for name, v in by_op.items():
+        cat = categorize(name, v["kernel"] or v["memset_kernel"], hlo)
+        categories[cat] += v["us"] - v["memset_us"]
+        categories["memcpy / memset"] += v["memset_us"]
+        ops.append({"op": name, "category": cat, "ms_per_step": v["us"] / steps / 1e3, "share": v["us"] / total,
+                    "kernels_per_step": v["count"] / steps, "kernel": (v["kernel"] or v["memset_kernel"])[:90],
+                    **({"memset_ms_per_step": v["memset_us"] / steps / 1e3} if v["memset_us"] and v["kernel"] else {})})
+    ops.sort(key=lambda o: -o["ms_per_step"])
+    return {"trace": str(trace), "source": source, "steps": steps, "distinct_ops": len(ops),
+            "kernel_ms_per_step": sum(v["us"] for v in by_op.values()) / steps / 1e3,
+            "busy_ms_per_step": busy / steps / 1e3, "command_buffer_ms_per_step": graph_us / steps / 1e3,
+            "step_wall_ms": walls, "top_ops": ops[:top],
+            "categories": {c: {"ms_per_step": us / steps / 1e3, "share": us / total}
+                           for c, us in sorted(categories.items(), key=lambda kv: -kv[1]) if us > 0}}
+
+
+def format_profile(s: dict) -> str:
+    walls = s["step_wall_ms"]
+    source = {"gpu": "device kernels", "host": "host XLA thunks"}[s["source"]]
+    lines = [f"Profile of {s['steps']} step(s) ({source}; {s['distinct_ops']} HLO instructions): kernel time "
+             f"{s['kernel_ms_per_step']:.2f} ms/step, busy {s['busy_ms_per_step']:.2f} ms/step"
+             + (f", step wall {sum(walls) / len(walls):.2f} ms" if walls else "")
+             + (f"; {s['command_buffer_ms_per_step']:.2f} ms/step of it inside CUDA-graph command buffers"
+                if s["command_buffer_ms_per_step"] else ""),
+             "", "| category | ms/step | share of kernel time |", "|---|---:|---:|"]
+    lines += [f"| {name} | {c['ms_per_step']:.2f} | {100 * c['share']:.1f} % |" for name, c in s["categories"].items()]
+    lines += ["", "| HLO instruction | category | ms/step | share | kernels/step | first kernel |",
+              "|---|---|---:|---:|---:|---|"]
+    lines += [f"| {o['op']} | {o['category']} | {o['ms_per_step']:.3f} | {100 * o['share']:.1f} % "
+              f"| {o['kernels_per_step']:.0f} | {o['kernel'].replace('|', '/')} |" for o in s["top_ops"]]
+    return "\n".join(lines)
+
+
 # One dtype
 
 
-def time_matching_loop(compiled, state, batches, steps: int, b, speculate: bool, warmup: int = 3):
-    """Mean ms per step of ``steps`` back-to-back steps with the Hungarian matching on the host after each
-    (stpg_jax.host_matching, as train.py runs it), after ``warmup`` untimed ones (where the first matching of the
-    benchmark's random state changes its assignment)."""
-    from stpg_jax.host_matching import HostMatching, SameStepMatching
-
-    kind = SameStepMatching if b["same_step"] else HostMatching
-    matching = kind(jax.device_get(state.contrast.anchors), b["replicated"], speculate)
-    t0 = ahead = reruns = None
-    metrics = None
-    for i in range(warmup + steps):
-        if i == warmup:
-            state = jax.block_until_ready(state)
-            t0, ahead, reruns = time.perf_counter(), matching.ahead, matching.reruns
-        state, metrics = matching.run(compiled, state, batches[i % len(batches)], True)
-    state = jax.block_until_ready(matching.finish(state, metrics)[0])
-    mean_ms = (time.perf_counter() - t0) / steps * 1e3
-    return state, {"mean_ms": mean_ms, "steps": steps, "ahead": matching.ahead - ahead,
-                   "reruns": matching.reruns - reruns}
-
-
 def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
-    overrides = f"model.dtype={dtype}"
-    if args.tiny:
-        overrides = f"{TINY_OVERRIDES},{overrides}"
-    config = load_config(args.config, overrides)
-    num_classes = num_classes_of(config, args.num_classes)
-    c = config
+    c = load_config(args.config, (f"{TINY_OVERRIDES}," if args.tiny else "") + f"model.dtype={dtype}")
+    num_classes = num_classes_of(c, args.num_classes)
     log(f"[{dtype}] config {args.config} mode={c.mode} dataset={c.data.dataset} classes={num_classes} "
-        f"crop={c.data.crop_size} batch={c.data.batch_labeled}+{c.data.batch_unlabeled} "
-        f"depth={c.model.depth if not len(c.model.stage_blocks) else tuple(c.model.stage_blocks)} "
-        f"width={c.model.width}")
-
+        f"crop={c.data.crop_size} batch={c.data.batch_labeled}+{c.data.batch_unlabeled}")
     t0 = time.perf_counter()
-    b = build(config, num_classes, args.num_devices)
-    log(f"[{dtype}] state initialised in {time.perf_counter() - t0:.1f}s on {len(b['devices'])} device(s) "
-        f"({b['devices'][0].device_kind}); step counter set to {b['start_step']} (past every schedule start)")
-    batches = random_batches(config, num_classes, b["batch_sharding"])
+    b = build(c, num_classes, args.num_devices)
+    devices = b["devices"]
+    log(f"[{dtype}] state initialised in {time.perf_counter() - t0:.1f}s on {len(devices)} device(s) "
+        f"({devices[0].device_kind}); step counter set to {b['start_step']} (past every schedule start)")
+    batches = random_batches(c, num_classes, b["batch_sharding"])
     state = b["state"]
-    peak_after_init = peak_memory_bytes(b["devices"])
+    peak_after_init = memory_stat(devices, "peak_bytes_in_use")
 
     log(f"[{dtype}] compiling the step (lower, then compile)...")
     t0 = time.perf_counter()
     lowered = b["jitted"].lower(state, batches[0], assignment_arrays(state))
-    lower_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    lower_s, t0 = time.perf_counter() - t0, time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     log(f"[{dtype}] lower {lower_s:.1f}s, compile {compile_s:.1f}s")
-    peak_after_compile = peak_memory_bytes(b["devices"])  # XLA's GPU autotuning allocates while compiling
-    flops_compiled = flops_of(compiled)
-    flops_hlo = model_flops_per_step(b["step_fn"], state, batches[0])
+    peak_after_compile = memory_stat(devices, "peak_bytes_in_use")  # XLA's GPU autotuning allocates while compiling
+    flops_compiled, flops_hlo = flops_of(compiled), model_flops_per_step(b["step_fn"], state, batches[0])
     flops = flops_hlo or flops_compiled
-    memory_static = memory_analysis_of(compiled)
 
     log(f"[{dtype}] timing {args.warmup} warm-up + {args.steps} synchronised steps...")
     holder = {"state": state}
@@ -496,61 +433,35 @@ def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
         holder["state"], metrics = compiled(holder["state"], batch, assignment_arrays(holder["state"]))
         return holder["state"], metrics
 
-    times = time_synchronised(one_step, lambda i: (batches[i % len(batches)],), args.steps, args.warmup)
-    stats = percentiles(times)
-    log(f"[{dtype}] median {stats['median_ms']:.2f} ms (p10 {stats['p10_ms']:.2f}, p90 {stats['p90_ms']:.2f})")
-
-    log(f"[{dtype}] timing {args.steps} back-to-back steps (one synchronisation at the end)...")
+    stats = percentiles(time_synchronised(one_step, lambda i: (batches[i % 2],), args.steps, args.warmup))
+    log(f"[{dtype}] median {stats['median_ms']:.2f} ms (p10 {stats['p10_ms']:.2f}, p90 {stats['p90_ms']:.2f}); "
+        f"timing {args.steps} back-to-back steps (one synchronisation at the end)...")
     t0 = time.perf_counter()
-    out = None
     for i in range(args.steps):
-        out = one_step(batches[i % len(batches)])
+        out = one_step(batches[i % 2])
     jax.block_until_ready(out)
     pipelined_ms = (time.perf_counter() - t0) / args.steps * 1e3
-    metrics = jax.device_get(out[1])
-    loss = float(metrics["loss"])
-    step_after = int(jax.device_get(holder["state"].step))
 
-    peak = peak_memory_bytes(b["devices"])
     images = c.data.batch_labeled + (2 * c.data.batch_unlabeled if c.mode != "supervised" else 0)
     median_s = stats["median_ms"] / 1e3
-    kind = b["devices"][0].device_kind
-    peak_tf = peak_tflops(kind, dtype) if b["devices"][0].platform == "gpu" else None
+    peak_tf = peak_tflops(devices[0].device_kind, dtype) if devices[0].platform == "gpu" else None
     achieved = flops / median_s / 1e12 if flops else None
     result = {
-        "dtype": dtype,
-        "mode": c.mode,
-        "num_classes": num_classes,
-        "crop_size": c.data.crop_size,
-        "batch_labeled": c.data.batch_labeled,
-        "batch_unlabeled": c.data.batch_unlabeled,
-        "images_per_step": images,
-        "lower_s": lower_s,
-        "compile_s": compile_s,
-        "step": stats,
-        "pipelined_mean_ms": pipelined_ms,
-        "steps_per_s": 1.0 / median_s,
-        "images_per_s": images / median_s,
-        "peak_memory_bytes": peak,
-        # Where the peak was reached: peak_bytes_in_use only grows, so these say whether initialisation or the
-        # compile (autotuning workspace) rather than the step set it.
-        "peak_memory_after_init_bytes": peak_after_init,
-        "peak_memory_after_compile_bytes": peak_after_compile,
-        "bytes_in_use_after_steps": bytes_in_use(b["devices"]),
-        "memory_limit_bytes": memory_stat(b["devices"], "bytes_limit"),  # the allocator's pool (see MEM_FRACTION)
+        "dtype": dtype, "mode": c.mode, "num_classes": num_classes, "crop_size": c.data.crop_size,
+        "batch_labeled": c.data.batch_labeled, "batch_unlabeled": c.data.batch_unlabeled, "images_per_step": images,
+        "lower_s": lower_s, "compile_s": compile_s, "step": stats, "pipelined_mean_ms": pipelined_ms,
+        "steps_per_s": 1.0 / median_s, "images_per_s": images / median_s,
+        # peak_bytes_in_use only grows: the readings after initialisation and compilation say which phase set it.
+        "peak_memory_bytes": memory_stat(devices, "peak_bytes_in_use"),
+        "peak_memory_after_init_bytes": peak_after_init, "peak_memory_after_compile_bytes": peak_after_compile,
+        "memory_limit_bytes": memory_stat(devices, "bytes_limit"),  # the allocator's pool
         "xla_python_client_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
-        "memory_analysis": memory_static,
-        "flops_per_step": flops,
-        "flops_source": "lowered_hlo_cpu" if flops_hlo else ("compiled" if flops_compiled else None),
-        "flops_per_step_compiled": flops_compiled,
-        "achieved_tflops": achieved,
-        "peak_tflops_per_device": peak_tf,
-        "mfu": achieved / (peak_tf * len(b["devices"])) if achieved and peak_tf else None,
-        "losses_part": {},
-        "losses_part_share": None,
-        "breakdown": {},
-        "final_loss": loss,
-        "step_counter_after": step_after,
+        "memory_analysis": memory_analysis_of(compiled),
+        "flops_per_step": flops, "flops_source": "lowered_hlo_cpu" if flops_hlo else "compiled" if flops else None,
+        "achieved_tflops": achieved, "peak_tflops_per_device": peak_tf,
+        "mfu": achieved / (peak_tf * len(devices)) if achieved and peak_tf else None,
+        "final_loss": float(jax.device_get(out[1])["loss"]),
+        "step_counter_after": int(jax.device_get(holder["state"].step)),
     }
     save(result)  # a later phase that runs out of time leaves these figures behind
 
@@ -560,72 +471,19 @@ def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
         with jax.profiler.trace(trace_dir):
             for i in range(args.profile_steps):
                 with jax.profiler.StepTraceAnnotation("train_step", step_num=i):
-                    holder["state"], out = compiled(holder["state"], batches[i % len(batches)],
-                                                    assignment_arrays(holder["state"]))
-                    jax.block_until_ready(out)
+                    jax.block_until_ready(one_step(batches[i % 2]))
         hlo_text = compiled.as_text()
         Path(trace_dir, "step_hlo.txt").write_text(hlo_text)
         try:
-            summary = profile_summary.summarize(trace_dir, hlo_text, steps=args.profile_steps)
+            result["profile"] = summarize_profile(trace_dir, hlo_text, steps=args.profile_steps)
+            log(f"[{dtype}] trace in {trace_dir}\n" + format_profile(result["profile"]))
         except (OSError, ValueError, KeyError) as e:  # a trace the profiler could not write must not lose the timings
             log(f"[{dtype}] no profile summary: {e}")
-        else:
-            result["profile"] = summary
-            log(f"[{dtype}] trace in {trace_dir}\n" + profile_summary.format_summary(summary))
-        save(result)
-
-    if b["speculates"] and args.matching_loop:
-        log(f"[{dtype}] timing {args.steps} back-to-back steps with the host matching after each, as train.py runs "
-            "the matching phase: waiting for each matching, then starting each step ahead of it...")
-        result["matching_loop"] = {}
-        for speculate in (False, True):
-            holder["state"], timing = time_matching_loop(compiled, holder["state"], batches, args.steps, b, speculate)
-            result["matching_loop"]["speculative" if speculate else "plain"] = timing
-            log(f"[{dtype}]   {'speculative' if speculate else 'plain'}: {timing['mean_ms']:.2f} ms/step "
-                f"({timing['reruns']} of {timing['ahead']} steps started ahead were run again)")
-        save(result)
-
-    # The losses part alone, at the step's sizes.
-    variables = jax.eval_shape(
-        lambda: b["model"].init(jax.random.PRNGKey(0), jnp.zeros((1, c.data.crop_size, c.data.crop_size, 3)),
-                                train=False))
-    out_shape = jax.eval_shape(
-        lambda v: b["model"].apply(v, jnp.zeros((1, c.data.crop_size, c.data.crop_size, 3)), train=False),
-        variables)
-    h, w, dim = out_shape["features"].shape[1:]
-    if c.mode == "stpg" and args.parts != "none":
-        log(f"[{dtype}] timing the selection + contrastive + memory-bank part alone...")
-        parts, inputs = losses_part_functions(b["settings"], num_classes, c.data.batch_labeled,
-                                              c.data.batch_unlabeled, c.data.crop_size, (h, w), dim,
-                                              c.stpg.bank_capacity)
-        if args.parts == "all":
-            parts = {"all": parts["all"]}
-        parts_result = {}
-        for name, fn in parts.items():
-            jax.block_until_ready(fn(inputs))  # compile
-            parts_result[name] = percentiles(time_synchronised(fn, lambda i: (inputs,), max(args.steps, 10), 3))
-        parts_result["sizes"] = {"N_labeled": c.data.batch_labeled * h * w,
-                                 "N_unlabeled": c.data.batch_unlabeled * h * w, "D": int(dim),
-                                 "pixels_unlabeled": c.data.batch_unlabeled * c.data.crop_size ** 2,
-                                 "classes": num_classes, "bank_capacity": c.stpg.bank_capacity,
-                                 "bank_n_add": b["settings"].bank_n_add}
-        result["losses_part"] = parts_result
-        result["losses_part_share"] = parts_result["all"]["median_ms"] / stats["median_ms"]
-        log(f"[{dtype}] losses part {parts_result['all']['median_ms']:.3f} ms, "
-            f"{100 * result['losses_part_share']:.1f}% of the step")
-        save(result)
-
-    if args.breakdown:
-        log(f"[{dtype}] timing one network's passes at the step's batch sizes (breakdown)...")
-        result["breakdown"] = network_breakdown(b, holder["state"], batches[0], c, args.steps)
-        for name, r in result["breakdown"].items():
-            log(f"[{dtype}]   {name}: {r['median_ms']:.2f} ms")
         save(result)
 
     return result
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Report
 
 
@@ -636,161 +494,62 @@ def _fmt(value, spec=".2f", scale=1.0, suffix=""):
 
 
 def markdown_tables(report: dict) -> str:
-    rows = [
-        "| dtype | lower s | compile s | median ms | p10 ms | p90 ms | back-to-back ms | steps/s | images/s | "
-        "peak mem GiB | XLA mem GiB | GFLOP/step | TFLOP/s | MFU | losses part ms | share |",
-        "|---|" + "---:|" * 15,
-    ]
+    rows = ["| dtype | lower s | compile s | median ms | p10 ms | p90 ms | back-to-back ms | images/s | peak mem GiB "
+            "| XLA mem GiB | GFLOP/step | TFLOP/s | MFU |", "|---|" + "---:|" * 12]
     for r in report["results"].values():
-        mem_static = (r["memory_analysis"] or {}).get("total_bytes")
-        part = r["losses_part"].get("all", {}).get("median_ms") if r["losses_part"] else None
         rows.append(
             f"| {r['dtype']} | {_fmt(r['lower_s'], '.1f')} | {_fmt(r['compile_s'], '.1f')} "
             f"| {_fmt(r['step']['median_ms'])} | {_fmt(r['step']['p10_ms'])} | {_fmt(r['step']['p90_ms'])} "
-            f"| {_fmt(r['pipelined_mean_ms'])} | {_fmt(r['steps_per_s'], '.3f')} | {_fmt(r['images_per_s'], '.1f')} "
-            f"| {_fmt(r['peak_memory_bytes'], '.2f', 2**-30)} | {_fmt(mem_static, '.2f', 2**-30)} "
+            f"| {_fmt(r['pipelined_mean_ms'])} | {_fmt(r['images_per_s'], '.1f')} "
+            f"| {_fmt(r['peak_memory_bytes'], '.2f', 2**-30)} "
+            f"| {_fmt((r['memory_analysis'] or {}).get('total_bytes'), '.2f', 2**-30)} "
             f"| {_fmt(r['flops_per_step'], '.1f', 1e-9)} | {_fmt(r['achieved_tflops'], '.1f')} "
-            f"| {_fmt(r['mfu'], '.1f', 100, '%')} | {_fmt(part)} | {_fmt(r['losses_part_share'], '.1f', 100, '%')} |"
-        )
-    out = "\n".join(rows)
-    parts = [r for r in report["results"].values() if r["losses_part"]]
-    if parts:
-        names = [k for k in parts[0]["losses_part"] if k != "sizes"]
-        lines = ["", "", "Selection + contrastive + memory-bank part alone (median ms, jitted separately; sizes: "
-                 + ", ".join(f"{k}={v}" for k, v in parts[0]["losses_part"]["sizes"].items()) + ")", "",
-                 "| dtype | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-        for r in parts:
-            lines.append(f"| {r['dtype']} | " + " | ".join(_fmt(r["losses_part"][n]["median_ms"], ".3f")
-                                                          for n in names) + " |")
-        out += "\n".join(lines)
-    looped = [r for r in report["results"].values() if r.get("matching_loop")]
-    if looped:
-        lines = ["", "", "Back-to-back steps with the Hungarian matching on the host after each (ms/step, the same "
-                 "compiled step; plain: each step waits for the matching, speculative: it starts ahead, "
-                 "stpg_jax.host_matching)", "",
-                 "| dtype | no matching | plain | speculative | steps run again |", "|---|---:|---:|---:|---:|"]
-        for r in looped:
-            plain, spec = r["matching_loop"]["plain"], r["matching_loop"]["speculative"]
-            lines.append(f"| {r['dtype']} | {_fmt(r['pipelined_mean_ms'])} | {_fmt(plain['mean_ms'])} "
-                         f"| {_fmt(spec['mean_ms'])} | {spec['reruns']} of {spec['ahead']} |")
-        out += "\n".join(lines)
-    broken = [r for r in report["results"].values() if r.get("breakdown")]
-    if broken:
-        lines = ["", "", "One network's passes at the step's batch sizes (median ms; STPG runs two teachers and two "
-                 "students per step)", "",
-                 "| dtype | teacher forward | student forward+backward | 2 x (teacher + student) | step |",
-                 "|---|---:|---:|---:|---:|"]
-        for r in broken:
-            t = r["breakdown"]["teacher_forward"]["median_ms"]
-            st = r["breakdown"]["student_forward_backward"]["median_ms"]
-            lines.append(f"| {r['dtype']} | {t:.2f} | {st:.2f} | {2 * (t + st):.2f} | {r['step']['median_ms']:.2f} |")
-        out += "\n".join(lines)
-    return out
-
-
-def header(report: dict) -> str:
-    d = report["device"]
-    return (f"{report['date']} | commit {report['commit']} | jax {report['jax_version']} | {d['count']} x "
-            f"{d['kind']} ({d['platform']}) | host {report['host']}\ncommand: {report['command']}")
+            f"| {_fmt(r['mfu'], '.1f', 100, '%')} |")
+    return "\n".join(rows)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/voc_blender.py:1_4",
-                   help="config file, with the split and overrides after ':' (as launch.py takes it)")
-    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated compute dtypes")
+    p = arg_parser(__doc__, "configs/voc_blender.py:1_4", dtypes="float32,bfloat16")
     p.add_argument("--steps", type=int, default=30, help="timed steps (after the warm-up)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps after compilation")
-    p.add_argument("--out", default="", help="write the results as JSON here")
     p.add_argument("--profile", default="", help="write a jax.profiler trace of a few steps into this folder")
     p.add_argument("--profile_steps", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="tiny network, crop 64, batch 2+2: a CPU smoke test")
-    p.add_argument("--parts", choices=("each", "all", "none"), default="each",
-                   help="losses part: time each piece and the whole ('each'), only the whole, or skip it")
-    p.add_argument("--breakdown", action="store_true",
-                   help="also time one teacher forward and one student forward+backward at the step's batch sizes")
-    p.add_argument("--no_matching_loop", dest="matching_loop", action="store_false",
-                   help="skip timing the loop with the host matching after every step (STPG with contrastive)")
-    p.add_argument("--num_classes", type=int, default=0, help="for 'folder' datasets (others know theirs)")
     p.add_argument("--num_devices", type=int, default=0, help="use the first N devices (0 = all)")
-    p.add_argument("--in_process", action="store_true",
-                   help="run every dtype in this process (by default each runs in its own, so the peak-memory "
-                        "readings do not mix)")
-    p.add_argument("--no_table", action="store_true", help=argparse.SUPPRESS)  # set for the per-dtype processes
     args = p.parse_args(argv)
-    args.dtype_list = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    for d in args.dtype_list:
-        if d not in ("float32", "bfloat16"):
-            p.error(f"--dtypes: unknown dtype {d!r} (float32, bfloat16)")
+    args.dtype_list = names_of(p, "--dtypes", args.dtypes, ("float32", "bfloat16"))
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     return args
 
 
-def run_cli(main, *errors) -> None:
-    """Runs a benchmark script's ``main``: a bad config, a missing file or one of ``errors`` ends it with one
-    ``error:`` line (as launch.py says them) and exit status 2; an integer ``main`` returns is the exit status."""
-    from stpg_jax.config import ConfigError
-
-    try:
-        code = main()
-    except (ConfigError, FileNotFoundError, *errors) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(code if isinstance(code, int) else 0)
-
-
-def write_json(path: str, report: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _child_argv(argv, dtype, out):
-    skip = {"--dtypes", "--out"}
     kept, i = [], 0
     while i < len(argv):
-        a = argv[i]
-        name = a.split("=", 1)[0]
-        if name in skip:
-            i += 1 if "=" in a else 2
+        if argv[i].split("=", 1)[0] in ("--dtypes", "--out"):
+            i += 1 if "=" in argv[i] else 2
             continue
-        kept.append(a)
+        kept.append(argv[i])
         i += 1
-    return kept + ["--dtypes", dtype, "--out", out, "--in_process", "--no_table"]
+    return kept + ["--dtypes", dtype, "--out", out]
 
 
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    # Honest compile times: never read a persistent compilation cache.
-    jax.config.update("jax_enable_compilation_cache", False)
+    jax.config.update("jax_enable_compilation_cache", False)  # honest compile times
     load_config(args.config, TINY_OVERRIDES if args.tiny else "")  # a bad --config fails here, once
-
-    report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git_commit(),
-        "jax_version": jax.__version__,
-        "host": f"{platform.node()} ({os.cpu_count()} CPUs)",
-        "command": "python benchmarks/step_time.py " + " ".join(argv),
-        "config": args.config + (f" + tiny ({TINY_OVERRIDES})" if args.tiny else ""),
-        "results": {},
-    }
-    if len(args.dtype_list) > 1 and not args.in_process:
-        import tempfile
-
+    report = {**report_header("step_time.py", argv), "jax_version": jax.__version__,
+              "config": args.config + (f" + tiny ({TINY_OVERRIDES})" if args.tiny else ""), "results": {}}
+    if len(args.dtype_list) > 1:  # each dtype in its own process, so that their peak memories do not mix
         with tempfile.TemporaryDirectory() as tmp:
             for dtype in args.dtype_list:
                 out = os.path.join(tmp, f"{dtype}.json")
                 cmd = [sys.executable, os.path.abspath(__file__)] + _child_argv(argv, dtype, out)
                 log(f"[{dtype}] running in its own process: {' '.join(cmd[1:])}")
-                rc = subprocess.run(cmd).returncode
-                if rc != 0:
-                    raise SystemExit(f"the {dtype} run failed with exit status {rc}")
-                with open(out) as f:
-                    child = json.load(f)
+                if subprocess.run(cmd).returncode != 0:
+                    raise SystemExit(f"the {dtype} run failed")
+                child = json.loads(Path(out).read_text())
                 report["results"].update(child["results"])
                 report["device"] = child["device"]
     else:
@@ -803,13 +562,9 @@ def main(argv=None) -> dict:
                     write_json(args.out, report)
 
             save(run_dtype(args, dtype, save))
-
-    if not args.no_table:
-        print("\n" + header(report) + "\n\n" + markdown_tables(report), flush=True)
-    if args.out:
-        write_json(args.out, report)
-        log(f"wrote {args.out}")
-    return report
+    d = report["device"]
+    return finish(report, markdown_tables(report), args.out,
+                  f" | jax {report['jax_version']} | {d['count']} x {d['kind']} ({d['platform']})")
 
 
 if __name__ == "__main__":
