@@ -38,7 +38,7 @@ class RandomImages:
 
 
 def window_counts(sizes, window: int, stride_rate: float) -> list[int]:
-    from stpg_jax.evaluate import window_origins
+    from stpg_jax.inference import window_origins
 
     stride = max(1, int(math.ceil(window * stride_rate)))
     return [len(window_origins(max(h, window), window, stride)) * len(window_origins(max(w, window), window, stride))
@@ -73,8 +73,8 @@ def main(argv=None) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from stpg_jax import evaluate, sharding
-    from stpg_jax.models import model_from_config
+    from stpg_jax import evaluate, inference, sharding
+    from stpg_jax.recipe import model_from_config
 
     config = load_config(args.config, args.overrides)
     c = config
@@ -101,8 +101,8 @@ def main(argv=None) -> dict:
                         out_shardings=sharding.replicated(mesh))(jnp.zeros((1, window, window, 3)))
     per_batch = c.eval.windows_per_batch
     shard = sharding.batch_sharded(mesh) if per_batch % mesh.devices.size == 0 else None
-    predictor = evaluate.make_window_predictor(model, window, per_batch, c.eval.stride_rate, sharding=shard,
-                                               flip=c.eval.flip)
+    predictor = inference.WindowPredictor(model, window, per_batch, c.eval.stride_rate, sharding=shard,
+                                          flip=c.eval.flip)
 
     devices = f"{mesh.devices.size} x {jax.devices()[0].device_kind}"
     print(f"{args.config}: {count} {what}, {num_classes} classes, window {window}, {per_batch} windows per batch "

@@ -129,38 +129,33 @@ def memory_stat(devices, key: str):
 
 
 def build(config, num_classes: int, num_devices: int, batch_groups: int = 0):
-    """Model, optimiser, settings, mesh, jitted step and an initial state past every schedule start.
+    """The run's parts as the Trainer builds them (``stpg_jax.build``) and an initial state past every schedule
+    start with a full, matched bank, so the whole method runs.
 
-    ``batch_groups``: the devices the step's batch is laid out for (``StepSettings.batch_groups``); by default the
-    mesh's, as the Trainer sets it.
+    ``batch_groups``: the devices the step's batch is laid out for (``Recipe.batch_groups``); by default the mesh's.
     """
+    import dataclasses
+    import functools
+
     from stpg_jax import losses, sharding
-    from stpg_jax.models import model_from_config
-    from stpg_jax.state import init_train_state, make_optimizer
-    from stpg_jax.train import same_step_matching, speculative_matching
-    from stpg_jax.train_step import StepSettings, make_train_step
+    from stpg_jax.build import build as build_parts
+    from stpg_jax.train_step import train_step
 
     devices = jax.devices()[:num_devices] if num_devices else jax.devices()
     mesh = sharding.make_mesh(devices)
     sharding.check_divisible(config, mesh)
-    replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-
     c = config
-    steps_per_epoch = c.schedule.steps_per_epoch or 100  # only places the schedule's starts; no data is read
-    total_steps = c.schedule.total_steps or c.schedule.epochs * steps_per_epoch
-    settings = StepSettings.from_config(c, num_classes, steps_per_epoch, batch_groups=batch_groups or len(devices))
-    model = model_from_config(c.model, num_classes)
-    abstract = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False)["params"])
-    tx, schedule = make_optimizer(c.optim, total_steps, abstract, train_projection_head=c.stpg.train_projection_head)
+    # steps_per_epoch only places the schedule's starts; no data is read.
+    parts = build_parts(c, num_classes, c.schedule.steps_per_epoch or 100, mesh)
+    if batch_groups:
+        parts.recipe = dataclasses.replace(parts.recipe, batch_groups=batch_groups)
     dim = c.model.proj_dim or c.model.decoder_channels
     # Random unit anchors: the same shape as the optimised ones, without the 10k-step optimisation.
     anchors = losses.init_prototypes(jax.random.PRNGKey(1), num_classes, dim) if c.mode == "stpg" else None
-
-    state = init_train_state(model, tx, jax.random.PRNGKey(c.seed), replicated, anchors=anchors,  # as the Trainer
-                             mode=c.mode, num_classes=num_classes, crop_size=min(c.data.crop_size, 64), proj_dim=dim,
-                             bank_capacity=c.stpg.bank_capacity)
-    start = max(settings.bank_start_step, settings.contrastive_start_step, settings.proximity_start_step)
+    state = parts.init_state(anchors)
+    phases = parts.recipe.phases
+    start = max(phases.bank_start, phases.contrastive_start, phases.proximity_start)
+    replicated = parts.replicated
     state = state.replace(step=jax.device_put(jnp.asarray(start, jnp.int32), replicated))
     if state.contrast is not None:  # a full, matched bank: the contrastive terms see every row
         key = jax.random.PRNGKey(2)
@@ -169,16 +164,10 @@ def build(config, num_classes: int, num_devices: int, batch_groups: int = 0):
                              count=jnp.full_like(bank.count, bank.features.shape[1]))
         contrast = state.contrast.replace(bank=bank, matched=jnp.asarray(True))
         state = state.replace(contrast=jax.device_put(contrast, replicated))
-
-    step = make_train_step(model, tx, schedule, settings)
-    speculates = speculative_matching(c, mesh)
-    keeps_input = speculates or same_step_matching(c)  # then the step keeps its input, as the Trainer compiles it
-    jitted = jax.jit(step, in_shardings=(replicated, batch_sharding, replicated),
-                     out_shardings=(replicated, replicated), donate_argnums=() if keeps_input else 0)
-    return dict(model=model, settings=settings, mesh=mesh, devices=devices, state=state, jitted=jitted, step_fn=step,
-                batch_sharding=batch_sharding, replicated=replicated, start_step=start, speculates=speculates,
-                same_step=same_step_matching(c))
-
+    return dict(model=parts.model, recipe=parts.recipe, mesh=mesh, devices=devices, state=state,
+                jitted=parts.jitted_step(), step_fn=functools.partial(train_step, parts.recipe),
+                batch_sharding=parts.batch_sharding, replicated=replicated, start_step=start,
+                speculates=parts.speculates, same_step=parts.same_step)
 
 
 def random_batches(config, num_classes: int, batch_sharding, count: int = 2, seed: int = 0):
@@ -417,7 +406,7 @@ def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
 
     log(f"[{dtype}] compiling the step (lower, then compile)...")
     t0 = time.perf_counter()
-    lowered = b["jitted"].lower(state, batches[0], assignment_arrays(state))
+    lowered = b["jitted"].lower(b["recipe"], state, batches[0], assignment_arrays(state))
     lower_s, t0 = time.perf_counter() - t0, time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0

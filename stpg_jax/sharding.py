@@ -76,6 +76,18 @@ def maybe_initialize_distributed() -> None:
         ) from None
 
 
+def wait_for_processes(name: str, timeout_s: int = 3600) -> None:
+    """A barrier of every process of the run through JAX's coordination service (not a device collective). For what
+    each process compiles at its own pace before a collective: a CPU run's collectives (gloo) give up when a process
+    arrives 30 s after another, with no setting to wait longer, and processes that share a host's cores can finish
+    compiling the step further apart than that. One process: returns at once."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the coordination client; jax.experimental.multihost_utils' barrier is a collective
+
+    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
 def make_mesh(devices=None) -> Mesh:
     devices = np.asarray(devices if devices is not None else jax.devices())
     return Mesh(devices.reshape(-1), ("data",))

@@ -26,6 +26,7 @@ from stpg_jax import checkpoint, evaluate, export, inference, plots, sharding, v
 from stpg_jax.build import anchors_for, build, load_pretrained
 from stpg_jax.config import validate
 from stpg_jax.errors import NonFiniteLossError
+from stpg_jax.host_matching import assignment_arrays
 from stpg_jax.data import DataError, build_data, make_train_loader
 from stpg_jax.state import TrainState
 
@@ -100,6 +101,13 @@ class Trainer:
 
     def matching(self, anchors_host):
         return self.parts.matching(anchors_host)
+
+    def compile_together(self, state, batch) -> None:
+        """Compiles the step for these arguments now and waits until every process has (``sharding.wait_for_processes``
+        says why); the loop's first call then finds it compiled."""
+        jitted = self.parts.jitted_step(self.donates_state)
+        jitted.lower(self.recipe, state, batch, assignment_arrays(state)).compile()
+        sharding.wait_for_processes("stpg_jax: the train step compiled")
 
     def compile_step(self):
         """The jitted train step, ``step(state, batch, assignment)``."""
@@ -201,6 +209,8 @@ def _loop(t: Trainer, state, start_step: int, ckpt, loader, writer, max_steps: i
         if step == start_step:
             log("  compiling the train step (the first step includes XLA compilation)...", flush=True)
             t0 = time.time()
+            if jax.process_count() > 1:
+                t.compile_together(state, batch)
         state, metrics = matching.run(step_fn, state, batch, t.parts.matches and t.phases.matching_after(step))
         if step == start_step:
             jax.block_until_ready(metrics)
