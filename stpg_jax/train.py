@@ -177,7 +177,7 @@ def _train(config, workdir, max_steps, stop) -> dict:
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
     loader = make_train_loader(trainer.bundle, config.data, config.seed, jax.process_index(), jax.process_count(),
                                with_unlabeled=config.mode != "supervised")
-    writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
+    writer = None
     try:
         if not resuming:
             state, start_step = trainer.init_state(), 0
@@ -186,6 +186,8 @@ def _train(config, workdir, max_steps, stop) -> dict:
             loader.set_state(meta["loader"])
             start_step = int(meta["step"])
             log(f"  resumed from {ckpt.directory}/{start_step} (step {start_step})")
+        # Only now: a run refused above (no intact checkpoint, say) leaves the work directory as it was.
+        writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
         return _loop(trainer, state, start_step, ckpt, loader, writer, max_steps, stop, log)
     finally:
         ckpt.wait()
