@@ -13,10 +13,8 @@ import math
 import os
 import signal
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils

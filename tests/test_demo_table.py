@@ -175,15 +175,6 @@ def test_from_json_writes_the_readme_only_from_a_complete_table(tmp_path, capsys
     assert capsys.readouterr().out.splitlines()[-1].split() == ["mIoU", "42.00"]
 
 
-def test_last_eval_takes_the_highest_step(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no eval"):
-        dt.last_eval(str(tmp_path))
-    for step, miou in ((50, 0.1), (516, 0.5), (100, 0.2)):
-        (tmp_path / f"eval_{step}.json").write_text(json.dumps({"step": step, "miou": miou}))
-    (tmp_path / "eval_notes.json").write_text("{}")
-    assert dt.last_eval(str(tmp_path)) == {"step": 516, "miou": 0.5}
-
-
 def test_runs_of_one_split_must_share_the_labelled_images():
     runs = [{"method": "supervised", "split_labeled_sha256_16": "a"},
             {"method": "stpg", "split_labeled_sha256_16": "a"},

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from stpg_jax.models.batchnorm import BACKWARDS as BN_BACKWARDS, BatchNorm, BatchNormSpec
+from stpg_jax.models.batchnorm import BatchNorm, BatchNormSpec
 
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
