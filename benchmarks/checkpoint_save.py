@@ -49,14 +49,14 @@ def main(argv=None) -> dict:
         state = jax.block_until_ready(trainer.init_state())
         init_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        target = trainer.abstract_state()
+        target = trainer.parts.abstract_state()
         target_s = time.perf_counter() - t0
         print(f"initial state built in {init_s:.2f} s (a new run); restore target in {target_s:.2f} s (a resumed run)",
               flush=True)
         leaves = jax.tree_util.tree_leaves(state)
         size = sum(x.nbytes for x in leaves)
         sliced = "any size" if min_slice_bytes is None else f"{min_slice_bytes / 2 ** 20:g} MiB per slice"
-        print(f"state: {len(leaves)} arrays, {size / 2 ** 20:.1f} MiB, on {trainer.mesh.devices.size} device(s) "
+        print(f"state: {len(leaves)} arrays, {size / 2 ** 20:.1f} MiB, on {trainer.parts.mesh.devices.size} device(s) "
               f"({jax.devices()[0].platform}); arrays sliced across devices from {sliced}", flush=True)
         saves, restores = [], []
         for i in range(args.repeats):
@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
             print(f"  save {i + 1}: {saves[-1]:.2f} s, restore {restores[-1]:.2f} s", flush=True)
     report = {
         **report_header("checkpoint_save.py", argv),
-        "device": f"{trainer.mesh.devices.size} x {jax.devices()[0].device_kind}",
+        "device": f"{trainer.parts.mesh.devices.size} x {jax.devices()[0].device_kind}",
         "arrays": len(leaves), "state_mib": size / 2 ** 20, "min_slice_bytes": min_slice_bytes,
         "init_state_s": init_s, "restore_target_s": target_s,
         "first_save_s": saves[0],

@@ -149,7 +149,7 @@ def build(config, num_classes: int, num_devices: int, batch_groups: int = 0):
     parts = build_parts(c, num_classes, c.schedule.steps_per_epoch or 100, mesh)
     if batch_groups:
         parts.recipe = dataclasses.replace(parts.recipe, batch_groups=batch_groups)
-    dim = c.model.proj_dim or c.model.decoder_channels
+    dim = parts.recipe.feature_dim
     # Random unit anchors: the same shape as the optimised ones, without the 10k-step optimisation.
     anchors = losses.init_prototypes(jax.random.PRNGKey(1), num_classes, dim) if c.mode == "stpg" else None
     state = parts.init_state(anchors)

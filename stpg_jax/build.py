@@ -3,7 +3,7 @@ the initial state and its abstract shape. The training loop, its evaluation and 
 
 ``build(config, num_classes, steps_per_epoch)`` needs only what the dataset says (its class count and, for the
 schedule, its steps per epoch); reading the data, the weights file and the anchors stays with the caller
-(`load_pretrained`, `anchors_for`).
+(`load_pretrained`, `Parts.anchors`).
 """
 
 from __future__ import annotations
@@ -76,8 +76,17 @@ class Parts:
     def _anchor_shape(self):
         if self.config.mode != "stpg":
             return None
-        dim = self.config.model.proj_dim or self.config.model.decoder_channels
-        return jax.ShapeDtypeStruct((self.recipe.num_classes, dim), jnp.float32)
+        return jax.ShapeDtypeStruct((self.recipe.num_classes, self.recipe.feature_dim), jnp.float32)
+
+    def anchors(self) -> np.ndarray | None:
+        """STPG's (C, D) anchors: read from ``stpg.anchors_file`` or optimised from ``seed``; None for other modes."""
+        c, classes, dim = self.config, self.recipe.num_classes, self.recipe.feature_dim
+        if c.mode != "stpg":
+            return None
+        if c.stpg.anchors_file:
+            return load_anchors(c, classes, dim)
+        return losses.make_anchors(classes, dim, seed=c.seed, steps=c.stpg.anchor_steps,
+                                   temperature=c.stpg.anchor_temperature)
 
     def init_state(self, anchors=None, pretrained=None) -> state_lib.TrainState:
         """The initial state, built by one compiled program straight onto the mesh (the weights and anchors enter as
@@ -115,17 +124,6 @@ def load_pretrained(model_config):
 
     with reading_weights(model_config.pretrained, "config.model.pretrained"):
         return load_backbone_weights_for(model_config)
-
-
-def anchors_for(config, num_classes: int) -> np.ndarray | None:
-    """STPG's (C, D) anchors: read from ``stpg.anchors_file`` or optimised from ``seed``; None for other modes."""
-    if config.mode != "stpg":
-        return None
-    dim = config.model.proj_dim or config.model.decoder_channels
-    if config.stpg.anchors_file:
-        return load_anchors(config, num_classes, dim)
-    return losses.make_anchors(num_classes, dim, seed=config.seed, steps=config.stpg.anchor_steps,
-                               temperature=config.stpg.anchor_temperature)
 
 
 def load_anchors(config, num_classes: int, dim: int) -> np.ndarray:

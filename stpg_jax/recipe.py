@@ -70,6 +70,11 @@ class Recipe:
         return self.config.mode
 
     @property
+    def feature_dim(self) -> int:
+        """The width D of the features the contrastive part sees: the projection head's (or the decoder's)."""
+        return self.config.model.proj_dim or self.config.model.decoder_channels
+
+    @property
     def model(self) -> DeepLabV3Plus:
         return model_from_config(self.config.model, self.num_classes)
 

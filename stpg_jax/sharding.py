@@ -83,7 +83,8 @@ def wait_for_processes(name: str, timeout_s: int = 3600) -> None:
     compiling the step further apart than that. One process: returns at once."""
     if jax.process_count() == 1:
         return
-    from jax._src import distributed  # the coordination client; jax.experimental.multihost_utils' barrier is a collective
+    # The coordination client (private): jax.experimental.multihost_utils' barrier is itself a device collective.
+    from jax._src import distributed
 
     distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
 

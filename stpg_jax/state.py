@@ -99,7 +99,8 @@ def init_state(recipe: Recipe, key, anchors=None, pretrained=None) -> TrainState
             matched=jnp.zeros((), bool),
             bank=losses.init_memory_bank(classes, recipe.config.stpg.bank_capacity, dim),
         )
-        state = state.replace(pro_student=pro, pro_opt_state=tx.init(pro.params), pro_teacher=jax.tree_util.tree_map(jnp.copy, pro), contrast=contrast)
+        state = state.replace(pro_student=pro, pro_opt_state=tx.init(pro.params),
+                              pro_teacher=jax.tree_util.tree_map(jnp.copy, pro), contrast=contrast)
     return state
 
 

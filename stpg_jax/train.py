@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
 from stpg_jax import checkpoint, evaluate, export, inference, plots, sharding, visualize
-from stpg_jax.build import anchors_for, build, load_pretrained
+from stpg_jax.build import build, load_pretrained
 from stpg_jax.config import validate
 from stpg_jax.errors import NonFiniteLossError
 from stpg_jax.host_matching import assignment_arrays
@@ -75,49 +75,33 @@ class Trainer:
             config.data.batch_labeled, config.data.batch_unlabeled
         )
         self.parts = build(config, self.num_classes, self.steps_per_epoch, mesh)
-        self.mesh, self.model, self.recipe = mesh, self.parts.model, self.parts.recipe
-        self.total_steps, self.phases = self.recipe.total_steps, self.recipe.phases
-        self.replicated, self.batch_sharding = self.parts.replicated, self.parts.batch_sharding
         self._evaluator = None
 
     def init_state(self) -> TrainState:
         """The initial state: random heads, the ImageNet backbone of ``model.pretrained`` (if set), the anchors."""
         pretrained = load_pretrained(self.config.model) if self._pretrained is _NOT_LOADED else self._pretrained
         self._pretrained = _NOT_LOADED  # host copies no longer needed
-        return self.parts.init_state(anchors_for(self.config, self.num_classes), pretrained)
-
-    def abstract_state(self) -> TrainState:
-        return self.parts.abstract_state()
-
-    @property
-    def speculates(self) -> bool:
-        return self.parts.speculates
-
-    @property
-    def donates_state(self) -> bool:
-        return self.parts.donates_state
-
-    def matching(self, anchors_host):
-        return self.parts.matching(anchors_host)
+        return self.parts.init_state(self.parts.anchors(), pretrained)
 
     def compile_together(self, state, batch) -> None:
         """Compiles the step for these arguments now and waits until every process has (``sharding.wait_for_processes``
         says why); the loop's first call then finds it compiled."""
-        jitted = self.parts.jitted_step(self.donates_state)
-        jitted.lower(self.recipe, state, batch, assignment_arrays(state)).compile()
+        jitted = self.parts.jitted_step()
+        jitted.lower(self.parts.recipe, state, batch, assignment_arrays(state)).compile()
         sharding.wait_for_processes("stpg_jax: the train step compiled")
 
     def compile_step(self):
         """The jitted train step, ``step(state, batch, assignment)``."""
-        return self.parts.step(donate=self.donates_state)
+        return self.parts.step()
 
     def evaluate(self, state: TrainState, network: str = "gen_student") -> dict:
         """One network of ``state`` (default: the Gen-Student) under the evaluation protocol."""
         c = self.config
         if self._evaluator is None:  # built once: its jitted forward then compiles once per run
             per_batch = c.eval.windows_per_batch
-            shard = self.batch_sharding if per_batch % self.mesh.devices.size == 0 else None
-            self._evaluator = inference.WindowPredictor(self.model, c.eval.window, per_batch, c.eval.stride_rate,
+            p = self.parts
+            shard = p.batch_sharding if per_batch % p.mesh.devices.size == 0 else None
+            self._evaluator = inference.WindowPredictor(p.model, c.eval.window, per_batch, c.eval.stride_rate,
                                                         sharding=shard, flip=c.eval.flip)
         return evaluate.evaluate(self._evaluator, getattr(state, network).variables, self.bundle.val,
                                  self.num_classes, self.info.ignore_index, c.eval.max_images)
@@ -180,7 +164,7 @@ def _train(config, workdir, max_steps, stop) -> dict:
         if not resuming:
             state, start_step = trainer.init_state(), 0
         else:
-            state, meta = _restore_newest_intact(ckpt, trainer.abstract_state(), log)
+            state, meta = _restore_newest_intact(ckpt, trainer.parts.abstract_state(), log)
             loader.set_state(meta["loader"])
             start_step = int(meta["step"])
             log(f"  resumed from {ckpt.directory}/{start_step} (step {start_step})")
@@ -198,26 +182,27 @@ def _train(config, workdir, max_steps, stop) -> dict:
 
 def _loop(t: Trainer, state, start_step: int, ckpt, loader, writer, max_steps: int, stop: dict, log) -> dict:
     """Steps from ``start_step`` to the end (or a stop), then the final evaluation and the export."""
-    c = t.config
-    matching = t.matching(jax.device_get(state.contrast.anchors) if state.contrast is not None else None)
-    log_images = visualize.ImageLogger(c, t.bundle, t.model, t.replicated)
+    c, parts = t.config, t.parts
+    total = parts.recipe.total_steps
+    matching = parts.matching(jax.device_get(state.contrast.anchors) if state.contrast is not None else None)
+    log_images = visualize.ImageLogger(c, t.bundle, parts.model, parts.replicated)
     progress = _Progress(t, writer, start_step, log)
     step_fn = t.compile_step()
     last_good = start_step
-    for step in range(start_step, t.total_steps):
-        batch = sharding.shard_batch(next(loader), t.batch_sharding)
+    for step in range(start_step, total):
+        batch = sharding.shard_batch(next(loader), parts.batch_sharding)
         if step == start_step:
             log("  compiling the train step (the first step includes XLA compilation)...", flush=True)
             t0 = time.time()
             if jax.process_count() > 1:
                 t.compile_together(state, batch)
-        state, metrics = matching.run(step_fn, state, batch, t.parts.matches and t.phases.matching_after(step))
+        state, metrics = matching.run(step_fn, state, batch, parts.matches and parts.recipe.phases.matching_after(step))
         if step == start_step:
             jax.block_until_ready(metrics)
             log(f"  first step done in {time.time() - t0:.1f}s (compile + run)", flush=True)
             progress.restart(step + 1)
         done = step + 1
-        is_last = done == t.total_steps
+        is_last = done == total
         stopping = _stopping(stop, done, is_last, bool(max_steps) and done - start_step >= max_steps and not is_last,
                              done % c.log_every_steps == 0 or is_last)
         want_ckpt = done % c.checkpoint_every_steps == 0 or is_last or stopping
@@ -248,8 +233,8 @@ def _loop(t: Trainer, state, start_step: int, ckpt, loader, writer, max_steps: i
     ckpt.wait()
     if matching.matchings:
         log(f"  {matching.summary()}")
-    results = _run_eval(t, state, writer, t.total_steps, log)
-    if t.parts.matches:
+    results = _run_eval(t, state, writer, total, log)
+    if parts.matches:
         results["matching"] = {"runs": matching.matchings, "changes": matching.changes, "ahead": matching.ahead,
                                "reruns": matching.reruns}
     if jax.process_index() == 0:
@@ -271,15 +256,15 @@ def _log_header(t: Trainer, log) -> None:
     kind = device.platform
     if device.device_kind.lower() != kind:  # a GPU names its card ('gpu, NVIDIA H200'); a CPU says 'cpu' twice
         kind += f", {device.device_kind}"
-    log(f"  {t.mesh.devices.size} device(s) ({kind}), {jax.process_count()} process(es); "
+    log(f"  {t.parts.mesh.devices.size} device(s) ({kind}), {jax.process_count()} process(es); "
         f"global batch {c.data.batch_labeled}+{c.data.batch_unlabeled}, crop {c.data.crop_size}; "
-        f"{t.steps_per_epoch} steps/epoch, {t.total_steps} steps")
+        f"{t.steps_per_epoch} steps/epoch, {t.parts.recipe.total_steps} steps")
     if c.mode == "stpg":
-        p = t.phases
+        p = t.parts.recipe.phases
         log(f"  schedule (steps): bank/prototypes/matching from {p.bank_start}, contrastive from "
             f"{p.contrastive_start}, proximity from {p.proximity_start}, matching frozen from "
             f"{p.matching_freeze if p.matching_freeze >= 0 else 'never'}; "
-            f"{'steps start ahead of the host matching' if t.speculates else 'each step waits for the matching'}")
+            f"{'steps start ahead of the host matching' if t.parts.speculates else 'each step waits for the matching'}")
 
 
 def _stopping(stop: dict, done: int, is_last: bool, hit_max: bool, agree_now: bool) -> bool:
@@ -303,7 +288,8 @@ class _Progress:
     def __init__(self, t: Trainer, writer, step: int, log):
         c = t.config
         self.images_per_step = c.data.batch_labeled + (2 * c.data.batch_unlabeled if c.mode != "supervised" else 0)
-        self.total, self.class_names, self.writer, self.log = t.total_steps, t.info.class_names, writer, log
+        self.total, self.class_names = t.parts.recipe.total_steps, t.info.class_names
+        self.writer, self.log = writer, log
         if writer is not None:
             writer.add_custom_scalars(visualize.class_layout(self.class_names))
         self.restart(step)

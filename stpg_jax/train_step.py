@@ -168,7 +168,8 @@ def contrastive_terms(r: Recipe, g_on_l: dict, g_on_u: dict, y, pseudo, anchors,
     kw = dict(num_classes=r.num_classes, ignore_index=_ignore(r), temperature=r.config.stpg.contrastive_temperature)
 
     def term(features, labels):
-        return losses.dual_contrastive_loss(features.reshape(-1, dim), losses.nearest_resize(labels, (h, w)).reshape(-1),
+        small = losses.nearest_resize(labels, (h, w)).reshape(-1)
+        return losses.dual_contrastive_loss(features.reshape(-1, dim), small,
                                             anchors, bank.features, bank.count, **kw)
 
     lab, unl = term(g_on_l["features"], y), term(g_on_u["features"], pseudo)
@@ -222,11 +223,9 @@ def stpg_step(r: Recipe, state: TrainState, batch: dict, assignment: Optional[di
     x_l, y = weak_view(batch, "image"), batch["label"].astype(jnp.int32)
     u0, u1 = weak_view(batch, "unlabeled0"), weak_view(batch, "unlabeled1")
     mask, u_mix = strong_view(k_mix, u0, u1)
-    bank_view = {"gen_teacher": None, "pro_teacher": None}
-    if t.contrastive:
-        bank_view[t.bank_source] = x_l
-    tg = teacher_targets(r, state.gen_teacher, u0, u1, mask, k_tg, step, bank_view["gen_teacher"])
-    tp = teacher_targets(r, state.pro_teacher, u0, u1, mask, k_tp, step, bank_view["pro_teacher"])
+    bank_source = t.bank_source if t.contrastive else None  # the teacher that also sees x_l, for the bank
+    tg = teacher_targets(r, state.gen_teacher, u0, u1, mask, k_tg, step, x_l if bank_source == "gen_teacher" else None)
+    tp = teacher_targets(r, state.pro_teacher, u0, u1, mask, k_tp, step, x_l if bank_source == "pro_teacher" else None)
     # Cross supervision: the Pro-Student learns from the Gen-Teacher and the Gen-Student from the Pro-Teacher.
     gen_target, pro_target = (tp, tg) if t.cross_supervision else (tg, tp)
     metrics = {**_base_metrics(r, state), "confidence_gen": jnp.mean(tg.confidence),
@@ -236,7 +235,7 @@ def stpg_step(r: Recipe, state: TrainState, batch: dict, assignment: Optional[di
     used = loss_contrast(r, contrast, assignment)
     anchors = used.assigned_anchors()
     if t.contrastive:
-        contrast, bank_metrics = update_bank(r, contrast, (tg if t.bank_source == "gen_teacher" else tp).on_labelled,
+        contrast, bank_metrics = update_bank(r, contrast, (tg if bank_source == "gen_teacher" else tp).on_labelled,
                                              y, step)
         metrics.update(bank_metrics)
 

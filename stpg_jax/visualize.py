@@ -98,8 +98,7 @@ def make_panel_fn(model, mode: str, num_classes: int, cross_supervision: bool = 
         out, _ = model.apply(net.variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})
         return jax.nn.softmax(out["logits"].astype(jnp.float32), axis=-1)
 
-    def panels(networks, images, key):
-        x = images  # uint8: the networks normalise them
+    def panels(networks, x, key):  # x: uint8 images, which the networks normalise
         keys = dict(zip(("gen_teacher", "pro_teacher", "pro_student"), jax.random.split(key, 3)))
         out = {}
         for t in ("gen_teacher", "pro_teacher"):

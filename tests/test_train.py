@@ -90,7 +90,9 @@ def test_speculative_matching_follows_the_plain_loop_bit_for_bit(tmp_path, monke
     assert m["reruns"] == m["changes"] >= 1
     assert m["ahead"] >= 1 or m["changes"] >= 3  # only a change in every step but the last leaves none ahead
     # The plain loop runs the same compiled program (one that keeps its input): donating or not changes no number.
-    monkeypatch.setattr(train.Trainer, "donates_state", property(lambda self: False))
+    from stpg_jax import build
+
+    monkeypatch.setattr(build.Parts, "donates_state", property(lambda self: False))
     plain = train.train_and_evaluate(loop_config(log_every_steps=4, **{"stpg.speculative_matching": False}),
                                      str(tmp_path / "plain"))
     assert plain["matching"]["ahead"] == 0
@@ -126,11 +128,11 @@ def test_a_run_in_the_same_process_reuses_the_compiled_step_only_for_the_same_st
         """Lowers the run's step for its shapes (a trace only where jit's cache has none)."""
         t = train.Trainer(loop_config(**overrides), str(tmp_path / "run"))
         batch = next(train.make_train_loader(t.bundle, t.config.data, 0, 0, 1))
-        batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=t.batch_sharding)
+        batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=t.parts.batch_sharding)
                  for k, v in batch.items()}
-        assignment = {"assignment": jax.ShapeDtypeStruct((11,), np.int32, sharding=t.replicated),
-                      "matched": jax.ShapeDtypeStruct((), bool, sharding=t.replicated)}
-        t.parts.jitted_step().lower(t.recipe, t.abstract_state(), batch, assignment)
+        assignment = {"assignment": jax.ShapeDtypeStruct((11,), np.int32, sharding=t.parts.replicated),
+                      "matched": jax.ShapeDtypeStruct((), bool, sharding=t.parts.replicated)}
+        t.parts.jitted_step().lower(t.parts.recipe, t.parts.abstract_state(), batch, assignment)
         return len(traced)
 
     first = lower()

@@ -238,6 +238,6 @@ def test_a_run_with_pictures_gets_the_same_jitted_step_as_one_without(tmp_path):
     # The pictures may not touch the training step: both runs' steps have one recipe, the static argument of the
     # one jitted step function, so they are one compiled program.
     def recipe_of(every):
-        return train.Trainer(loop_config(log_images_every_steps=every), str(tmp_path / f"run{every}")).recipe
+        return train.Trainer(loop_config(log_images_every_steps=every), str(tmp_path / f"run{every}")).parts.recipe
 
     assert recipe_of(0) == recipe_of(2) and hash(recipe_of(0)) == hash(recipe_of(2))
