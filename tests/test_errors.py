@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from stpg_jax import cli
@@ -86,7 +87,7 @@ def test_prepare_refuses_an_empty_split_list(tmp_path):
 
 def test_convert_weights_refuses_unreadable_source_and_existing_output(tmp_path):
     source, out = tmp_path / "random.pth", tmp_path / "out.npz"
-    source.write_bytes(os.urandom(4096))
+    source.write_bytes(np.random.default_rng(0).bytes(4096))
     out.write_bytes(b"an earlier result")
     one_error(command(tmp_path, "-m", "stpg_jax.convert_weights", source, out), "exists", out)
     assert out.read_bytes() == b"an earlier result"

@@ -89,7 +89,14 @@ def _read_torch(path: str) -> Dict[str, np.ndarray]:
         raise ImportError(
             f"reading {path} needs PyTorch: pip install 'stpg_jax[torch]', or convert the file to .npz elsewhere"
         ) from e
-    obj = torch.load(path, weights_only=True, map_location="cpu")
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001  torch's unpickler fails on other bytes in many ways (IndexError, ...)
+        import pickle
+
+        raise pickle.UnpicklingError(f"{type(e).__name__}: {e}") from e
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
