@@ -84,12 +84,13 @@ def test_rare_classes_survive_the_decoders_stride_4_grid(scene_labels):
         assert iou > 0.5, (rare, iou)
 
 
-def test_each_rare_class_has_colours_of_its_own(scene_labels):
-    # The rare classes are learnable at demo scale because each is painted in saturated hues no large class uses: a
-    # per-colour majority vote (4 bits per channel, over the 500 images) labels most of each rare class's pixels
-    # right (0.87-0.96). The generator before (grey poles, brown or green fences, randomly coloured pedestrians,
-    # bicyclists and cars) scored pole 0.00 (voted road), fence 0.01 (tree), pedestrian 0.06 and bicyclist 0.10 (car),
-    # and its all-labels ceiling learnt pole, fence and pedestrian to under 3 % IoU.
+def test_rare_classes_are_told_by_colour_only_in_part(scene_labels):
+    # Most rare objects wear their class's own hue, the rest (SHARED_SHARE) colours of large classes, so a per-colour
+    # majority vote (4 bits per channel, over the 500 images) labels about half of each rare class's pixels right
+    # (0.34-0.60): the colour is a cue a small network picks up from few labels, the shape and context carry the rest.
+    # With a hue of its own for every object the vote got 0.87-0.96, and 50 labelled scenes came within a point of
+    # the all-labels ceiling; with no own hue at all (and the earlier, thinner shapes) it got 0.00-0.10, and the
+    # ceiling learnt pole, fence and pedestrian to under 3 % IoU.
     src, labels = scene_labels
     images = np.stack([src[i]['image'] for i in range(len(src))]) // 16
     keys = (images[..., 0].astype(np.int64) * 256 + images[..., 1] * 16 + images[..., 2]).ravel()
@@ -99,7 +100,7 @@ def test_each_rare_class_has_colours_of_its_own(scene_labels):
     for rare in RARE:
         cls = synthetic.CLASS_NAMES.index(rare)
         recall = (vote[labels == cls] == cls).mean()
-        assert recall > 0.75, (rare, recall)
+        assert 0.25 < recall < 0.75, (rare, recall)
 
 
 def test_colour_alone_does_not_give_the_class():

@@ -134,8 +134,8 @@ SYNTHETIC_PALETTE = CAMVID_PALETTE
 PIXEL_SHARES = {
     'camvid': {'sky': 17.54, 'building': 24.21, 'pole': 1.02, 'road': 32.96, 'pavement': 4.67, 'tree': 10.12,
                'sign_symbol': 1.22, 'fence': 1.17, 'car': 6.11, 'pedestrian': 0.67, 'bicyclist': 0.30},
-    'synthetic': {'sky': 14.97, 'building': 17.86, 'pole': 0.92, 'road': 29.87, 'pavement': 17.11, 'tree': 10.79,
-                  'sign_symbol': 0.97, 'fence': 0.90, 'car': 5.99, 'pedestrian': 0.42, 'bicyclist': 0.20},
+    'synthetic': {'sky': 15.10, 'building': 18.00, 'pole': 1.00, 'road': 29.48, 'pavement': 16.34, 'tree': 10.71,
+                  'sign_symbol': 0.83, 'fence': 0.98, 'car': 5.98, 'pedestrian': 0.75, 'bicyclist': 0.84},
 }
 
 

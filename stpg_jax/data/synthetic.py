@@ -4,10 +4,12 @@ Classes are CamVid's 11 (sky, building, pole, road, pavement, tree, sign_symbol,
 bicyclist) with a long tail like CamVid/Cityscapes: the thin and small classes cover about 1% of the pixels
 or less (measured shares in docs/data.md), yet none is sub-pixel at the demo's scale: poles are at least 5 pixels
 wide, fence slats 4-7, pedestrians at least 22 pixels tall, so each spans a few of the decoder's stride-4 cells.
-Each rare class is painted in its own saturated hue that no large class uses (poles yellow, signs red or blue,
-fences turquoise, pedestrians magenta, bicyclists orange), so a demo-sized network trained for minutes can learn it;
-cars take the greys, white, black and navy of real cars. The large classes share their greys and browns, and every
-image is lit, tinted and noised differently, so colour alone does not give the class; shape and context do.
+Most rare objects wear a saturated hue of their class that no large class uses (poles yellow, fences turquoise,
+pedestrians magenta, bicyclists orange), a cue a demo-sized network learns from few labels; the others (40 %) take the
+colours of large classes (grey poles, brown fences, pedestrians and bicyclists in the cars' colours) and only their
+shape and context tell them apart, which few labels teach less well. Signs are red, blue or white, as are some cars.
+The large classes share their greys and browns, and every image is lit, tinted and noised differently, so colour
+alone does not give the class.
 Each item is generated on demand from (seed, split, index) in some 15-20 ms of CPU; nothing is stored on disk.
 """
 
@@ -21,14 +23,28 @@ SKY, BUILDING, POLE, ROAD, PAVEMENT, TREE, SIGN, FENCE, CAR, PEDESTRIAN, BICYCLI
 CLASS_NAMES = palettes.SYNTHETIC_CLASSES
 _SPLIT_CODES = {'labeled': 1, 'unlabeled': 2, 'val': 3}
 
-# The rare classes' signature colours: saturated hues that none of the large classes (greys, browns, beige, the sky's
-# blues, the trees' greens) uses. Cars keep to the unsaturated colours of real cars, so they share none of them.
-POLE_COLOURS = ((235, 200, 20), (250, 215, 60))  # yellow
-SIGN_COLOURS = ((215, 25, 25), (25, 55, 205))  # red, blue
-FENCE_COLOURS = ((15, 185, 170), (40, 200, 190))  # turquoise
-PEDESTRIAN_COLOURS = ((215, 40, 195), (150, 25, 160), (240, 130, 225))  # magenta: top, trousers, head
-BICYCLIST_COLOURS = ((250, 125, 10), (140, 60, 0))  # orange: frame and rider, tyres
-CAR_COLOURS = ((225, 225, 228), (175, 175, 180), (125, 125, 130), (70, 70, 75), (30, 30, 35), (45, 55, 95))
+# Colours. Most rare objects wear their class's own saturated hue, which no large class uses (poles yellow, fences
+# turquoise, pedestrians magenta, bicyclists orange); the others (SHARED_SHARE of them) take colours of large classes,
+# as in real streets, and only their shape and context tell them apart: grey poles beside grey road and buildings,
+# brown or grey fences beside brown buildings, pedestrians and bicyclists dressed in the cars' colours on black tyres.
+# Signs are red, blue or white, and so are some cars.
+SHARED_SHARE = 0.4
+POLE_COLOURS = {"own": ((235, 200, 20), (250, 215, 60)), "shared": ((150, 150, 155), (95, 95, 100))}
+SIGN_COLOURS = ((205, 30, 30), (30, 55, 195), (225, 225, 220))  # red, blue, white
+FENCE_COLOURS = {"own": ((15, 185, 170), (40, 200, 190)), "shared": ((135, 100, 65), (185, 185, 180))}
+CLOTHES_COLOURS = {"own": ((215, 40, 195), (150, 25, 160)),  # magenta top, darker trousers
+                   "shared": ((195, 40, 40), (40, 60, 165), (220, 220, 220), (50, 50, 55), (60, 130, 60))}
+SKIN_COLOURS = ((225, 185, 155), (150, 105, 75))
+BICYCLE_COLOURS = {"own": ((250, 125, 10), (140, 60, 0)),  # orange frame and rider, dark orange tyres
+                   "shared": ((195, 40, 40), (40, 60, 165), (150, 150, 155), (30, 30, 33))}
+CAR_COLOURS = ((225, 225, 228), (175, 175, 180), (125, 125, 130), (70, 70, 75), (30, 30, 35), (45, 55, 95),
+               (165, 30, 30), (35, 55, 160))
+
+
+def _colours(rng, palette, count=1):
+    """``count`` colours of one object: all from its class's own hues, or (SHARED_SHARE of objects) all shared."""
+    choice = palette["shared"] if rng.random() < SHARED_SHARE else palette["own"]
+    return [choice[i] for i in rng.integers(len(choice), size=count)]
 
 
 def _rng_for(seed, split, index):
@@ -178,8 +194,7 @@ def _paint_fence(c: _Canvas, rng, ground: dict, side: float) -> None:
     top = horizon - fh
     rail = c.box(top, top + max(2.0, 0.25 * fh), x0, x0 + length)
     mask = (rail | (c.box(top, horizon + 0.02 * H, x0, x0 + length) & slats)) & ~ground["road"]
-    colour = FENCE_COLOURS[rng.integers(len(FENCE_COLOURS))]
-    c.paint(mask, FENCE, c.jitter(colour, 15), c.blobs(0.08))
+    c.paint(mask, FENCE, c.jitter(_colours(rng, FENCE_COLOURS)[0], 15), c.blobs(0.08))
 
 
 def _paint_car(c: _Canvas, rng, ground: dict, y: float, s: float) -> None:
@@ -201,7 +216,7 @@ def _paint_pole(c: _Canvas, rng, ground: dict, side: float, y: float, s: float) 
     px = (left if side < 0 else right) + side * rng.uniform(2.0, 6.0) * (0.5 + s)
     # At least 5 pixels wide: thinner poles fall between the decoder's stride-4 cells.
     ph, pw = (0.18 + 0.27 * s) * H, 5.0 + 4.0 * s
-    colour = c.jitter(POLE_COLOURS[rng.integers(len(POLE_COLOURS))], 15)
+    colour = c.jitter(_colours(rng, POLE_COLOURS)[0], 15)
     c.paint(c.box(y - ph, y, px - pw / 2, px + pw / 2), POLE, colour, c.blobs(0.08))
     if rng.random() < 0.8:
         sz = (0.07 + 0.08 * s) * W
@@ -219,7 +234,8 @@ def _paint_pedestrian(c: _Canvas, rng, ground: dict, y: float, s: float) -> None
     edge = left if rng.random() < 0.5 else right
     px = edge + rng.choice([-1, 1]) * rng.uniform(2, 10) * (0.5 + s)
     ph = (0.2 + 0.3 * s) * float(c.h)  # s >= 0.1: at least 22 pixels tall, 7 wide
-    shirt, trousers, head = (c.jitter(colour, 12) for colour in PEDESTRIAN_COLOURS)
+    shirt, trousers = (c.jitter(colour, 12) for colour in _colours(rng, CLOTHES_COLOURS, 2))
+    head = c.jitter(SKIN_COLOURS[rng.integers(len(SKIN_COLOURS))], 12)
     body = c.ellipse(y - ph * 0.55, px, ph * 0.3, ph * 0.16)
     legs = c.box(y - ph * 0.3, y, px - ph * 0.12, px - ph * 0.02)
     legs |= c.box(y - ph * 0.3, y, px + ph * 0.02, px + ph * 0.12)
@@ -235,8 +251,11 @@ def _paint_bicyclist(c: _Canvas, rng, ground: dict, y: float, s: float) -> None:
     wheels |= c.ellipse(y - r, bx + 1.6 * r, r, r) ^ c.ellipse(y - r, bx + 1.6 * r, 0.5 * r, 0.5 * r)
     frame = c.box(y - 1.4 * r, y - 0.9 * r, bx - 1.6 * r, bx + 1.6 * r)
     rider = c.ellipse(y - 3.0 * r, bx, 1.4 * r, 0.7 * r) | c.ellipse(y - 4.8 * r, bx, 0.5 * r, 0.45 * r)
-    c.paint(frame | rider, BICYCLIST, c.jitter(BICYCLIST_COLOURS[0], 12))
-    c.paint(wheels, BICYCLIST, c.jitter(BICYCLIST_COLOURS[1], 10))  # dark orange tyres, not the cars' black
+    frame_colour, rider_colour, tyre_colour = (c.jitter(colour, 12) for colour in _colours(rng, BICYCLE_COLOURS, 3))
+    c.paint(frame, BICYCLIST, frame_colour)
+    c.paint(rider, BICYCLIST, rider_colour)
+    c.paint(c.ellipse(y - 4.8 * r, bx, 0.5 * r, 0.45 * r), BICYCLIST, c.jitter(SKIN_COLOURS[rng.integers(2)], 10))
+    c.paint(wheels, BICYCLIST, tyre_colour)
 
 
 class SyntheticSource:
