@@ -19,14 +19,14 @@ import os
 import platform
 import shlex
 import shutil
-import statistics
 import sys
 import textwrap
 import time
 from importlib import metadata
 from pathlib import Path
 
-from common import REPO, git_commit, last_eval, load_config, names_of, run_cli, split_digest, start, utc_now, write_json
+import compare
+from common import REPO, git_commit, load_config, names_of, run_cli, start, utc_now, write_json
 
 CONFIG = "configs/demo.py"
 SPLIT = "1_8"
@@ -38,6 +38,7 @@ METHODS = {
     "stpg": (SPLIT, "stpg", "STPG"),
     "ceiling": ("full", "supervised", "supervised, all labels"),
 }
+HEADINGS = {m: heading for m, (_, _, heading) in METHODS.items()}
 RARE = ("pole", "sign_symbol", "fence", "pedestrian", "bicyclist")
 README = REPO / "README.md"
 RESULTS = REPO / "benchmarks" / "results"
@@ -100,14 +101,11 @@ def run_one(method: str, seed: int, workdir: str, steps: int) -> dict:
     except KeyboardInterrupt:  # the run got the same Ctrl-C: it checkpoints and stops
         proc.wait()
         raise
-    record = {"method": method, "seed": seed, "command": shlex.join(argv), "workdir": workdir,
-              "wall_s": round(time.monotonic() - t0, 1), "returncode": returncode}
-    if returncode != 0:
+    record = compare.record(method, seed, shlex.join(argv), str(REPO / workdir), time.monotonic() - t0, returncode)
+    record["workdir"] = workdir
+    if returncode != 0 or record["miou"] is None:
         raise RuntimeError(f"{method} seed {seed} failed (exit status {returncode}); see {workdir}/train.log")
-    result = last_eval(str(REPO / workdir))
-    record.update(step=result["step"], miou=result["miou"], pixel_accuracy=result["pixel_accuracy"],
-                  iou=result["iou"], split_labeled_sha256_16=split_digest(str(REPO / workdir)))
-    print(f"=== {method}, seed {seed}: mIoU {100 * result['miou']:.2f} after {record['wall_s']:.0f} s", flush=True)
+    print(f"=== {method}, seed {seed}: mIoU {100 * record['miou']:.2f} after {record['wall_s']:.0f} s", flush=True)
     return record
 
 
@@ -170,58 +168,10 @@ def check_splits(runs: list[dict]):
             raise RuntimeError(f"the {method} runs were evaluated after different steps ({sorted(counts)})")
 
 
-def spread(values: list[float]) -> dict:
-    """Mean, sample standard deviation (0 for one value), min and max."""
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}
-
-
-def rare_mean(run: dict) -> float:
-    """Mean IoU of the rare classes the val set holds (a class absent from it has no IoU)."""
-    return statistics.fmean(run["iou"][c] for c in RARE if run["iou"][c] is not None)
-
-
-def summarize(report: dict) -> dict:
-    """{method: {'iou': {class: spread}, 'miou': spread, 'rare': spread, 'wall_s': spread, 'seeds': [...]}} of the
-    methods that have runs, in METHODS order."""
-    out = {}
-    for method in METHODS:
-        runs = sorted((r for r in report["runs"] if r["method"] == method), key=lambda r: r["seed"])
-        if not runs:
-            continue
-        classes = list(runs[0]["iou"])
-        out[method] = {
-            "seeds": [r["seed"] for r in runs],
-            "iou": {c: spread([r["iou"][c] for r in runs]) if all(r["iou"][c] is not None for r in runs) else None
-                    for c in classes},
-            "miou": spread([r["miou"] for r in runs]),
-            "rare": spread([rare_mean(r) for r in runs]),
-            "wall_s": spread([r["wall_s"] for r in runs]),
-        }
-    return out
-
-
-def paired(report: dict, a: str, b: str, key) -> list[float]:
-    """key(run of a) − key(run of b) for each seed both have, in seed order."""
-    runs = {(r["method"], r["seed"]): r for r in report["runs"]}
-    seeds = sorted(s for m, s in runs if m == a and (b, s) in runs)
-    return [key(runs[a, s]) - key(runs[b, s]) for s in seeds]
-
-
-def pct(s: dict) -> str:
-    return f"{100 * s['mean']:.2f} ± {100 * s['sd']:.2f}" if s["n"] > 1 else f"{100 * s['mean']:.2f}"
-
-
-def duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m} min {s:02d} s" if m else f"{s} s"
-
-
 def markdown(report: dict) -> str:
     """The README section (without the markers) from a report."""
-    summary = summarize(report)
-    methods = list(summary)
-    seeds = sorted({r["seed"] for r in report["runs"]})
+    runs = report["runs"]
+    seeds = sorted({r["seed"] for r in runs})
     v, d = report["versions"], report["data"]
     commit = f"`{report['commit'][:7]}`" + (" (with uncommitted changes)" if report["dirty"] else "")
     steps = f"{report['steps']} steps per run (shortened)" if report["steps"] else "the config's own schedule"
@@ -233,30 +183,9 @@ def markdown(report: dict) -> str:
         f"{len(seeds)} training seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}; the same scenes "
         "and labelled split), each run alone in a fresh work directory. Gen-Student IoU %, mean ± sample standard "
         "deviation over the seeds:")
-    lines = [
-        textwrap.fill(intro, WIDTH, break_on_hyphens=False),
-        "",
-        "| class | " + " | ".join(METHODS[m][2] for m in methods) + " |",
-        "| --- |" + " ---: |" * len(methods),
-    ]
-    for c in next(iter(summary.values()))["iou"]:
-        cells = [pct(summary[m]["iou"][c]) if summary[m]["iou"][c] else "n/a" for m in methods]
-        lines.append(f"| {c} | " + " | ".join(cells) + " |")
-    lines.append("| **mIoU** | " + " | ".join(pct(summary[m]["miou"]) for m in methods) + " |")
-    lines.append(f"| rare classes ({', '.join(RARE)}) | " + " | ".join(pct(summary[m]["rare"]) for m in methods)
-                 + " |")
-    lines.append("| wall time per run (whole command) | " + " | ".join(
-        duration(summary[m]["wall_s"]["mean"]) for m in methods) + " |")
-    comparisons = []
-    for other in ("supervised", "mean_teacher"):
-        if "stpg" in summary and other in summary:
-            d = paired(report, "stpg", other, lambda r: r["miou"])
-            d_rare = paired(report, "stpg", other, rare_mean)
-            ahead = sum(x > 0 for x in d)
-            comparisons.append(
-                f"STPG − {METHODS[other][2]}, paired by seed: mIoU {100 * statistics.fmean(d):+.2f} points "
-                f"(per seed {', '.join(f'{100 * x:+.2f}' for x in d)}; STPG ahead in {ahead} of {len(d)}), "
-                f"rare classes {100 * statistics.fmean(d_rare):+.2f} points.")
+    lines = [textwrap.fill(intro, WIDTH, break_on_hyphens=False), "", compare.markdown_table(runs, HEADINGS, RARE)]
+    comparisons = [compare.paired_text(runs, "stpg", other, HEADINGS, RARE) for other in ("supervised", "mean_teacher")]
+    comparisons = [c for c in comparisons if c]
     if comparisons:
         lines += [""] + [textwrap.fill(c, WIDTH, break_on_hyphens=False) for c in comparisons]
     default = default_run(report)
@@ -323,23 +252,16 @@ def load(out: str) -> dict:
 
 
 def write_figure(report: dict, path: Path) -> str:
-    """The methods compared per class (mean, min-max and each seed; stpg_jax.plots), or '' without matplotlib."""
+    """The methods compared per class (compare.write_figure), or '' without matplotlib or runs."""
     from stpg_jax import plots
 
-    runs = report["runs"]
-    if not runs:
-        return ""
     try:
         plots.require_matplotlib("the demo table's figure")
     except plots.PlotsUnavailable as e:
         print(f"note: {e}; no figure written", file=sys.stderr)
         return ""
-    classes = list(runs[0]["iou"])
-    per_method = {m: [{c: None if r["iou"][c] is None else 100 * r["iou"][c] for c in classes}
-                      for r in sorted((r for r in runs if r["method"] == m), key=lambda r: r["seed"])]
-                  for m in METHODS if any(r["method"] == m for r in runs)}
-    return plots.method_comparison_png(per_method, classes, str(path), rare=RARE,
-                                       title=f"{report['config']}: IoU % per class, {len(per_method)} methods")
+    return compare.write_figure(report["runs"], HEADINGS, str(path), rare=RARE,
+                                title=f"{report['config']}: IoU % per class, by method over the seeds")
 
 
 def main(argv=None) -> int:
@@ -356,7 +278,7 @@ def main(argv=None) -> int:
     if figure:
         print(f"figure: {figure}")
     if args.write_readme:
-        summary = summarize(report)
+        summary = compare.summarize(report["runs"], METHODS)
         short = [m for m in METHODS if m not in summary or summary[m]["miou"]["n"] < 3]
         if report["steps"] or short:
             print(f"error: --write_readme: the README's table needs the config's schedule and at least 3 seeds of "

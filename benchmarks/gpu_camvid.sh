@@ -23,11 +23,9 @@
 #   call 2 at once, carry [".carry/camvid"], timeout_s 540:  STPG_COMMIT=<sha> bash benchmarks/gpu_camvid.sh
 # (A machine that went back in between has lost KEEP: then carry .whl and .carry/weights again and call 1 again.)
 # On 2026-11-27 on an H200 the three 600-step runs took 296 s together (BENCHMARKS.md, History).
-# Another training seed: EXTRA_OVERRIDES=seed=1,log_every_steps=50 (then camvid_experiment.py --combine with
-# benchmarks/results/camvid_1_8_600steps_h200_seed0.json).
+# Other training seeds: SEEDS=0,1,2 (each seed's three runs together, one seed after another).
 #
-# Writes into $OUT (8 files): camvid_results.{md,json}, commands.txt, split_labeled.txt, split.json and the three
-# train logs.
+# Writes into $OUT: camvid_results.{md,json}, commands.txt, split_labeled.txt, split.json and each run's train log.
 set -uo pipefail
 START=$SECONDS
 STEPS=${STEPS:-600}
@@ -46,7 +44,7 @@ if [ ! -f "$SITE/.installed" ]; then
 fi
 export PYTHONPATH=$SITE:$PWD
 # Each of the data and the weights: carried with this call (.carry/...) or left in KEEP by an earlier call, then
-# linked as .carry/..., so that the commands (and the results' overrides, which --combine compares) stay the same.
+# linked as .carry/..., so that the commands stay the same.
 link() {
   [ -e ".carry/$1/$2" ] && return 0
   [ -e "$KEEP/$1/$2" ] || return 1
@@ -70,12 +68,13 @@ MODE_ARGS=(--parallel)
 [ -n "${MEM_FRACTION:-}" ] && MODE_ARGS+=(--mem_fraction "$MEM_FRACTION")
 # SIGTERM at TIMEOUT_S: the script stops its runs (SIGTERM, SIGKILL 5 s later) and writes the results within the 10 s.
 timeout -k 10 "${TIMEOUT_S:-480}" python3 benchmarks/camvid_experiment.py "${MODE_ARGS[@]}" \
-  --methods "${METHODS:-supervised,mean_teacher,stpg}" --steps "$STEPS" --workdir_root "$ROOT" --out "$OUT" \
+  --methods "${METHODS:-supervised,mean_teacher,stpg}" --seeds "${SEEDS:-0}" --steps "$STEPS" \
+  --workdir_root "$ROOT" --out "$OUT" \
   --overrides "$OVERRIDES"
 rc=$?
-for m in supervised mean_teacher stpg; do
-  [ -f "$ROOT/$m/train.log" ] && cp "$ROOT/$m/train.log" "$OUT/train_$m.log"
+for log in "$ROOT"/*_seed*/train.log; do
+  [ -f "$log" ] && cp "$log" "$OUT/train_$(basename "$(dirname "$log")").log"
 done
-rm -f "$OUT/split_unlabeled.txt"  # derivable from split_labeled.txt; keeps $OUT within its 8 files
+rm -f "$OUT/split_unlabeled.txt"  # derivable from split_labeled.txt
 echo "exit status $rc, total $((SECONDS - START))s"
 exit $rc

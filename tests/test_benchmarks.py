@@ -384,6 +384,7 @@ def test_profile_without_device_lines_uses_host_thunks(tmp_path):
 
 
 ce = _load("camvid_experiment")
+compare = _load("compare")
 
 
 def _eval_json(workdir: Path, miou: float, iou: dict, step: int = 4):
@@ -392,84 +393,65 @@ def _eval_json(workdir: Path, miou: float, iou: dict, step: int = 4):
 
 
 def test_camvid_experiment_commands_and_results(tmp_path):
-    args = ce.parse_args(["--methods", "supervised,stpg", "--steps", "120", "--workdir_root", str(tmp_path),
-                          "--overrides", "data.root=/d,model.dtype=bfloat16"])
-    commands = ce.build_commands(args)
+    args = ce.parse_args(["--methods", "supervised,stpg", "--steps", "120", "--seeds", "0,2", "--workdir_root",
+                          str(tmp_path), "--overrides", "data.root=/d,model.dtype=bfloat16"])
+    assert args.seed_list == [0, 2]
+    commands = ce.build_commands(args, 2)
     assert [m for m, *_ in commands] == ["supervised", "stpg"]
     method, cmd, workdir = commands[1]
-    assert cmd[1] == "launch.py" and workdir == str(tmp_path / "stpg") and f"--workdir={workdir}" in cmd
-    assert (f"--config=configs/camvid.py:1_8,mode=stpg,schedule.total_steps=120,schedule.steps_per_epoch=3,"
+    assert cmd[1] == "launch.py" and workdir == str(tmp_path / "stpg_seed2") and f"--workdir={workdir}" in cmd
+    assert (f"--config=configs/camvid.py:1_8,mode=stpg,seed=2,schedule.total_steps=120,schedule.steps_per_epoch=3,"
             f"eval.every_steps=0,data.data_dir={tmp_path / 'prepared'},data.root=/d,model.dtype=bfloat16") in cmd
     assert ce.prepare_command(cmd[2][len("--config="):])[1:] == ["-m", "stpg_jax.data.prepare", "--dataset", "camvid",
                                                                  "--manual_dir", "/d", "--data_dir",
                                                                  str(tmp_path / "prepared")]
     assert args.mem_fraction == pytest.approx(0.45)
 
-    # A run's result is its last evaluation, in %.
-    assert ce.result_of(str(tmp_path / "stpg")) is None
+    # A run's record holds its last evaluation; without one its result fields are None.
+    assert compare.record("stpg", 2, "c", str(tmp_path / "stpg"), 1.0, 1)["miou"] is None
     _eval_json(tmp_path / "stpg", 0.4525, {"sky": 0.905, "sign_symbol": None})
-    result = ce.result_of(str(tmp_path / "stpg"))
-    assert result == {"step": 4, "miou": pytest.approx(45.25), "iou": {"sky": pytest.approx(90.5), "sign_symbol": None}}
-    table = ce.iou_table([{"supervised": {"result": result, "wall_s": 60.0},
-                           "stpg": {"result": result, "wall_s": 120.0}}])
-    assert "| sky | 90.50 | 90.50 |" in table and "| **mIoU** | **45.25** | **45.25** |" in table
-    assert "| sign_symbol | n/a | n/a |" in table and "| wall time (train + eval), s | 60 | 120 |" in table
+    (tmp_path / "stpg" / "split_labeled.txt").write_text("a\nb\n")
+    r = compare.record("stpg", 2, "c", str(tmp_path / "stpg"), 60.04, 0)
+    assert (r["step"], r["miou"], r["iou"], r["wall_s"]) == (4, 0.4525, {"sky": 0.905, "sign_symbol": None}, 60.0)
+    assert len(r["split_labeled_sha256_16"]) == 16
+    text = ce.results_text([{**r, "method": "supervised"}, {**r, "wall_s": 120.0}], ("sign_symbol",), False)
+    assert "| sky | 90.50 | 90.50 |" in text and "| **mIoU** | 45.25 | 45.25 |" in text
+    assert "| sign_symbol | n/a | n/a |" in text and "| wall time per run (train + eval) | 1 min 00 s | 2 min 00 s |" in text
+    assert "stpg − supervised, paired by seed: mIoU +0.00 points (per seed +0.00; stpg ahead in 0 of 1)" in text
 
-    for bad in (["--methods", "fixmatch"], ["--mem_fraction", "0.6"], ["--overrides", "mode=stpg"]):
+    for bad in (["--methods", "fixmatch"], ["--mem_fraction", "0.6"], ["--overrides", "mode=stpg"],
+                ["--overrides", "seed=3"], ["--seeds", "1,1"], ["--seeds", "x"]):
         with pytest.raises(SystemExit):
             ce.parse_args(bad + ["--steps", "10", "--workdir_root", str(tmp_path)])
     with pytest.raises(SystemExit):
         ce.parse_args(["--steps", "10"])  # training needs --workdir_root
 
 
-def test_camvid_experiment_combines_seeds(tmp_path, capsys):
-    def report(seed, miou, sky, split="d31e", steps=200):
-        result = {"miou": miou, "iou": {"sky": sky, "pole": None if seed == 2 else 0.0}}
-        return {"config": "configs/camvid.py:1_8", "steps": steps, "commit": "abc1234",
-                "overrides": f"seed={seed},data.crop_size=224" if seed else "data.crop_size=224",
-                "split": {"sha256_16": {"supervised": split, "stpg": split}},
-                "runs": {"supervised": {"result": result, "wall_s": 100.0 + seed},
-                         "stpg": {"result": result, "wall_s": 300.0}}}
+def _record(method, seed, miou, iou, wall_s=1.0):
+    return {"method": method, "seed": seed, "command": "c", "workdir": "w", "wall_s": wall_s, "returncode": 0,
+            "step": 4, "miou": miou, "pixel_accuracy": 0.9, "iou": iou, "split_labeled_sha256_16": "ab"}
 
-    paths = []
-    for i, r in enumerate([report(0, 40.0, 90.0), report(1, 41.0, 92.0)]):
-        paths.append(tmp_path / f"r{i}.json")
-        paths[-1].write_text(json.dumps(r))
-    assert ce.main(["--combine", *map(str, paths), "--out", str(tmp_path / "out")]) == 0
-    text = (tmp_path / "out" / "camvid_results_combined.md").read_text()
-    from PIL import Image
 
-    with Image.open(tmp_path / "out" / "camvid_results_combined.png") as im:
-        assert im.format == "PNG" and im.width >= 600
-    assert "seeds 0 (config default), 1" in text
-    assert "| sky | 91.00 (90.00 / 92.00) | 91.00 (90.00 / 92.00) |" in text
-    assert "| **mIoU** | **40.50 (40.00 / 41.00)** |" in text and "| 100 (100 / 101) | 300 (300 / 300) |" in text
-    assert "n/a" in ce.combine_results([report(0, 40, 90), report(2, 41, 92)], ["a", "b"])
-
-    # Repeats that differ in more than the seed are refused, naming the file and the field.
-    for other, field in ((report(1, 41, 92, split="ffff"), "labelled split"), (report(1, 41, 92, steps=300), "steps"),
-                         (report(0, 41, 92), "same training seed"),
-                         ({**report(1, 41, 92), "parallel": True}, "concurrent runs")):
-        with pytest.raises(ValueError, match=field):
-            ce.combine_results([report(0, 40, 90), other], ["a.json", "b.json"])
-    assert ce.main(["--combine", str(paths[0]), str(tmp_path / "missing.json"), "--out", str(tmp_path)]) == 2
-    assert "missing.json" in capsys.readouterr().err
-    (tmp_path / "other.json").write_text(json.dumps({"config": "c"}))
-    assert ce.main(["--combine", str(paths[0]), str(tmp_path / "other.json"), "--out", str(tmp_path)]) == 2
-    assert "lacks the field 'steps'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        ce.parse_args(["--combine", str(paths[0])])  # no --out
-    assert "Paired by seed" not in ce.combine_results([report(0, 40, 90)], ["a"])  # one repeat: nothing to pair
-
-    # Seed-paired mIoU differences: per repeat, mean, sample sd, Student-t 95 % interval, repeats ahead.
-    def runs(sup, mt, stpg):
-        return {m: {"result": {"miou": v, "iou": {"sky": v}}, "wall_s": 1.0}
-                for m, v in (("stpg", stpg), ("mean_teacher", mt), ("supervised", sup))}
-    paired = ce.paired_differences([runs(40, 41, 43), runs(42, 42, 43), runs(41, 43, 42)])
-    assert "| mean_teacher − supervised | +1.00 / +0.00 / +2.00 | +1.00 | 1.00 | -1.48 to +3.48 | 2 of 3 |" in paired
-    assert "| stpg − supervised | +3.00 / +1.00 / +1.00 | +1.67 | 1.15 | -1.20 to +4.54 | 3 of 3 |" in paired
-    assert "| stpg − mean_teacher | +2.00 / +1.00 / -1.00 |" in paired
-    assert ce.paired_differences([runs(40, 41, 43)]) is None
+def test_methods_compared_over_seeds():
+    # Seed-paired mIoU differences: per seed, mean, Student-t 95 % interval of the mean, seeds ahead.
+    runs = [_record(m, seed, v, {"sky": v, "pole": v / 2})
+            for seed, values in enumerate(((0.40, 0.41, 0.43), (0.42, 0.42, 0.43), (0.41, 0.43, 0.42)))
+            for m, v in zip(("supervised", "mean_teacher", "stpg"), values)]
+    text = compare.paired_text(runs, "mean_teacher", "supervised", ce.HEADINGS, ("pole",))
+    assert text == ("mean_teacher − supervised, paired by seed: mIoU +1.00 points (per seed +1.00, +0.00, +2.00; "
+                    "95 % interval of the mean -1.48 to +3.48; mean_teacher ahead in 2 of 3), rare classes +0.50 points.")
+    assert "(per seed +3.00, +1.00, +1.00; 95 % interval of the mean -1.20 to +4.54; stpg ahead in 3 of 3)" in (
+        compare.paired_text(runs, "stpg", "supervised", ce.HEADINGS))
+    assert compare.paired_text(runs, "stpg", "fixmatch", {**ce.HEADINGS, "fixmatch": "f"}) is None
+    summary = compare.summarize(runs, ce.METHODS, ("pole",))
+    assert summary["stpg"]["miou"]["mean"] == pytest.approx(0.4267, abs=1e-4) and summary["stpg"]["miou"]["n"] == 3
+    assert summary["supervised"]["rare"]["mean"] == pytest.approx(0.205)
+    # A class absent in one seed has no mean; a run that did not finish is left out.
+    runs[0]["iou"]["pole"] = None
+    unfinished = {**_record("stpg", 3, None, None), "returncode": 1}
+    summary = compare.summarize(runs + [unfinished], ce.METHODS)
+    assert summary["supervised"]["iou"]["pole"] is None and summary["stpg"]["seeds"] == [0, 1, 2]
+    assert "| pole | n/a | " in compare.markdown_table(runs, ce.HEADINGS)
 
 
 def test_camvid_experiment_without_matplotlib_stops_before_training_in_one_line(tmp_path, monkeypatch, capsys):
@@ -485,19 +467,23 @@ def test_camvid_experiment_without_matplotlib_stops_before_training_in_one_line(
 
 
 def test_camvid_experiment_writes_its_results_and_figure(tmp_path, monkeypatch):
-    result = {"step": 4, "miou": 40.0, "iou": {"sky": 90.0, "pole": None}}
-    monkeypatch.setattr(ce, "run_methods", lambda jobs, parallel: (
-        {m: {"command": "c", "returncode": 0, "wall_s": 1.0, "result": result} for m, *_ in jobs}, None))
-    assert ce.main(["--config=configs/demo.py:1_8", "--methods", "supervised,stpg", "--workdir_root",
-                    str(tmp_path)]) == 0
+    def fake(jobs, parallel, seed):
+        return {m: _record(m, seed, 0.40 + 0.01 * seed, {"sky": 0.9, "pole": None}) for m, *_ in jobs}, None
+
+    monkeypatch.setattr(ce, "run_methods", fake)
+    assert ce.main(["--config=configs/demo.py:1_8", "--methods", "supervised,stpg", "--seeds", "0,1",
+                    "--workdir_root", str(tmp_path)]) == 0
     from PIL import Image
 
     with Image.open(tmp_path / "camvid_results.png") as im:
         assert im.format == "PNG" and im.width >= 600
-    assert "| **mIoU** | **40.00** | **40.00** |" in (tmp_path / "camvid_results.md").read_text()
+    text = (tmp_path / "camvid_results.md").read_text()
+    assert "| **mIoU** | 40.50 ± 0.71 | 40.50 ± 0.71 |" in text and "training seeds 0, 1" in text
     report = json.loads((tmp_path / "camvid_results.json").read_text())
-    assert report["runs"]["stpg"]["result"] == result and report["commit"] and report["steps"] == 300
-    assert (tmp_path / "commands.txt").read_text().count("launch.py") == 2
+    assert [(r["method"], r["seed"]) for r in report["runs"]] == [("supervised", 0), ("stpg", 0), ("supervised", 1),
+                                                                  ("stpg", 1)]
+    assert report["commit"] and report["steps"] == 300 and report["seeds"] == [0, 1]
+    assert (tmp_path / "commands.txt").read_text().count("launch.py") == 4
 
 
 def _alive(pid: int) -> bool:
@@ -517,10 +503,10 @@ def test_camvid_experiment_runs_at_once_and_stops(tmp_path, monkeypatch):
     jobs = [("supervised", ["python", "-c", ok, str(tmp_path / "supervised")], str(tmp_path / "supervised"),
              {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.300"}),
             ("stpg", ["python", "-c", "import sys; print('boom'); sys.exit(3)"], str(tmp_path / "stpg"), None)]
-    runs, stopped_by = ce.run_methods(jobs, parallel=True)
+    runs, stopped_by = ce.run_methods(jobs, parallel=True, seed=1)
     assert stopped_by is None
-    assert runs["supervised"]["returncode"] == 0 and runs["supervised"]["result"]["miou"] == pytest.approx(45.0)
-    assert runs["stpg"]["returncode"] == 3 and runs["stpg"]["result"] is None
+    assert runs["supervised"]["returncode"] == 0 and runs["supervised"]["miou"] == pytest.approx(0.45)
+    assert runs["supervised"]["seed"] == 1 and runs["stpg"]["returncode"] == 3 and runs["stpg"]["miou"] is None
     assert (tmp_path / "supervised" / "train.log").read_text() == "0.300\n"
     assert (tmp_path / "stpg" / "train.log").read_text() == "boom\n"
     assert runs["supervised"]["wall_s"] is not None and runs["stpg"]["wall_s"] is not None
@@ -550,7 +536,7 @@ def test_camvid_experiment_runs_at_once_and_stops(tmp_path, monkeypatch):
     monkeypatch.setattr(ce, "time", Clock)
     runs, stopped_by = ce.run_methods([("stpg", [sys.executable, "-c", "import time; time.sleep(60)"],
                                         str(tmp_path / "s"), None)], parallel=True)
-    assert stopped_by == "SIGTERM" and runs["stpg"]["returncode"] == -15 and runs["stpg"]["result"] is None
+    assert stopped_by == "SIGTERM" and runs["stpg"]["returncode"] == -15 and runs["stpg"]["miou"] is None
 
 
 def test_loader_throughput_on_the_demo_data(tmp_path, capsys):

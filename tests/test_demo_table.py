@@ -105,7 +105,7 @@ def fake_report():
 
 def test_summary_and_markdown_of_known_runs():
     report = fake_report()
-    summary = dt.summarize(report)
+    summary = dt.compare.summarize(report["runs"], dt.METHODS, dt.RARE)
     assert list(summary) == ["supervised", "stpg"]
     sky = summary["supervised"]["iou"]["sky"]
     assert sky["mean"] == pytest.approx(0.41) and sky["sd"] == pytest.approx(0.01) and sky["n"] == 3
@@ -124,7 +124,8 @@ def test_summary_and_markdown_of_known_runs():
     assert rows["sky"] == ["41.00 ± 1.00", "43.00 ± 1.00"]
     assert rows["bicyclist"][1] == "n/a"
     assert rows["wall time per run (whole command)"] == ["1 min 01 s", "1 min 01 s"]
-    assert "mIoU +2.00 points (per seed +2.00, +2.00, +2.00; STPG ahead in 3 of 3)" in text
+    assert ("mIoU +2.00 points (per seed +2.00, +2.00, +2.00; 95 % interval of the mean +2.00 to +2.00; STPG ahead in "
+            "3 of 3)") in " ".join(text.split())
     assert "commit `0123456`" in text
     assert rows["**mIoU**"] == ["41.17 ± 1.26", "43.17 ± 1.26"]
     assert "prints mIoU **42.00**" in text  # the default command's own figure: STPG, seed 0
