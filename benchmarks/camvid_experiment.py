@@ -63,12 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
                    help="write the per-class comparison PNG (needs matplotlib: pip install 'stpg_jax[plots]')")
     args = p.parse_args(argv)
-    try:
-        args.seed_list = [int(x) for x in args.seeds.split(",") if x.strip()]
-    except ValueError:
-        p.error(f"--seeds: integers separated by commas, got {args.seeds!r}")
-    if not args.seed_list or len(set(args.seed_list)) < len(args.seed_list):
-        p.error(f"--seeds: one or more distinct seeds, got {args.seeds!r}")
+    args.seed_list = compare.seeds_of(p, args.seeds)
     if not args.workdir_root:
         p.error("--workdir_root is required (each method trains in WORKDIR_ROOT/<method>)")
     args.method_list = names_of(p, "--methods", args.methods, METHODS)

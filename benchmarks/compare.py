@@ -15,6 +15,17 @@ import statistics
 from common import last_eval, split_digest
 
 
+def seeds_of(p, text: str) -> list[int]:
+    """The distinct integer seeds of ``--seeds`` (comma-separated), else the parser's error."""
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--seeds: integers separated by commas, got {text!r}")
+    if not seeds or len(set(seeds)) < len(seeds):
+        p.error(f"--seeds: one or more distinct seeds, got {text!r}")
+    return seeds
+
+
 def record(method: str, seed: int, command: str, workdir: str, wall_s, returncode) -> dict:
     """A run's record; its evaluation fields are None when it wrote none."""
     r = {"method": method, "seed": seed, "command": command, "workdir": workdir,

@@ -62,12 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--print_default", action="store_true",
                    help="print the default command's recorded IoU table (as it prints it) and stop")
     args = p.parse_args(argv)
-    try:
-        args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        p.error(f"--seeds: integers separated by commas, got {args.seeds!r}")
-    if not args.seed_list or len(set(args.seed_list)) < len(args.seed_list):
-        p.error(f"--seeds: one or more distinct seeds, got {args.seeds!r}")
+    args.seed_list = compare.seeds_of(p, args.seeds)
     args.method_list = names_of(p, "--methods", args.methods, METHODS)
     if args.steps < 0:
         p.error("--steps must be >= 1 (or 0: the config's schedule)")
