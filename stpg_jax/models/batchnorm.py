@@ -90,7 +90,9 @@ def _reduce(v, groups):
         return v.sum(tuple(range(v.ndim - 1)))[None]
     per_sample = v.sum(tuple(range(1, v.ndim - 1)))  # (B, C)
     _, members = _group_index(groups)
-    return jnp.stack([per_sample[idx].sum(0) for idx in members])
+    # A group of consecutive samples is a slice; others (a batch joined device by device) are gathered, (B, C) small.
+    return jnp.stack([per_sample[idx[0]:idx[-1] + 1].sum(0) if idx[-1] - idx[0] + 1 == len(idx) else
+                      per_sample[idx].sum(0) for idx in members])
 
 
 def _counts(x, groups):
@@ -103,11 +105,20 @@ def _counts(x, groups):
 
 
 def _expand(stat, groups, ndim):
-    """Per-group (G, C) statistics as a broadcastable (B, 1.., C) array (or (C,) for one group)."""
+    """Per-group (G, C) statistics as a broadcastable (B, 1.., C) array (or (C,) for one group).
+
+    Group 0's row broadcast, then each other group's row selected where the layout has that group: the values of
+    indexing ``stat`` by each sample's group, without the gather that XLA compiles the indexing to (on a GPU a
+    kernel per BatchNorm and use, and a scatter in the backward pass), and elementwise, so a batch sharded over
+    devices keeps its statistics where its samples are."""
     if groups is None:
         return stat[0]
-    ids, _ = _group_index(groups)
-    return stat[ids].reshape((len(ids),) + (1,) * (ndim - 2) + stat.shape[-1:])
+    shape = (len(groups),) + (1,) * (ndim - 2) + stat.shape[-1:]
+    ids = np.asarray(groups).reshape((len(groups),) + (1,) * (ndim - 1))
+    out = jnp.broadcast_to(stat[0], shape)
+    for g in range(1, stat.shape[0]):
+        out = jnp.where(ids == g, stat[g], out)
+    return out
 
 
 def _stats(x, groups):
