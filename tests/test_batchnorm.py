@@ -106,7 +106,7 @@ def test_eval_mode_uses_the_running_averages(relu):
 
 
 @pytest.mark.parametrize("groups", [(0, 0, 1, 1), (0, 1, 0, 1)])
-def test_group_statistics_reach_their_samples_without_a_gather(groups):
+def test_group_statistics_reach_their_samples_without_a_gather(groups, monkeypatch):
     # Each sample's group statistics are selected from its group's row by a constant mask: the values of indexing
     # by each sample's group (the reference below), forward and closed-form backward (bit for bit with XLA's
     # default CPU optimisation; within the last bit under this suite's optimisation level 0). XLA compiles the
@@ -127,12 +127,8 @@ def test_group_statistics_reach_their_samples_without_a_gather(groups):
     value_and_grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
     ours = value_and_grad(x, scale, bias)
     text = value_and_grad.lower(x, scale, bias).compile().as_text()
-    original = bn._expand
-    bn._expand = reference_expand
-    try:
-        reference = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, scale, bias)
-    finally:
-        bn._expand = original
+    monkeypatch.setattr(bn, "_expand", reference_expand)
+    reference = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, scale, bias)
     for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(reference)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
     if groups == (0, 0, 1, 1):

@@ -113,9 +113,9 @@ def _expand(stat, groups, ndim):
     devices keeps its statistics where its samples are."""
     if groups is None:
         return stat[0]
-    shape = (len(groups),) + (1,) * (ndim - 2) + stat.shape[-1:]
-    ids = np.asarray(groups).reshape((len(groups),) + (1,) * (ndim - 1))
-    out = jnp.broadcast_to(stat[0], shape)
+    ids, _ = _group_index(groups)
+    ids = ids.reshape((len(ids),) + (1,) * (ndim - 1))
+    out = jnp.broadcast_to(stat[0], ids.shape[:-1] + stat.shape[-1:])
     for g in range(1, stat.shape[0]):
         out = jnp.where(ids == g, stat[g], out)
     return out
