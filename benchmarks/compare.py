@@ -1,4 +1,4 @@
-"""Methods compared over training seeds: what demo_table.py and camvid_experiment.py share.
+"""Methods compared over training seeds: the records, statistics, table and figure of benchmarks/experiment.py.
 
 A run is one ``python launch.py`` in its own work directory; its record holds the method, the seed, the command, the
 wall time, the exit status and the last evaluation (``eval_<step>.json``: IoU as fractions). From a list of records:
@@ -30,13 +30,14 @@ def record(method: str, seed: int, command: str, workdir: str, wall_s, returncod
     """A run's record; its evaluation fields are None when it wrote none."""
     r = {"method": method, "seed": seed, "command": command, "workdir": workdir,
          "wall_s": None if wall_s is None else round(wall_s, 1), "returncode": returncode,
-         "step": None, "miou": None, "pixel_accuracy": None, "iou": None, "split_labeled_sha256_16": None}
+         "step": None, "miou": None, "pixel_accuracy": None, "iou": None, "val_images": None,
+         "split_labeled_sha256_16": None}
     try:
         result = last_eval(workdir)
     except FileNotFoundError:
         return r
     r.update(step=result["step"], miou=result["miou"], pixel_accuracy=result.get("pixel_accuracy"),
-             iou=result["iou"],
+             iou=result["iou"], val_images=result.get("images"),
              split_labeled_sha256_16=split_digest(workdir) if os.path.isfile(os.path.join(workdir, "split_labeled.txt"))
              else None)
     return r

@@ -18,23 +18,15 @@ from stpg_jax.data import DataError
 from stpg_jax.host import tune_malloc
 
 
-class RandomImages:
-    """``count`` random RGB images of one size with random labels: a val source of the shapes to time."""
+def random_images(count: int, height: int, width: int, num_classes: int, seed: int = 0) -> list[dict]:
+    """``count`` random RGB images of one size with random labels: a val source of the shapes to time. Four distinct
+    ones, repeated: generating hundreds of large random images would dominate the run."""
+    import numpy as np
 
-    def __init__(self, count: int, height: int, width: int, num_classes: int, seed: int = 0):
-        import numpy as np
-
-        rng = np.random.default_rng(seed)
-        # A few distinct images, reused: generating hundreds of large random images would dominate the run.
-        self._images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(min(count, 4))]
-        self._labels = [rng.integers(0, num_classes, (height, width), dtype=np.uint8) for _ in self._images]
-        self.count = count
-
-    def __len__(self):
-        return self.count
-
-    def __getitem__(self, i):
-        return {"image": self._images[i % len(self._images)], "label": self._labels[i % len(self._labels)]}
+    rng = np.random.default_rng(seed)
+    distinct = [{"image": rng.integers(0, 256, (height, width, 3), dtype=np.uint8),
+                 "label": rng.integers(0, num_classes, (height, width), dtype=np.uint8)} for _ in range(min(count, 4))]
+    return [distinct[i % len(distinct)] for i in range(count)]
 
 
 def window_counts(sizes, window: int, stride_rate: float) -> list[int]:
@@ -81,7 +73,7 @@ def main(argv=None) -> dict:
     if args.size:
         h, w = parse_size(args.size)
         num_classes = num_classes_of(c)
-        source, what = RandomImages(args.images, h, w, num_classes), f"random {h}x{w} images"
+        source, what = random_images(args.images, h, w, num_classes), f"random {h}x{w} images"
     else:
         from stpg_jax.data import build_data
 

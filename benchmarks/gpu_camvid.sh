@@ -2,7 +2,7 @@
 # The CamVid 1/8 experiment (supervised, mean teacher, STPG; issue 7) on the GPU machine in one call: 5 minutes for
 # 600 steps on an H200.
 #
-# The three runs start together on the one GPU (camvid_experiment.py --parallel), so that their start-up and XLA
+# The three runs start together on the one GPU (experiment.py --parallel), so that their start-up and XLA
 # compilation (each about a minute per R50 run on the H200; BENCHMARKS.md, History) overlap instead of being paid
 # three times. The dataset is prepared once before they start. Each run preallocates its share of the GPU's memory
 # (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.9 / 3 each by default, MEM_FRACTION=0.3 sets it),
@@ -25,7 +25,7 @@
 # On 2026-11-27 on an H200 the three 600-step runs took 296 s together (BENCHMARKS.md, History).
 # Other training seeds: SEEDS=0,1,2 (each seed's three runs together, one seed after another).
 #
-# Writes into $OUT: camvid_results.{md,json}, commands.txt, split_labeled.txt, split.json and each run's train log.
+# Writes into $OUT: camvid_table.{md,json,png}, split_labeled.txt and each run's train log.
 set -uo pipefail
 START=$SECONDS
 STEPS=${STEPS:-600}
@@ -67,14 +67,14 @@ MODE_ARGS=(--parallel)
 [ "${PARALLEL:-1}" = 1 ] || MODE_ARGS=(--no-parallel)
 [ -n "${MEM_FRACTION:-}" ] && MODE_ARGS+=(--mem_fraction "$MEM_FRACTION")
 # SIGTERM at TIMEOUT_S: the script stops its runs (SIGTERM, SIGKILL 5 s later) and writes the results within the 10 s.
-timeout -k 10 "${TIMEOUT_S:-480}" python3 benchmarks/camvid_experiment.py "${MODE_ARGS[@]}" \
-  --methods "${METHODS:-supervised,mean_teacher,stpg}" --seeds "${SEEDS:-0}" --steps "$STEPS" \
+timeout -k 10 "${TIMEOUT_S:-480}" python3 benchmarks/experiment.py --config=configs/camvid.py:1_8 "${MODE_ARGS[@]}" \
+  --methods "${METHODS:-supervised,mean_teacher,stpg}" --seeds "${SEEDS:-0}" --steps "$STEPS" --no-plot \
   --workdir_root "$ROOT" --out "$OUT" \
   --overrides "$OVERRIDES"
 rc=$?
 for log in "$ROOT"/*_seed*/train.log; do
   [ -f "$log" ] && cp "$log" "$OUT/train_$(basename "$(dirname "$log")").log"
 done
-rm -f "$OUT/split_unlabeled.txt"  # derivable from split_labeled.txt
+for split in "$ROOT"/*_seed*/split_labeled.txt; do cp "$split" "$OUT/" && break; done
 echo "exit status $rc, total $((SECONDS - START))s"
 exit $rc

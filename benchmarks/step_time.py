@@ -1,28 +1,36 @@
-"""Time, memory and FLOPs of the real training step, and with --profile where its device time goes.
+"""Time, memory and FLOPs of the real training step; with --profile where its device time goes; with --target the
+same step compiled for a GPU on a machine without one.
 
     python benchmarks/step_time.py --config=configs/voc_blender.py:1_4        # float32 and bfloat16, own processes
     python benchmarks/step_time.py --tiny --dtypes float32 --steps 3 --warmup 1  # a CPU smoke test
     python benchmarks/step_time.py --dtypes bfloat16 --profile /tmp/prof       # + a jax.profiler trace, summarised
+    pip install "jax-cuda13-plugin==$JAXV" "jax-cuda13-pjrt==$JAXV"            # JAXV: the installed jax's version
+    python benchmarks/step_time.py --target h100 --dtypes bfloat16            # compiled for an H100, not run
 
 The step of the config's mode is built as the Trainer builds it and run on random batches of the config's shapes,
 its step counter past every schedule start so that the whole method runs; nothing reads data or weights.
-BENCHMARKS.md says what each figure means and holds the ones measured.
+``--target`` (``h100``, ``h200``, ``a100``: ``gpu_targets/*.txtpb``, or a target file) builds it on the host CPU and
+compiles it with XLA's CUDA compiler through JAX's topology API: XLA's memory analysis, the program's kernels and
+bytes moved, and the step-time floor and MFU ceiling they imply (hlo.py says how). Convolutions are not autotuned
+without the device, so their workspaces are not in those figures. BENCHMARKS.md says what each figure means and
+holds the ones measured.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
+if __name__ == "__main__" and any(a.startswith("--target") for a in sys.argv):
+    os.environ["JAX_PLATFORMS"] = "cpu"  # the state is built on the host CPU; the GPU is only a compilation target
+
+import hlo
 from common import (TINY_NETWORK, arg_parser, finish, load_config, log, names_of, num_classes_of, report_header,
                     run_cli, write_json)
 
@@ -33,6 +41,7 @@ import numpy as np
 from stpg_jax.host_matching import assignment_arrays  # the step's third argument, as the training loop passes it
 
 # The tiny network at crop 64, batch 2 + 2: the step in under a minute on a CPU (the CI smoke test).
+GIB = 2**30
 TINY_OVERRIDES = (f"{TINY_NETWORK},data.crop_size=64,data.batch_labeled=2,data.batch_unlabeled=2,"
                   "stpg.bank_capacity=32,stpg.bank_k=4")
 
@@ -185,208 +194,6 @@ def random_batches(config, num_classes: int, batch_sharding, count: int = 2, see
     return batches
 
 
-# Optimised HLO, and where a profiled step's device time goes
-
-_HEAD = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
-_OPCODE = re.compile(r"([a-z][\w\-]*)\(")
-_COMPUTATION = re.compile(r"^\s*(ENTRY\s+)?%?([\w.\-]+)\s*[({]")
-_ATTRS = {"kind": r"\bkind=(k\w+)", "target": r'custom_call_target="([^"]+)"', "calls": r"\bcalls=%?([\w.\-]+)",
-          "backend": r'"(?:kind|name)":"(__[\w$]+)"'}
-
-
-def _closing(text: str, start: int) -> int:
-    """Index of the bracket closing the one at ``start``."""
-    depth = 0
-    for i in range(start, len(text)):
-        depth += text[i] in "({"
-        depth -= text[i] in ")}"
-        if depth == 0:
-            return i
-    return len(text) - 1
-
-
-def parse_instruction(line: str) -> dict | None:
-    """One HLO instruction line: name, result shape, opcode, operand names, the attributes after the operands,
-    and the fusion kind, custom-call target, called computation and backend kind found among them."""
-    head = _HEAD.match(line)
-    if not head:
-        return None
-    rest = line[head.end():]
-    if rest.startswith("("):  # a tuple shape
-        end = _closing(rest, 0)
-        shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
-    else:
-        shape, _, rest = rest.partition(" ")
-    opcode = _OPCODE.match(rest)
-    if not opcode:
-        return None
-    end = _closing(rest, opcode.end() - 1)
-    attrs = rest[end + 1:]
-    ins = {"name": head[1], "shape": shape, "op": opcode[1], "attrs": attrs,
-           "operands": re.findall(r"%([\w.\-]+)", rest[opcode.end() - 1:end + 1])}
-    for key, pattern in _ATTRS.items():
-        found = re.search(pattern, attrs)
-        ins[key] = found[1] if found else ""
-    return ins
-
-
-class Hlo:
-    """Optimised HLO text (``compiled.as_text()``): each computation's instructions, and the entry's name."""
-
-    def __init__(self, text: str):
-        self.computations, self.entry, current = {}, None, None
-        for line in text.splitlines():
-            if line.rstrip().endswith("{") and not _HEAD.match(line):
-                header = _COMPUTATION.match(line)
-                if header and not line.lstrip().startswith("HloModule"):
-                    current = header[2]
-                    self.computations[current] = []
-                    self.entry = current if header[1] else self.entry
-                continue
-            ins = parse_instruction(line) if current is not None else None
-            if ins:
-                self.computations[current].append(ins)
-        if self.entry is None:
-            raise ValueError("no ENTRY computation in the HLO text (expected the optimised HLO of a compiled program)")
-        self.instructions = {i["name"]: i for body in self.computations.values() for i in body}
-
-    def inside(self, ins: dict) -> set:
-        """Opcodes (and ``custom-call:<target>``) of the computation that a fusion or call runs."""
-        body = self.computations.get(ins["calls"], ())
-        return {i["op"] for i in body} | {"custom-call:" + i["target"] for i in body if i["target"]}
-
-
-def categorize(name: str, kernel: str = "", hlo: Hlo | None = None) -> str:
-    """The category of HLO instruction ``name`` (from its opcode, fusion kind, custom-call target and fused body),
-    or of a kernel known by its name only (a library kernel inside a CUDA-graph command buffer)."""
-    kernel = kernel.lower()
-    if kernel.startswith(("memcpy", "memset")):
-        return "memcpy / memset"
-    ins = hlo.instructions.get(name) if hlo else None
-    if ins is None:
-        names = f"{name.lower()} {kernel}"
-        return ("convolution" if any(t in names for t in ("conv", "fprop", "dgrad", "wgrad")) else
-                "matmul" if any(t in names for t in ("gemm", "cublas", "dot")) else "other")
-    op, target, inside = ins["op"], (ins["target"] + ins["backend"]).lower(), hlo.inside(ins)
-    if op == "convolution" or "conv" in target or "convolution" in inside or any("cudnn$conv" in o for o in inside):
-        return "convolution"
-    if op == "dot" or any(t in target for t in ("gemm", "matmul", "cublas", "triton")) or "dot" in inside:
-        return "matmul"
-    if op in ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all") or op.endswith(
-            ("-start", "-done")):
-        return "collective"
-    for kind in ("scatter", "gather"):
-        if op == kind or kind in inside:
-            return kind
-    if op in ("copy", "transpose") or ins["kind"] == "kLoop" and inside and inside <= {
-            "copy", "transpose", "parameter", "bitcast"}:
-        return "copy / transpose"
-    if op.startswith("reduce") or ins["kind"] == "kInput" or any(o.startswith("reduce") for o in inside):
-        return "reduction fusion"
-    return "elementwise fusion" if op == "fusion" or ins["kind"] == "kLoop" else "other"
-
-
-def find_trace(path) -> Path:
-    """The newest ``*.trace.json.gz`` that ``jax.profiler.trace`` wrote under ``path``."""
-    found = sorted(Path(path).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
-    found = [p for p in found if not p.name.startswith("perfetto")] or found
-    if not found:
-        raise FileNotFoundError(f"no *.trace.json.gz under {path} (was it written by jax.profiler.trace?)")
-    return found[-1]
-
-
-def device_events(events: list[dict]) -> tuple[list[dict], str]:
-    """The device's kernel events: a GPU's ``Stream #…`` lines; on a CPU, which has no device lines, the XLA
-    thunks (host events that carry an ``hlo_op``)."""
-    names = {(e["pid"], e.get("tid") if e["name"] == "thread_name" else None): e["args"].get("name", "")
-             for e in events if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")}
-    complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
-    kernels = [e for e in complete if re.match(r"/device:(GPU|TPU)", names.get((e["pid"], None), ""))
-               and names.get((e["pid"], e.get("tid")), "").lower().startswith("stream")]
-    if kernels:
-        return kernels, "gpu"
-    return [e for e in complete if (e.get("args") or {}).get("hlo_op") and not e["name"].startswith("end:")], "host"
-
-
-def _instruction_of(event: dict, hlo: Hlo | None) -> tuple[str, bool]:
-    """The HLO instruction that launched a kernel, and whether it ran inside a CUDA-graph command buffer: a graph's
-    kernels carry the graph's name, so each goes under its own instruction (kernel ``fusion_7`` = ``fusion.7``), a
-    library kernel under its own name."""
-    op = (event.get("args") or {}).get("hlo_op") or event["name"]
-    if not op.startswith("command_buffer"):
-        return op, False
-    kernel, known = event["name"], hlo.instructions if hlo else {}
-    numbered = re.fullmatch(r"(.+)_(\d+)", kernel)
-    if kernel not in known and numbered and f"{numbered[1]}.{numbered[2]}" in known:
-        return f"{numbered[1]}.{numbered[2]}", True
-    return kernel, True
-
-
-def summarize_profile(trace_dir, hlo_text: str | None = None, steps: int | None = None, top: int = 15) -> dict:
-    """Kernel time per step by category and by instruction, busy time (overlapping kernels counted once) and the
-    annotated steps' wall time. A memset or memcpy that an instruction issues before its kernel (a cuDNN
-    convolution zeroing its output) counts as ``memcpy / memset``, the rest under the instruction's category."""
-    trace = find_trace(trace_dir)
-    with gzip.open(trace, "rt") as f:
-        data = json.load(f)
-    all_events = data["traceEvents"] if isinstance(data, dict) else data
-    events, source = device_events(all_events)
-    hlo = Hlo(hlo_text) if hlo_text else None
-    walls = [e["dur"] / 1e3 for e in all_events if e.get("ph") == "X" and "dur" in e
-             and e.get("name", "").startswith("train_step")]
-    steps = steps or len(walls) or 1
-    by_op = defaultdict(lambda: {"us": 0.0, "count": 0, "kernel": "", "memset_us": 0.0, "memset_kernel": ""})
-    intervals, graph_us = [], 0.0
-    for e in events:
-        op, in_graph = _instruction_of(e, hlo)
-        entry, dur = by_op[op], float(e["dur"])
-        graph_us += dur if in_graph else 0.0
-        entry["us"] += dur
-        entry["count"] += 1
-        if e["name"].lower().startswith(("memset", "memcpy")):
-            entry["memset_us"] += dur
-            entry["memset_kernel"] = entry["memset_kernel"] or e["name"]
-        elif not entry["kernel"]:
-            entry["kernel"] = e["name"]
-        intervals.append((float(e["ts"]), float(e["ts"]) + dur))
-    busy, end = 0.0, -math.inf
-    for a, b in sorted(intervals):
-        busy, end = busy + max(0.0, b - max(a, end)), max(end, b)
-    total = sum(v["us"] for v in by_op.values()) or 1.0
-    categories, ops = defaultdict(float), []
-    for name, v in by_op.items():
-        cat = categorize(name, v["kernel"] or v["memset_kernel"], hlo)
-        categories[cat] += v["us"] - v["memset_us"]
-        categories["memcpy / memset"] += v["memset_us"]
-        ops.append({"op": name, "category": cat, "ms_per_step": v["us"] / steps / 1e3, "share": v["us"] / total,
-                    "kernels_per_step": v["count"] / steps, "kernel": (v["kernel"] or v["memset_kernel"])[:90],
-                    **({"memset_ms_per_step": v["memset_us"] / steps / 1e3} if v["memset_us"] and v["kernel"] else {})})
-    ops.sort(key=lambda o: -o["ms_per_step"])
-    return {"trace": str(trace), "source": source, "steps": steps, "distinct_ops": len(ops),
-            "kernel_ms_per_step": sum(v["us"] for v in by_op.values()) / steps / 1e3,
-            "busy_ms_per_step": busy / steps / 1e3, "command_buffer_ms_per_step": graph_us / steps / 1e3,
-            "step_wall_ms": walls, "top_ops": ops[:top],
-            "categories": {c: {"ms_per_step": us / steps / 1e3, "share": us / total}
-                           for c, us in sorted(categories.items(), key=lambda kv: -kv[1]) if us > 0}}
-
-
-def format_profile(s: dict) -> str:
-    walls = s["step_wall_ms"]
-    source = {"gpu": "device kernels", "host": "host XLA thunks"}[s["source"]]
-    lines = [f"Profile of {s['steps']} step(s) ({source}; {s['distinct_ops']} HLO instructions): kernel time "
-             f"{s['kernel_ms_per_step']:.2f} ms/step, busy {s['busy_ms_per_step']:.2f} ms/step"
-             + (f", step wall {sum(walls) / len(walls):.2f} ms" if walls else "")
-             + (f"; {s['command_buffer_ms_per_step']:.2f} ms/step of it inside CUDA-graph command buffers"
-                if s["command_buffer_ms_per_step"] else ""),
-             "", "| category | ms/step | share of kernel time |", "|---|---:|---:|"]
-    lines += [f"| {name} | {c['ms_per_step']:.2f} | {100 * c['share']:.1f} % |" for name, c in s["categories"].items()]
-    lines += ["", "| HLO instruction | category | ms/step | share | kernels/step | first kernel |",
-              "|---|---|---:|---:|---:|---|"]
-    lines += [f"| {o['op']} | {o['category']} | {o['ms_per_step']:.3f} | {100 * o['share']:.1f} % "
-              f"| {o['kernels_per_step']:.0f} | {o['kernel'].replace('|', '/')} |" for o in s["top_ops"]]
-    return "\n".join(lines)
-
-
 # One dtype
 
 
@@ -396,6 +203,10 @@ def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
     log(f"[{dtype}] config {args.config} mode={c.mode} dataset={c.data.dataset} classes={num_classes} "
         f"crop={c.data.crop_size} batch={c.data.batch_labeled}+{c.data.batch_unlabeled}")
     t0 = time.perf_counter()
+    if args.target:  # built for one host CPU, the batch laid out for the target's devices
+        b = build(c, num_classes, 1, batch_groups=args.num_devices)
+        log(f"[{dtype}] state built on the CPU in {time.perf_counter() - t0:.1f}s")
+        return compile_for_target(args, dtype, c, num_classes, b)
     b = build(c, num_classes, args.num_devices)
     devices = b["devices"]
     log(f"[{dtype}] state initialised in {time.perf_counter() - t0:.1f}s on {len(devices)} device(s) "
@@ -464,13 +275,53 @@ def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
         hlo_text = compiled.as_text()
         Path(trace_dir, "step_hlo.txt").write_text(hlo_text)
         try:
-            result["profile"] = summarize_profile(trace_dir, hlo_text, steps=args.profile_steps)
-            log(f"[{dtype}] trace in {trace_dir}\n" + format_profile(result["profile"]))
+            result["profile"] = hlo.summarize_profile(trace_dir, hlo_text, steps=args.profile_steps)
+            log(f"[{dtype}] trace in {trace_dir}\n" + hlo.format_profile(result["profile"]))
         except (OSError, ValueError, KeyError) as e:  # a trace the profiler could not write must not lose the timings
             log(f"[{dtype}] no profile summary: {e}")
         save(result)
 
     return result
+
+
+def compile_for_target(args, dtype: str, c, num_classes: int, b: dict) -> dict:
+    """The step compiled for ``args.num_devices`` GPUs of ``args.target``: memory, kernels, bytes, floor."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from stpg_jax import sharding
+
+    target_text, target = args.target_spec
+    mesh = hlo.gpu_mesh(target_text, args.num_devices)
+    sharding.check_divisible(c, mesh)
+    batch = random_batches(c, num_classes, b["batch_sharding"], count=1)[0]
+    flops = model_flops_per_step(b["step_fn"], b["state"], batch)
+    replicated, batch_sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+    def abstract(tree, where):
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), tree)
+
+    state, batch = abstract(b.pop("state"), replicated), abstract(batch, batch_sharded)
+    keeps_input = b["speculates"] or b["same_step"]  # as the Trainer compiles it
+    jitted = jax.jit(b["step_fn"], in_shardings=(replicated, batch_sharded, replicated),
+                     out_shardings=(replicated, replicated), donate_argnums=() if keeps_input else 0)
+    t0 = time.perf_counter()
+    lowered = jitted.lower(state, batch, assignment_arrays(state))
+    lower_s, t0 = time.perf_counter() - t0, time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    log(f"[{dtype}] lowered in {lower_s:.1f}s, compiled for {args.num_devices} x {target['device_kind']} in "
+        f"{compile_s:.1f}s")
+    text = compiled.as_text()
+    if args.hlo_dir:
+        os.makedirs(args.hlo_dir, exist_ok=True)
+        Path(args.hlo_dir, f"step_{dtype}.hlo.txt").write_text(text)
+    peak = peak_tflops(target["device_kind"], dtype)
+    tflop = flops / 1e12 / args.num_devices if flops else None  # per device: the step's FLOPs split evenly
+    return {"dtype": dtype, "mode": c.mode, "num_classes": num_classes, "crop_size": c.data.crop_size,
+            "batch_labeled": c.data.batch_labeled, "batch_unlabeled": c.data.batch_unlabeled,
+            "donated": not keeps_input, "lower_s": lower_s, "compile_s": compile_s,
+            "memory": memory_analysis_of(compiled), "flops_per_step": flops, "peak_tflops": peak,
+            "traffic": hlo.traffic(hlo.kernels(text), target["memory_bandwidth"] / 1e12, tflop, peak)}
 
 
 # Report
@@ -497,6 +348,24 @@ def markdown_tables(report: dict) -> str:
     return "\n".join(rows)
 
 
+def target_tables(report: dict) -> str:
+    lines = [f"{report['config']} compiled for {report['num_devices']} x {report['target']['device_kind']} without "
+             "a GPU; per device:", "",
+             "| dtype | state donated | arguments GiB | outputs GiB | aliased GiB | temporaries GiB | total GiB "
+             "| kernels | GB moved | step floor ms | MFU ceiling |", "|---|---|" + "---:|" * 9]
+    for r in report["results"].values():
+        m, t = r["memory"] or {}, r["traffic"]
+        gib = [f"{m.get(f'{k}_bytes', float('nan')) / GIB:.2f}" for k in ("argument_size_in", "output_size_in",
+                                                                           "alias_size_in", "temp_size_in", "total")]
+        bound = t.get("bounds", {})
+        lines.append(f"| {r['dtype']} | {'yes' if r['donated'] else 'no'} | " + " | ".join(gib)
+                     + f" | {t['kernels']} | {t['bytes'] / 1e9:.1f} | {_fmt(bound.get('step_floor_ms'))} "
+                     f"| {_fmt(bound.get('mfu_ceiling'), '.1f', 100, ' %')} |")
+    for r in report["results"].values():
+        lines += ["", f"{r['dtype']}: kernels and bytes of the compiled step", "", hlo.format_traffic(r["traffic"])]
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     p = arg_parser(__doc__, "configs/voc_blender.py:1_4", dtypes="float32,bfloat16")
     p.add_argument("--steps", type=int, default=30, help="timed steps (after the warm-up)")
@@ -504,11 +373,17 @@ def parse_args(argv=None):
     p.add_argument("--profile", default="", help="write a jax.profiler trace of a few steps into this folder")
     p.add_argument("--profile_steps", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="tiny network, crop 64, batch 2+2: a CPU smoke test")
-    p.add_argument("--num_devices", type=int, default=0, help="use the first N devices (0 = all)")
+    p.add_argument("--num_devices", type=int, default=0,
+                   help="use the first N devices (0 = all); with --target the GPUs compiled for (0 = 1)")
+    p.add_argument("--target", default="", help="compile for h100, h200, a100 or an XLA GPU target description file")
+    p.add_argument("--hlo_dir", default="", help="--target: write each dtype's optimised HLO here")
     args = p.parse_args(argv)
     args.dtype_list = names_of(p, "--dtypes", args.dtypes, ("float32", "bfloat16"))
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.num_devices < 0:
+        p.error("--steps must be >= 1, --warmup and --num_devices >= 0")
+    if args.target:
+        args.num_devices = args.num_devices or 1
+        args.target_spec = hlo.read_target(args.target)  # a bad --target fails here
     return args
 
 
@@ -530,6 +405,13 @@ def main(argv=None) -> dict:
     load_config(args.config, TINY_OVERRIDES if args.tiny else "")  # a bad --config fails here, once
     report = {**report_header("step_time.py", argv), "jax_version": jax.__version__,
               "config": args.config + (f" + tiny ({TINY_OVERRIDES})" if args.tiny else ""), "results": {}}
+    if args.target:
+        report.update(target=args.target_spec[1], num_devices=args.num_devices)
+        for dtype in args.dtype_list:
+            report["results"][dtype] = run_dtype(args, dtype)
+            if args.out:
+                write_json(args.out, report)
+        return finish(report, target_tables(report), "", f" | jax {report['jax_version']}")
     if len(args.dtype_list) > 1:  # each dtype in its own process, so that their peak memories do not mix
         with tempfile.TemporaryDirectory() as tmp:
             for dtype in args.dtype_list:
@@ -557,4 +439,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, hlo.TargetError)

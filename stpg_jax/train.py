@@ -359,7 +359,7 @@ def _run_eval(trainer: Trainer, state: TrainState, writer, step: int, log) -> di
         log(evaluate.format_iou_columns(results, names))
     log(f"  evaluation took {time.time() - t0:.1f}s", flush=True)
     if jax.process_index() == 0:
-        record = {"step": step, **evaluate.result_record(result, names)}
+        record = {"step": step, "images": count, **evaluate.result_record(result, names)}
         if len(networks) > 1:
             record["networks"] = {name: evaluate.result_record(r, names) for name, r in results.items()}
         with open(os.path.join(trainer.workdir, f"eval_{step}.json"), "w") as f:

@@ -1,5 +1,5 @@
 """benchmarks/ on the CPU: step_time.py in tiny mode end to end, its profile summary on hand-made GPU traces, the
-kernel and byte counts of compile_for_gpu.py on hand-made and CPU-compiled HLO, and the other scripts' helpers."""
+kernel and byte counts of hlo.py (step_time.py --target) on hand-made and CPU-compiled HLO, and the other scripts."""
 
 import gzip
 import importlib.util
@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -30,7 +29,7 @@ def _positive(value):
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-st, cg, common = _load("step_time"), _load("compile_for_gpu"), _load("common")
+st, hlo_lib, common = _load("step_time"), _load("hlo"), _load("common")
 
 
 def test_step_time_tiny_end_to_end(tmp_path):
@@ -206,7 +205,7 @@ CATEGORIZED = """
 
 
 def test_hlo_instructions_and_their_categories():
-    hlo = st.Hlo(HLO + CATEGORIZED)
+    hlo = hlo_lib.Hlo(HLO + CATEGORIZED)
     conv = hlo.instructions["conv_fusion.2"]
     assert (conv["op"], conv["kind"], conv["calls"], conv["backend"]) == ("fusion", "kCustom", "fused_conv",
                                                                           "__cudnn$fusion")
@@ -216,18 +215,18 @@ def test_hlo_instructions_and_their_categories():
     expected = {"cudnn-conv.4": "convolution", "cudnn-conv-bw-filter.4": "convolution", "conv_fusion.2": "convolution",
                 "input_reduce_fusion.7": "reduction fusion", "loop_maximum_fusion": "elementwise fusion",
                 "scatter_fusion.3": "scatter", "gemm.5": "matmul", "copy.8": "copy / transpose", "while.2": "other"}
-    assert {name: st.categorize(name, "", hlo) for name in expected} == expected
+    assert {name: hlo_lib.categorize(name, "", hlo) for name in expected} == expected
     # Kernels known by their names only (library kernels inside a command buffer), and memsets.
     conv_kernel = "sm90_xmma_fprop_implicit_gemm_bf16"
-    assert st.categorize(conv_kernel, conv_kernel, hlo) == "convolution"
-    assert st.categorize("sm90_xmma_gemm_bf16bf16", "sm90_xmma_gemm_bf16bf16", hlo) == "matmul"
-    assert st.categorize("cudnn-conv.4", "Memset 3", hlo) == "memcpy / memset"
+    assert hlo_lib.categorize(conv_kernel, conv_kernel, hlo) == "convolution"
+    assert hlo_lib.categorize("sm90_xmma_gemm_bf16bf16", "sm90_xmma_gemm_bf16bf16", hlo) == "matmul"
+    assert hlo_lib.categorize("cudnn-conv.4", "Memset 3", hlo) == "memcpy / memset"
     with pytest.raises(ValueError, match="ENTRY"):
-        st.Hlo("not HLO at all\n")
+        hlo_lib.Hlo("not HLO at all\n")
 
 
 def test_kernels_count_operands_and_results_once_per_execution():
-    rows = {r["name"]: r for r in cg.kernels(HLO)}
+    rows = {r["name"]: r for r in hlo_lib.kernels(HLO)}
     assert set(rows) == {"loop_fusion.1", "cudnn-conv.4", "copy.3", "negate.2", "loop_fusion.7"}  # heavy branch
     assert rows["loop_fusion.1"]["bytes"] == 4096 + 4096 and rows["loop_fusion.1"]["category"] == "elementwise fusion"
     conv = rows["cudnn-conv.4"]
@@ -237,7 +236,7 @@ def test_kernels_count_operands_and_results_once_per_execution():
 
 
 def test_step_floor_and_mfu_ceiling():
-    s = cg.summarize(cg.kernels(HLO), bandwidth_tbs=1e-6, tflop=2e-9, peak_tflops=1e-6)  # 1 MB/s, 1 MFLOP/s
+    s = hlo_lib.traffic(hlo_lib.kernels(HLO), bandwidth_tbs=1e-6, tflop=2e-9, peak_tflops=1e-6)  # 1 MB/s, 1 MFLOP/s
     assert s["kernels"] == 7 and s["bytes"] == 8192 + 4608 + 16384 + 3 * 8192
     assert s["categories"]["convolution"] == {"kernels": 1, "bytes": 4608}
     b = s["bounds"]
@@ -246,10 +245,10 @@ def test_step_floor_and_mfu_ceiling():
     assert b["compute_ms"] == pytest.approx(4.608)  # the convolution's own 4608 bytes at 1 MB/s take longer
     assert b["step_floor_ms"] == pytest.approx(b["memory_bound_ms"] + b["compute_ms"])
     assert b["mfu_ceiling"] == pytest.approx(b["compute_at_peak_ms"] / b["step_floor_ms"])
-    table = cg.format_traffic(s)
+    table = hlo_lib.format_traffic(s)
     assert "| convolution | 1 | 0.00 |" in table and f"step >= {b['step_floor_ms']:.2f} ms" in table
     assert "| collective |" not in table  # none: no table
-    assert "bounds" not in cg.summarize(cg.kernels(HLO))
+    assert "bounds" not in hlo_lib.traffic(hlo_lib.kernels(HLO))
 
 
 def test_collectives_by_kind():
@@ -263,16 +262,16 @@ def test_collectives_by_kind():
   ROOT %collective-permute-done = f32[1024]{0} collective-permute-done(%collective-permute-start)
 }
 """
-    s = cg.summarize(cg.kernels(hlo))
+    s = hlo_lib.traffic(hlo_lib.kernels(hlo))
     assert list(s["categories"]) == ["collective"] and list(s["collectives"]) == ["all-reduce", "collective-permute"]
     assert s["collectives"]["all-reduce"] == {"ops": 2, "bytes": 4 * (4096 + 4096)}  # a pair issued once
     assert s["collectives"]["collective-permute"] == {"ops": 1, "bytes": 2 * (4096 + 8192)}
-    assert "| all-reduce | 2 | 0.00 |" in cg.format_traffic(s)
+    assert "| all-reduce | 2 | 0.00 |" in hlo_lib.format_traffic(s)
 
 
 def test_a_cpu_compiled_program_parses():
     x = jnp.ones((256, 256), jnp.float32)
-    rows = cg.kernels(jax.jit(lambda a: jnp.tanh(a @ a).sum(axis=0)).lower(x).compile().as_text())
+    rows = hlo_lib.kernels(jax.jit(lambda a: jnp.tanh(a @ a).sum(axis=0)).lower(x).compile().as_text())
     assert sum(r["bytes"] for r in rows) >= 256 * 256 * 4 + 256 * 4  # the input is read, the result written
     assert any(r["category"] == "matmul" for r in rows)
 
@@ -281,19 +280,19 @@ def test_gpu_targets_and_the_missing_plugin_message(monkeypatch):
     for name, kind, bandwidth, l2, peak in (("h100", "NVIDIA H100 80GB HBM3", 3.35232e12, 50, 989.4),
                                             ("h200", "NVIDIA H200", 4.8e12, 50, 989.4),
                                             ("a100", "NVIDIA A100-SXM4-80GB", 2.039e12, 40, 312.0)):
-        text, info = cg.read_target(name)
+        text, info = hlo_lib.read_target(name)
         assert (info["device_kind"], info["memory_bandwidth"], info["l2_cache_size"]) == (kind, bandwidth, l2 * 2**20)
         assert "cuda_compute_capability" in text and st.peak_tflops(kind, "bfloat16") == peak
-    with pytest.raises(cg.TargetError, match="expected h100, h200, a100 or the path"):
-        cg.read_target("h300")
+    with pytest.raises(hlo_lib.TargetError, match="expected h100, h200, a100 or the path"):
+        hlo_lib.read_target("h300")
     from jax.experimental import topologies
 
     def no_plugin(*args, **kwargs):
         raise NotImplementedError("topology not implemented for cuda")
 
     monkeypatch.setattr(topologies, "get_topology_desc", no_plugin)
-    with pytest.raises(cg.TargetError, match=r"pip install \"jax-cuda13-plugin==" + jax.__version__):
-        cg.gpu_mesh(cg.read_target("h100")[0], 1)
+    with pytest.raises(hlo_lib.TargetError, match=r"pip install \"jax-cuda13-plugin==" + jax.__version__):
+        hlo_lib.gpu_mesh(hlo_lib.read_target("h100")[0], 1)
 
 
 def _trace(path: Path, events, gpu: int = 7, streams=(20, 21)):
@@ -321,14 +320,14 @@ def test_profile_of_a_gpu_trace(tmp_path):
                    _kernel(21, t0 + 50, 20.0, "scatter_fusion_3", "scatter_fusion.3"),
                    _kernel(2, t0, 40.0, "cudnn-conv.4")]  # the XLA Ops line: not counted again
     _trace(tmp_path / "plugins" / "profile" / "run1" / "host.trace.json.gz", events)
-    s = st.summarize_profile(tmp_path, HLO + CATEGORIZED)
+    s = hlo_lib.summarize_profile(tmp_path, HLO + CATEGORIZED)
     assert s["source"] == "gpu" and s["steps"] == 2 and s["step_wall_ms"] == [pytest.approx(0.1)] * 2
     assert s["kernel_ms_per_step"] == pytest.approx(0.080)
     assert s["busy_ms_per_step"] == pytest.approx(0.070)  # the two streams overlap for 10 µs
     assert list(s["categories"]) == ["convolution", "reduction fusion", "scatter"]
     assert s["categories"]["convolution"]["share"] == pytest.approx(0.5)
     assert s["top_ops"][0]["op"] == "cudnn-conv.4" and s["top_ops"][0]["kernels_per_step"] == 1
-    text = st.format_profile(s)
+    text = hlo_lib.format_profile(s)
     assert "| convolution | 0.04 | 50.0 % |" in text and "busy 0.07 ms/step, step wall 0.10 ms" in text
 
 
@@ -341,7 +340,7 @@ def test_profile_counts_command_buffer_kernels_under_their_own_instructions(tmp_
         t += dur
     events.append(_kernel(20, t, 15.0, "sm90_xmma_fprop_implicit_gemm", "cudnn-conv.4"))
     _trace(tmp_path / "t.trace.json.gz", events)
-    s = st.summarize_profile(tmp_path, HLO + CATEGORIZED, steps=1)
+    s = hlo_lib.summarize_profile(tmp_path, HLO + CATEGORIZED, steps=1)
     assert s["command_buffer_ms_per_step"] == pytest.approx(0.085) and s["kernel_ms_per_step"] == pytest.approx(0.1)
     ops = {o["op"]: o for o in s["top_ops"]}
     assert "command_buffer_31" not in ops
@@ -349,14 +348,14 @@ def test_profile_counts_command_buffer_kernels_under_their_own_instructions(tmp_
     assert ops["loop_maximum_fusion"]["category"] == "elementwise fusion"
     assert s["categories"]["convolution"]["ms_per_step"] == pytest.approx(0.055)  # the library kernel by its name
     assert s["categories"]["memcpy / memset"]["ms_per_step"] == pytest.approx(0.005) and "other" not in s["categories"]
-    assert "0.09 ms/step of it inside CUDA-graph command buffers" in st.format_profile(s)
+    assert "0.09 ms/step of it inside CUDA-graph command buffers" in hlo_lib.format_profile(s)
 
 
 def test_profile_counts_a_convolutions_memset_apart_from_its_kernel(tmp_path):
     _trace(tmp_path / "t.trace.json.gz", [_kernel(20, 0.0, 6.0, "Memset 3", "cudnn-conv-bw-filter.4"),
                                           _kernel(20, 6.0, 30.0, "sm90_xmma_wgrad_implicit_gemm",
                                                   "cudnn-conv-bw-filter.4")])
-    s = st.summarize_profile(tmp_path, HLO + CATEGORIZED, steps=1)
+    s = hlo_lib.summarize_profile(tmp_path, HLO + CATEGORIZED, steps=1)
     assert s["categories"]["convolution"]["ms_per_step"] == pytest.approx(0.030)
     assert s["categories"]["memcpy / memset"]["ms_per_step"] == pytest.approx(0.006)
     (op,) = s["top_ops"]
@@ -376,167 +375,11 @@ def test_profile_without_device_lines_uses_host_thunks(tmp_path):
     (tmp_path / "r").mkdir()
     with gzip.open(tmp_path / "r" / "vm.trace.json.gz", "wt") as f:
         json.dump({"traceEvents": events}, f)
-    s = st.summarize_profile(tmp_path, HLO, steps=1)
+    s = hlo_lib.summarize_profile(tmp_path, HLO, steps=1)
     assert s["source"] == "host" and s["kernel_ms_per_step"] == pytest.approx(0.040)
     assert s["categories"]["convolution"]["share"] == pytest.approx(0.75)
     with pytest.raises(FileNotFoundError, match="no_trace"):
-        st.summarize_profile(tmp_path / "no_trace")
-
-
-ce = _load("camvid_experiment")
-compare = _load("compare")
-
-
-def _eval_json(workdir: Path, miou: float, iou: dict, step: int = 4):
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / f"eval_{step}.json").write_text(json.dumps({"step": step, "miou": miou, "iou": iou}))
-
-
-def test_camvid_experiment_commands_and_results(tmp_path):
-    args = ce.parse_args(["--methods", "supervised,stpg", "--steps", "120", "--seeds", "0,2", "--workdir_root",
-                          str(tmp_path), "--overrides", "data.root=/d,model.dtype=bfloat16"])
-    assert args.seed_list == [0, 2]
-    commands = ce.build_commands(args, 2)
-    assert [m for m, *_ in commands] == ["supervised", "stpg"]
-    method, cmd, workdir = commands[1]
-    assert cmd[1] == "launch.py" and workdir == str(tmp_path / "stpg_seed2") and f"--workdir={workdir}" in cmd
-    assert (f"--config=configs/camvid.py:1_8,mode=stpg,seed=2,schedule.total_steps=120,schedule.steps_per_epoch=3,"
-            f"eval.every_steps=0,data.data_dir={tmp_path / 'prepared'},data.root=/d,model.dtype=bfloat16") in cmd
-    assert ce.prepare_command(cmd[2][len("--config="):])[1:] == ["-m", "stpg_jax.data.prepare", "--dataset", "camvid",
-                                                                 "--manual_dir", "/d", "--data_dir",
-                                                                 str(tmp_path / "prepared")]
-    assert args.mem_fraction == pytest.approx(0.45)
-
-    # A run's record holds its last evaluation; without one its result fields are None.
-    assert compare.record("stpg", 2, "c", str(tmp_path / "stpg"), 1.0, 1)["miou"] is None
-    _eval_json(tmp_path / "stpg", 0.4525, {"sky": 0.905, "sign_symbol": None})
-    (tmp_path / "stpg" / "split_labeled.txt").write_text("a\nb\n")
-    r = compare.record("stpg", 2, "c", str(tmp_path / "stpg"), 60.04, 0)
-    assert (r["step"], r["miou"], r["iou"], r["wall_s"]) == (4, 0.4525, {"sky": 0.905, "sign_symbol": None}, 60.0)
-    assert len(r["split_labeled_sha256_16"]) == 16
-    text = ce.results_text([{**r, "method": "supervised"}, {**r, "wall_s": 120.0}], ("sign_symbol",), False)
-    assert "| sky | 90.50 | 90.50 |" in text and "| **mIoU** | 45.25 | 45.25 |" in text
-    assert "| sign_symbol | n/a | n/a |" in text and "| wall time per run (train + eval) | 1 min 00 s | 2 min 00 s |" in text
-    assert "stpg − supervised, paired by seed: mIoU +0.00 points (per seed +0.00; stpg ahead in 0 of 1)" in text
-
-    for bad in (["--methods", "fixmatch"], ["--mem_fraction", "0.6"], ["--overrides", "mode=stpg"],
-                ["--overrides", "seed=3"], ["--seeds", "1,1"], ["--seeds", "x"]):
-        with pytest.raises(SystemExit):
-            ce.parse_args(bad + ["--steps", "10", "--workdir_root", str(tmp_path)])
-    with pytest.raises(SystemExit):
-        ce.parse_args(["--steps", "10"])  # training needs --workdir_root
-
-
-def _record(method, seed, miou, iou, wall_s=1.0):
-    return {"method": method, "seed": seed, "command": "c", "workdir": "w", "wall_s": wall_s, "returncode": 0,
-            "step": 4, "miou": miou, "pixel_accuracy": 0.9, "iou": iou, "split_labeled_sha256_16": "ab"}
-
-
-def test_methods_compared_over_seeds():
-    # Seed-paired mIoU differences: per seed, mean, Student-t 95 % interval of the mean, seeds ahead.
-    runs = [_record(m, seed, v, {"sky": v, "pole": v / 2})
-            for seed, values in enumerate(((0.40, 0.41, 0.43), (0.42, 0.42, 0.43), (0.41, 0.43, 0.42)))
-            for m, v in zip(("supervised", "mean_teacher", "stpg"), values)]
-    text = compare.paired_text(runs, "mean_teacher", "supervised", ce.HEADINGS, ("pole",))
-    assert text == ("mean_teacher − supervised, paired by seed: mIoU +1.00 points (per seed +1.00, +0.00, +2.00; "
-                    "95 % interval of the mean -1.48 to +3.48; mean_teacher ahead in 2 of 3), rare classes +0.50 points.")
-    assert "(per seed +3.00, +1.00, +1.00; 95 % interval of the mean -1.20 to +4.54; stpg ahead in 3 of 3)" in (
-        compare.paired_text(runs, "stpg", "supervised", ce.HEADINGS))
-    assert compare.paired_text(runs, "stpg", "fixmatch", {**ce.HEADINGS, "fixmatch": "f"}) is None
-    summary = compare.summarize(runs, ce.METHODS, ("pole",))
-    assert summary["stpg"]["miou"]["mean"] == pytest.approx(0.4267, abs=1e-4) and summary["stpg"]["miou"]["n"] == 3
-    assert summary["supervised"]["rare"]["mean"] == pytest.approx(0.205)
-    # A class absent in one seed has no mean; a run that did not finish is left out.
-    runs[0]["iou"]["pole"] = None
-    unfinished = {**_record("stpg", 3, None, None), "returncode": 1}
-    summary = compare.summarize(runs + [unfinished], ce.METHODS)
-    assert summary["supervised"]["iou"]["pole"] is None and summary["stpg"]["seeds"] == [0, 1, 2]
-    assert "| pole | n/a | " in compare.markdown_table(runs, ce.HEADINGS)
-
-
-def test_camvid_experiment_without_matplotlib_stops_before_training_in_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    started = []
-    monkeypatch.setattr(ce, "run_experiment", lambda *a: started.append(a) or 0)
-    with pytest.raises(SystemExit) as info:
-        ce.run_cli(lambda: ce.main(["--methods", "stpg", "--workdir_root", str(tmp_path)]), ce.plots.PlotsUnavailable)
-    assert info.value.code == 2 and not started
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and "matplotlib" in err[0] and "--no-plot" in err[0]
-    assert ce.main(["--methods", "stpg", "--workdir_root", str(tmp_path), "--no-plot"]) == 0 and started
-
-
-def test_camvid_experiment_writes_its_results_and_figure(tmp_path, monkeypatch):
-    def fake(jobs, parallel, seed):
-        return {m: _record(m, seed, 0.40 + 0.01 * seed, {"sky": 0.9, "pole": None}) for m, *_ in jobs}, None
-
-    monkeypatch.setattr(ce, "run_methods", fake)
-    assert ce.main(["--config=configs/demo.py:1_8", "--methods", "supervised,stpg", "--seeds", "0,1",
-                    "--workdir_root", str(tmp_path)]) == 0
-    from PIL import Image
-
-    with Image.open(tmp_path / "camvid_results.png") as im:
-        assert im.format == "PNG" and im.width >= 600
-    text = (tmp_path / "camvid_results.md").read_text()
-    assert "| **mIoU** | 40.50 ± 0.71 | 40.50 ± 0.71 |" in text and "training seeds 0, 1" in text
-    report = json.loads((tmp_path / "camvid_results.json").read_text())
-    assert [(r["method"], r["seed"]) for r in report["runs"]] == [("supervised", 0), ("stpg", 0), ("supervised", 1),
-                                                                  ("stpg", 1)]
-    assert report["commit"] and report["steps"] == 300 and report["seeds"] == [0, 1]
-    assert (tmp_path / "commands.txt").read_text().count("launch.py") == 4
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` exists and is not a zombie (Linux /proc)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
-def test_camvid_experiment_runs_at_once_and_stops(tmp_path, monkeypatch):
-    # Two fake runs at once: each writes its own log; the one that fails is reported, the other one's evaluation read.
-    ok = ("import json, os, sys, time; time.sleep(0.5); print(os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION']); "
-          "open(os.path.join(sys.argv[1], 'eval_4.json'), 'w').write(json.dumps({'step': 4, 'miou': 0.45, "
-          "'iou': {'sky': 0.9}}))")
-    jobs = [("supervised", ["python", "-c", ok, str(tmp_path / "supervised")], str(tmp_path / "supervised"),
-             {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.300"}),
-            ("stpg", ["python", "-c", "import sys; print('boom'); sys.exit(3)"], str(tmp_path / "stpg"), None)]
-    runs, stopped_by = ce.run_methods(jobs, parallel=True, seed=1)
-    assert stopped_by is None
-    assert runs["supervised"]["returncode"] == 0 and runs["supervised"]["miou"] == pytest.approx(0.45)
-    assert runs["supervised"]["seed"] == 1 and runs["stpg"]["returncode"] == 3 and runs["stpg"]["miou"] is None
-    assert (tmp_path / "supervised" / "train.log").read_text() == "0.300\n"
-    assert (tmp_path / "stpg" / "train.log").read_text() == "boom\n"
-    assert runs["supervised"]["wall_s"] is not None and runs["stpg"]["wall_s"] is not None
-
-    # A run that dies leaving a worker behind (as when the OOM killer ends a trainer): the worker is ended with it.
-    orphaning = ("import subprocess, sys; w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-                 "print(w.pid, flush=True); sys.exit(5)")
-    runs, _ = ce.run_methods([("stpg", ["python", "-c", orphaning], str(tmp_path / "o"), None)], parallel=False)
-    assert runs["stpg"]["returncode"] == 5
-    worker = int((tmp_path / "o" / "train.log").read_text())
-    deadline = time.time() + 10
-    while _alive(worker) and time.time() < deadline:
-        time.sleep(0.05)
-    assert not _alive(worker)
-
-    # SIGTERM while runs go (the script's handler raises Interrupted): every run still going is stopped.
-    class Clock:
-        calls, time = 0, staticmethod(time.time)
-
-        @classmethod
-        def sleep(cls, seconds):
-            cls.calls += 1
-            if cls.calls == 3:
-                raise ce.Interrupted("SIGTERM")
-            time.sleep(seconds)
-
-    monkeypatch.setattr(ce, "time", Clock)
-    runs, stopped_by = ce.run_methods([("stpg", [sys.executable, "-c", "import time; time.sleep(60)"],
-                                        str(tmp_path / "s"), None)], parallel=True)
-    assert stopped_by == "SIGTERM" and runs["stpg"]["returncode"] == -15 and runs["stpg"]["miou"] is None
+        hlo_lib.summarize_profile(tmp_path / "no_trace")
 
 
 def test_loader_throughput_on_the_demo_data(tmp_path, capsys):
@@ -574,14 +417,14 @@ def test_eval_speed_on_the_demo_val_set_and_on_random_images(tmp_path, capsys):
 
 @pytest.mark.parametrize("script, args", [
     ("step_time.py", ["--config=configs/demo.py:data.nokey=1", "--tiny"]),
-    ("compile_for_gpu.py", ["--config=configs/demo.py:data.nokey=1"]),
+    ("step_time.py", ["--config=configs/demo.py:data.nokey=1", "--target", "h100"]),
     ("eval_speed.py", ["--config=configs/demo.py:data.nokey=1"]),
     ("loader_throughput.py", ["--config=configs/demo.py:data.nokey=1", "--workers", "0"]),
-    ("camvid_experiment.py", ["--config=configs/no_such.py:1_8", "--workdir_root=unused", "--dry_run"]),
+    ("experiment.py", ["--config=configs/no_such.py:1_8", "--dry_run"]),
 ])
 def test_benchmark_scripts_say_a_bad_config_in_one_line(script, args):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and ("no_such.py" if script == "camvid_experiment.py" else "data.nokey") in errors[0]
+    assert len(errors) == 1 and ("no_such.py" if script == "experiment.py" else "data.nokey") in errors[0]

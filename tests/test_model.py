@@ -293,11 +293,11 @@ def test_closed_form_batchnorm_has_fewer_kernels_and_bytes_in_the_compiled_backw
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import compile_for_gpu
+    import hlo
 
     totals = {}
     for backward in ("autodiff", "closed_form"):
-        rows = compile_for_gpu.kernels(tiny_train_gradients(False, backward)[1].as_text())
+        rows = hlo.kernels(tiny_train_gradients(False, backward)[1].as_text())
         totals[backward] = (len(rows), sum(r["bytes"] for r in rows))
     assert totals["closed_form"][0] < totals["autodiff"][0], totals
     assert totals["closed_form"][1] < totals["autodiff"][1], totals

@@ -59,6 +59,7 @@ def test_run_writes_checkpoint_events_split_and_eval(uninterrupted):
     assert (workdir / "split_labeled.txt").exists()
     record = json.loads((workdir / "eval_4.json").read_text())
     assert record["step"] == 4 and set(record["iou"]) >= {"road", "pole", "pedestrian"}
+    assert record["images"] == 3  # the val images scored (num_val 3, eval.max_images 3)
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["schedule"]["total_steps"] == 4
 
