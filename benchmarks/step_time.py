@@ -387,17 +387,6 @@ def parse_args(argv=None):
     return args
 
 
-def _child_argv(argv, dtype, out):
-    kept, i = [], 0
-    while i < len(argv):
-        if argv[i].split("=", 1)[0] in ("--dtypes", "--out"):
-            i += 1 if "=" in argv[i] else 2
-            continue
-        kept.append(argv[i])
-        i += 1
-    return kept + ["--dtypes", dtype, "--out", out]
-
-
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -416,7 +405,8 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             for dtype in args.dtype_list:
                 out = os.path.join(tmp, f"{dtype}.json")
-                cmd = [sys.executable, os.path.abspath(__file__)] + _child_argv(argv, dtype, out)
+                # The last --dtypes and --out win (argparse): the child measures one dtype into its own file.
+                cmd = [sys.executable, os.path.abspath(__file__), *argv, "--dtypes", dtype, "--out", out]
                 log(f"[{dtype}] running in its own process: {' '.join(cmd[1:])}")
                 if subprocess.run(cmd).returncode != 0:
                     raise SystemExit(f"the {dtype} run failed")

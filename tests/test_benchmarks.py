@@ -120,8 +120,8 @@ def test_step_time_helpers():
     assert st.peak_tflops("NVIDIA A100-SXM4-80GB", "bfloat16") == pytest.approx(312.0)
     assert st.peak_tflops("cpu", "bfloat16") is None
     argv = ["--config=configs/voc_blender.py:1_4", "--dtypes", "float32,bfloat16", "--out=x.json", "--steps", "4"]
-    assert st._child_argv(argv, "bfloat16", "/t/b.json") == [
-        "--config=configs/voc_blender.py:1_4", "--steps", "4", "--dtypes", "bfloat16", "--out", "/t/b.json"]
+    child = st.parse_args(argv + ["--dtypes", "bfloat16", "--out", "/t/b.json"])  # a child process's arguments
+    assert (child.dtype_list, child.out, child.steps) == (["bfloat16"], "/t/b.json", 4)
     assert st._fmt(None) == "n/a" and st._fmt(0.4123, ".1f", 100, "%") == "41.2%"
     with pytest.raises(SystemExit):
         st.parse_args(["--dtypes", "float16"])
