@@ -14,7 +14,7 @@ import statistics
 import tempfile
 import time
 
-from common import arg_parser, load_config, report_header, write_json
+from common import arg_parser, load_config, report_header, run_cli, write_json
 
 
 def parse_args(argv=None):
@@ -90,4 +90,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
