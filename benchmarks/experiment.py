@@ -408,7 +408,7 @@ def main(argv=None) -> int:
     else:
         jobs = build_jobs(args)
         print("commands (run from the repository root):\n" + "".join(f"  {shlex.join(j[2])}\n" for j in jobs))
-        prepare = prepare_command(jobs[0][2][2][len("--config="):])
+        prepare = prepare_command(jobs[0][2][2].removeprefix("--config="))  # every run reads the same data
         if args.dry_run:
             return 0
         previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -199,7 +199,7 @@ def test_runs_of_one_split_must_share_the_labelled_images():
         ex.check_runs(runs + [{**runs[1], "step": 3}])
 
 
-def test_arguments(tmp_path):
+def test_arguments(tmp_path, monkeypatch):
     for bad in (["--steps", "4"], ["--smoke"],  # would replace the recorded table
                 ["--methods", "fixmatch"], ["--seeds", "0,0"], ["--seeds", "x"], ["--mem_fraction", "0.6"],
                 ["--overrides", "mode=stpg", "--out", "o"], ["--overrides", "seed=3", "--out", "o"],
@@ -209,11 +209,9 @@ def test_arguments(tmp_path):
     args = ex.parse_args(["--smoke", "--seeds", "3,1", "--out", "x"])
     assert args.seed_list == [3, 1] and args.method_list == list(ex.METHODS) and args.steps == 4
     assert args.mem_fraction == pytest.approx(0.225) and args.name == "demo_table"
-    monkeypatch = pytest.MonkeyPatch()
     monkeypatch.chdir(tmp_path)  # work directories as the runs see them from the repository root
     assert ex.repo_path(str(ex.REPO / "runs" / "x")) == "runs/x"
     assert ex.repo_path("elsewhere") == str(tmp_path / "elsewhere")
-    monkeypatch.undo()
 
 
 def test_camvid_commands(tmp_path):
