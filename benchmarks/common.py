@@ -17,7 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as `python benchmarks/<script>.py` from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-NUM_CLASSES = {"voc": 21, "cityscapes": 19, "camvid": 11, "synthetic": 11}
 # A tiny network (one block per stage, width 8) for the scripts' CPU checks.
 TINY_NETWORK = ("model.stage_blocks=(1,1,1,1),model.width=8,model.aspp_channels=16,model.decoder_channels=16,"
                 "model.low_level_channels=8,model.proj_dim=16,model.output_stride=8")
@@ -48,8 +47,10 @@ def num_classes_of(config, override: int = 0) -> int:
         return override
     if len(config.data.class_names):
         return len(config.data.class_names)
-    if config.data.dataset in NUM_CLASSES:
-        return NUM_CLASSES[config.data.dataset]
+    if config.data.dataset in ("voc", "cityscapes", "camvid", "synthetic"):
+        from stpg_jax.data.palettes import palette_for
+
+        return len(palette_for(config.data.dataset))
     raise ValueError(f"dataset {config.data.dataset!r}: pass --num_classes")
 
 
@@ -80,15 +81,12 @@ def report_header(script: str, argv) -> dict:
             "command": f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)}
 
 
-def arg_parser(doc: str, config: str, dtypes: str = "") -> argparse.ArgumentParser:
-    """A script's parser, with the --config and --out that every benchmark takes (and those of the step's)."""
+def arg_parser(doc: str, config: str) -> argparse.ArgumentParser:
+    """A script's parser, with the --config and --out that every benchmark takes."""
     p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--config", default=config,
                    help="config file, with the split and overrides after ':' (as launch.py takes it)")
     p.add_argument("--out", default="", help="write the results as JSON here")
-    if dtypes:
-        p.add_argument("--dtypes", default=dtypes, help="comma-separated compute dtypes")
-        p.add_argument("--num_classes", type=int, default=0, help="for 'folder' datasets (others know theirs)")
     return p
 
 
@@ -99,6 +97,17 @@ def names_of(p: argparse.ArgumentParser, flag: str, text: str, allowed) -> list[
         if n not in allowed:
             p.error(f"{flag}: unknown {n!r}; choose from {', '.join(allowed)}")
     return names
+
+
+def ints_of(p: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
+    """The distinct comma-separated integers >= 0 of ``flag`` (else the parser's error)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0 or len(set(values)) < len(values):
+        p.error(f"{flag}: distinct integers >= 0 separated by commas, got {text!r}")
+    return values
 
 
 def finish(report: dict, table: str, out: str = "", where: str = "") -> dict:

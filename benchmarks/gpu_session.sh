@@ -55,7 +55,7 @@ PROFILE_ARGS=()
 [ "${PROFILE:-1}" = 1 ] && PROFILE_ARGS=(--profile /tmp/stpg_profile --profile_steps 2)
 T=$(( $(left) - 80 )); [ "$T" -gt 170 ] && T=170
 echo "== bfloat16 (timeout ${T}s)"
-timeout -k 5 "$T" python3 benchmarks/step_time.py --config="$CONFIG" $STEP_ARGS --dtypes bfloat16 \
+timeout -k 5 "$T" python3 benchmarks/step_time.py --config="$CONFIG,model.dtype=bfloat16" $STEP_ARGS \
   --steps 30 --warmup 5 $BF16_ARGS "${PROFILE_ARGS[@]}" --out "$OUT/step_time_bf16.json" 2>&1 | tee "$OUT/step_time_bf16.log"
 if [ "${PROFILE_TGZ:-0}" = 1 ] && [ -d /tmp/stpg_profile ]; then
   tar -C /tmp -czf "$OUT/profile_bf16.tgz" stpg_profile && ls -la "$OUT/profile_bf16.tgz"
@@ -65,7 +65,7 @@ if [ -n "${AB_OVERRIDES:-}" ]; then
   T=$(( $(left) - 80 )); [ "$T" -gt 150 ] && T=150
   if [ "$T" -gt 90 ]; then
     echo "== bfloat16 with $AB_OVERRIDES (timeout ${T}s)"
-    timeout -k 5 "$T" python3 benchmarks/step_time.py --config="$CONFIG,$AB_OVERRIDES" $STEP_ARGS --dtypes bfloat16 \
+    timeout -k 5 "$T" python3 benchmarks/step_time.py --config="$CONFIG,$AB_OVERRIDES,model.dtype=bfloat16" $STEP_ARGS \
       --steps 30 --warmup 5 --out "$OUT/step_time_bf16_ab.json" 2>&1 \
       | tee "$OUT/step_time_bf16_ab.log"
   else
@@ -86,7 +86,7 @@ T=$(left)
 if [ "$T" -gt 30 ]; then
   echo "== float32 (timeout ${T}s)"
   F32_CONFIG=$CONFIG; [ "${F32_REMAT:-0}" = 1 ] && F32_CONFIG="$CONFIG,model.remat=True"
-  env ${FRACTION:+XLA_PYTHON_CLIENT_MEM_FRACTION=$FRACTION} timeout -k 5 "$T" python3 benchmarks/step_time.py --config="$F32_CONFIG" $STEP_ARGS --dtypes float32 \
+  env ${FRACTION:+XLA_PYTHON_CLIENT_MEM_FRACTION=$FRACTION} timeout -k 5 "$T" python3 benchmarks/step_time.py --config="$F32_CONFIG,model.dtype=float32" $STEP_ARGS \
     --steps 20 --warmup 3 --out "$OUT/step_time_f32.json" 2>&1 | tee "$OUT/step_time_f32.log"
   echo "float32 exit status ${PIPESTATUS[0]} (non-zero with RESOURCE_EXHAUSTED above = does not fit the pool)"
 else

@@ -1,13 +1,6 @@
-"""XLA programs read as text: the optimised HLO's instructions and their categories, the kernels and bytes of a
-program compiled for a GPU target (and the step-time floor they imply), and where a profiled step's device time goes.
-
-Used by step_time.py: ``--profile`` (summarize_profile) and ``--target`` (read_target, gpu_mesh, kernels, traffic).
-Bytes moved: every instruction the program runs as a kernel reads each operand and writes its result once from
-device memory (no cache reuse; a custom call's ``u8`` scratch left out; of a conditional the heavier branch, a while
-loop's body times its known trip count). The floor: memory-bound kernels at the full bandwidth, convolutions and
-matmuls at the dense peak (or their own bytes at the bandwidth, if longer), one after another; the MFU ceiling is
-the step's FLOPs at the peak over that floor. Properties of the program, not timings.
-"""
+"""XLA programs read as text, for step_time.py: the optimised HLO's instructions and their categories, where a
+profiled step's device time goes (``--profile``: summarize_profile), and the GPU targets that ``--target`` compiles
+for (read_target, gpu_mesh)."""
 
 from __future__ import annotations
 
@@ -23,46 +16,23 @@ import jax
 # Optimised HLO, and where a profiled step's device time goes
 
 _HEAD = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
-_OPCODE = re.compile(r"([a-z][\w\-]*)\(")
+_OPCODE = re.compile(r"(?<![\w.%\-])([a-z][\w\-]*)\(")
 _COMPUTATION = re.compile(r"^\s*(ENTRY\s+)?%?([\w.\-]+)\s*[({]")
 _ATTRS = {"kind": r"\bkind=(k\w+)", "target": r'custom_call_target="([^"]+)"', "calls": r"\bcalls=%?([\w.\-]+)",
           "backend": r'"(?:kind|name)":"(__[\w$]+)"'}
 
 
-def _closing(text: str, start: int) -> int:
-    """Index of the bracket closing the one at ``start``."""
-    depth = 0
-    for i in range(start, len(text)):
-        depth += text[i] in "({"
-        depth -= text[i] in ")}"
-        if depth == 0:
-            return i
-    return len(text) - 1
-
-
 def parse_instruction(line: str) -> dict | None:
-    """One HLO instruction line: name, result shape, opcode, operand names, the attributes after the operands,
-    and the fusion kind, custom-call target, called computation and backend kind found among them."""
+    """One HLO instruction line: its name and opcode (the first lower-case word before a bracket after the result's
+    shape, whose layouts use upper-case letters only), and the fusion kind, custom-call target, called computation
+    and backend kind among what follows."""
     head = _HEAD.match(line)
-    if not head:
-        return None
-    rest = line[head.end():]
-    if rest.startswith("("):  # a tuple shape
-        end = _closing(rest, 0)
-        shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
-    else:
-        shape, _, rest = rest.partition(" ")
-    opcode = _OPCODE.match(rest)
+    opcode = _OPCODE.search(line, head.end()) if head else None
     if not opcode:
         return None
-    end = _closing(rest, opcode.end() - 1)
-    attrs = rest[end + 1:]
-    ins = {"name": head[1], "shape": shape, "op": opcode[1], "attrs": attrs,
-           "operands": re.findall(r"%([\w.\-]+)", rest[opcode.end() - 1:end + 1])}
-    for key, pattern in _ATTRS.items():
-        found = re.search(pattern, attrs)
-        ins[key] = found[1] if found else ""
-    return ins
+    rest = line[opcode.end():]
+    return {"name": head[1], "op": opcode[1],
+            **{key: (found[1] if (found := re.search(pattern, rest)) else "") for key, pattern in _ATTRS.items()}}
 
 
 class Hlo:
@@ -159,8 +129,8 @@ def _instruction_of(event: dict, hlo: Hlo | None) -> tuple[str, bool]:
 
 def summarize_profile(trace_dir, hlo_text: str | None = None, steps: int | None = None, top: int = 15) -> dict:
     """Kernel time per step by category and by instruction, busy time (overlapping kernels counted once) and the
-    annotated steps' wall time. A memset or memcpy that an instruction issues before its kernel (a cuDNN
-    convolution zeroing its output) counts as ``memcpy / memset``, the rest under the instruction's category."""
+    annotated steps' wall time. A memset or memcpy (a cuDNN convolution zeroing its output first) counts as
+    ``memcpy / memset``, whichever instruction issued it."""
     trace = find_trace(trace_dir)
     with gzip.open(trace, "rt") as f:
         data = json.load(f)
@@ -170,35 +140,25 @@ def summarize_profile(trace_dir, hlo_text: str | None = None, steps: int | None 
     walls = [e["dur"] / 1e3 for e in all_events if e.get("ph") == "X" and "dur" in e
              and e.get("name", "").startswith("train_step")]
     steps = steps or len(walls) or 1
-    by_op = defaultdict(lambda: {"us": 0.0, "count": 0, "kernel": "", "memset_us": 0.0, "memset_kernel": ""})
+    by_op, categories = defaultdict(lambda: {"us": 0.0, "count": 0, "kernel": ""}), defaultdict(float)
     intervals, graph_us = [], 0.0
     for e in events:
-        op, in_graph = _instruction_of(e, hlo)
-        entry, dur = by_op[op], float(e["dur"])
+        (op, in_graph), dur = _instruction_of(e, hlo), float(e["dur"])
+        entry, memset = by_op[op], e["name"].lower().startswith(("memset", "memcpy"))
         graph_us += dur if in_graph else 0.0
-        entry["us"] += dur
-        entry["count"] += 1
-        if e["name"].lower().startswith(("memset", "memcpy")):
-            entry["memset_us"] += dur
-            entry["memset_kernel"] = entry["memset_kernel"] or e["name"]
-        elif not entry["kernel"]:
-            entry["kernel"] = e["name"]
+        entry["us"], entry["count"] = entry["us"] + dur, entry["count"] + 1
+        entry["kernel"] = entry["kernel"] or ("" if memset else e["name"])
+        categories["memcpy / memset" if memset else categorize(op, e["name"], hlo)] += dur
         intervals.append((float(e["ts"]), float(e["ts"]) + dur))
     busy, end = 0.0, -math.inf
     for a, b in sorted(intervals):
         busy, end = busy + max(0.0, b - max(a, end)), max(end, b)
     total = sum(v["us"] for v in by_op.values()) or 1.0
-    categories, ops = defaultdict(float), []
-    for name, v in by_op.items():
-        cat = categorize(name, v["kernel"] or v["memset_kernel"], hlo)
-        categories[cat] += v["us"] - v["memset_us"]
-        categories["memcpy / memset"] += v["memset_us"]
-        ops.append({"op": name, "category": cat, "ms_per_step": v["us"] / steps / 1e3, "share": v["us"] / total,
-                    "kernels_per_step": v["count"] / steps, "kernel": (v["kernel"] or v["memset_kernel"])[:90],
-                    **({"memset_ms_per_step": v["memset_us"] / steps / 1e3} if v["memset_us"] and v["kernel"] else {})})
-    ops.sort(key=lambda o: -o["ms_per_step"])
+    ops = sorted(({"op": name, "category": categorize(name, v["kernel"], hlo), "ms_per_step": v["us"] / steps / 1e3,
+                   "share": v["us"] / total, "kernels_per_step": v["count"] / steps, "kernel": v["kernel"][:90]}
+                  for name, v in by_op.items()), key=lambda o: -o["ms_per_step"])
     return {"trace": str(trace), "source": source, "steps": steps, "distinct_ops": len(ops),
-            "kernel_ms_per_step": sum(v["us"] for v in by_op.values()) / steps / 1e3,
+            "kernel_ms_per_step": total / steps / 1e3 if by_op else 0.0,
             "busy_ms_per_step": busy / steps / 1e3, "command_buffer_ms_per_step": graph_us / steps / 1e3,
             "step_wall_ms": walls, "top_ops": ops[:top],
             "categories": {c: {"ms_per_step": us / steps / 1e3, "share": us / total}
@@ -222,17 +182,10 @@ def format_profile(s: dict) -> str:
     return "\n".join(lines)
 
 
-
-# A program compiled for a GPU target: its kernels and the bytes they move
+# GPU targets: a program compiled for a GPU without one
 
 HERE = Path(__file__).resolve().parent
 TARGETS = {name: HERE / "gpu_targets" / f"{name}_sxm.txtpb" for name in ("h100", "h200", "a100")}
-DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
-               "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
-NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all", "partition-id",
-               "replica-id", "opt-barrier", "add-dependency", "domain"}  # no kernel of their own
-COMPUTE = ("convolution", "matmul")
 
 
 class TargetError(RuntimeError):
@@ -240,23 +193,16 @@ class TargetError(RuntimeError):
 
 
 def read_target(spec: str) -> tuple[str, dict]:
-    """The target's text proto and the figures used from it (device kind, bandwidth, L2, memory)."""
+    """The target's text proto, and its file and device kind."""
     path = TARGETS.get(spec.lower(), Path(spec))
     if not path.is_file():
         raise TargetError(f"--target {spec!r}: expected {', '.join(TARGETS)} or the path of an XLA GPU target "
                           f"description (text proto), and {path} is not a file")
     text = path.read_text()
-
-    def field(name, cast=float):
-        m = re.search(rf"^\s*{name}:\s*\"?([^\"\n]+)\"?", text, re.MULTILINE)
-        return cast(m[1]) if m else None
-
-    info = {"file": str(path), "device_kind": field("device_description_str", str),
-            "memory_bandwidth": field("memory_bandwidth"), "l2_cache_size": field("l2_cache_size", int),
-            "device_memory_size": field("device_memory_size", int)}
-    if not info["device_kind"] or not info["memory_bandwidth"]:
-        raise TargetError(f"{path}: expected device_description_str and gpu_device_info.memory_bandwidth")
-    return text, info
+    kind = re.search(r'^\s*device_description_str:\s*"([^"\n]+)"', text, re.MULTILINE)
+    if not kind:
+        raise TargetError(f"{path}: expected an XLA GPU target description with a device_description_str")
+    return text, {"file": str(path), "device_kind": kind[1]}
 
 
 def gpu_mesh(target_text: str, num_devices: int):
@@ -271,97 +217,3 @@ def gpu_mesh(target_text: str, num_devices: int):
                           f"Compiling for a GPU without one needs JAX's CUDA plugin for jax {v}: "
                           f"pip install \"jax-cuda13-plugin=={v}\" \"jax-cuda13-pjrt=={v}\"") from e
     return topologies.make_mesh(topology, (num_devices,), ("data",))
-
-
-def array_sizes(shape: str, skip_scratch: bool = False) -> list[int]:
-    """Bytes of each array in an HLO shape (a tuple's elements); ``u8`` buffers left out if ``skip_scratch``."""
-    return [int(DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d))
-            for dtype, dims in _ARRAY.findall(shape) if dtype in DTYPE_BYTES and not (skip_scratch and dtype == "u8")]
-
-
-def kernels(text: str) -> list[dict]:
-    """One row per kernel-launching instruction the program executes: name, op, category, how often it runs, and
-    the bytes it reads and writes in all."""
-    hlo = Hlo(text)
-
-    def walk(name: str, repeat: int) -> list[dict]:
-        rows, body = [], hlo.computations.get(name, [])
-        shapes = {i["name"]: i["shape"] for i in body}
-        for ins in body:
-            op, attrs = ins["op"], ins["attrs"]
-            if op == "conditional":
-                names = re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", attrs)
-                listed = re.search(r"branch_computations=\{([^}]*)\}", attrs)
-                names += re.findall(r"%?([\w.\-]+)", listed[1]) if listed else []
-                taken = [walk(b, repeat) for b in names]
-                rows += max(taken, key=lambda r: sum(x["bytes"] for x in r)) if taken else []
-                continue
-            called = re.search(r"(body|to_apply)=%?([\w.\-]+)", attrs) if op in ("while", "call") else None
-            if called:
-                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs) if op == "while" else None
-                rows += walk(called[2], repeat * (int(trips[1]) if trips else 1))
-                continue
-            if op in NOT_KERNELS or op == "while":
-                continue
-            read = sum(b for o in ins["operands"] for b in array_sizes(shapes.get(o, "")))
-            written = sum(array_sizes(ins["shape"], skip_scratch=op == "custom-call"))
-            rows.append({"name": ins["name"], "op": op, "category": categorize(ins["name"], "", hlo),
-                         "repeat": repeat, "bytes_read": read * repeat, "bytes_written": written * repeat,
-                         "bytes": (read + written) * repeat})
-        return rows
-
-    return walk(hlo.entry, 1)
-
-
-def traffic(rows: list[dict], bandwidth_tbs: float | None = None, tflop: float | None = None,
-              peak_tflops: float | None = None) -> dict:
-    """Kernels and bytes by category, collectives by kind, and (with the bandwidth) the step floor: memory-bound
-    kernels at the bandwidth plus convolutions and matmuls at the peak or at the bandwidth, whichever is longer."""
-    categories = defaultdict(lambda: {"kernels": 0, "bytes": 0})
-    collectives = defaultdict(lambda: {"ops": 0, "bytes": 0})
-    for r in rows:
-        categories[r["category"]]["kernels"] += r["repeat"]
-        categories[r["category"]]["bytes"] += r["bytes"]
-        if r["category"] == "collective":  # an asynchronous one counted once, at its start
-            c = collectives[re.sub(r"-(start|done)$", "", r["op"])]
-            c["ops"] += 0 if r["op"].endswith("-done") else r["repeat"]
-            c["bytes"] += r["bytes"]
-    out = {"kernels": sum(c["kernels"] for c in categories.values()),
-           "bytes": sum(c["bytes"] for c in categories.values()),
-           "categories": dict(sorted(categories.items(), key=lambda kv: -kv[1]["bytes"])),
-           "collectives": dict(sorted(collectives.items(), key=lambda kv: -kv[1]["bytes"]))}
-    if bandwidth_tbs:
-        bandwidth = bandwidth_tbs * 1e12
-        memory = sum(c["bytes"] for k, c in categories.items() if k not in COMPUTE)
-        compute = sum(c["bytes"] for k, c in categories.items() if k in COMPUTE)
-        b = out["bounds"] = {"bandwidth_tbs": bandwidth_tbs, "memory_bound_ms": memory / bandwidth * 1e3,
-                             "compute_traffic_ms": compute / bandwidth * 1e3}
-        if tflop and peak_tflops:
-            b.update(tflop=tflop, peak_tflops=peak_tflops, compute_at_peak_ms=tflop / peak_tflops * 1e3)
-            b["compute_ms"] = max(b["compute_at_peak_ms"], b["compute_traffic_ms"])
-            b["step_floor_ms"] = b["memory_bound_ms"] + b["compute_ms"]
-            b["mfu_ceiling"] = b["compute_at_peak_ms"] / b["step_floor_ms"]
-    return out
-
-
-def format_traffic(s: dict) -> str:
-    b = s.get("bounds")
-    lines = ["| category | kernels | GB read + written |" + (f" ms at {b['bandwidth_tbs']:g} TB/s |" if b else ""),
-             "|---|---:|---:|" + ("---:|" if b else "")]
-    for name, c in list(s["categories"].items()) + [("total", s)]:
-        lines.append(f"| {name} | {c['kernels']} | {c['bytes'] / 1e9:.2f} |"
-                     + (f" {c['bytes'] / b['bandwidth_tbs'] / 1e9:.2f} |" if b else ""))
-    if b:
-        line = f"\nmemory-bound kernels (all but convolution and matmul) >= {b['memory_bound_ms']:.2f} ms"
-        if "step_floor_ms" in b:
-            line += (f"; convolutions and matmuls >= {b['compute_ms']:.2f} ms ({b['tflop']:.2f} TFLOP at "
-                     f"{b['peak_tflops']:g} TFLOP/s = {b['compute_at_peak_ms']:.2f} ms, their traffic "
-                     f"{b['compute_traffic_ms']:.2f} ms); kernels one after another: step >= "
-                     f"{b['step_floor_ms']:.2f} ms, MFU <= {100 * b['mfu_ceiling']:.1f} %")
-        lines.append(line)
-    if s["collectives"]:
-        lines += ["", "| collective | issued | GB read + written |", "|---|---:|---:|"]
-        lines += [f"| {k} | {v['ops']} | {v['bytes'] / 1e9:.2f} |" for k, v in s["collectives"].items()]
-    return "\n".join(lines)
-
-

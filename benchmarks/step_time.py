@@ -1,29 +1,26 @@
-"""Time, memory and FLOPs of the real training step; with --profile where its device time goes; with --target the
-same step compiled for a GPU on a machine without one.
+"""Time, memory and FLOPs of the real training step; with --profile where its device time goes; with --target its
+memory on a GPU, compiled for one on a machine without it.
 
-    python benchmarks/step_time.py --config=configs/voc_blender.py:1_4        # float32 and bfloat16, own processes
-    python benchmarks/step_time.py --tiny --dtypes float32 --steps 3 --warmup 1  # a CPU smoke test
-    python benchmarks/step_time.py --dtypes bfloat16 --profile /tmp/prof       # + a jax.profiler trace, summarised
+    python benchmarks/step_time.py --config=configs/voc_blender.py:1_4,model.dtype=bfloat16
+    python benchmarks/step_time.py --tiny --steps 3 --warmup 1                 # a CPU smoke test
+    python benchmarks/step_time.py --profile /tmp/prof                         # + a jax.profiler trace, summarised
     pip install "jax-cuda13-plugin==$JAXV" "jax-cuda13-pjrt==$JAXV"            # JAXV: the installed jax's version
-    python benchmarks/step_time.py --target h100 --dtypes bfloat16            # compiled for an H100, not run
+    python benchmarks/step_time.py --target h100                               # compiled for an H100, not run
 
-The step of the config's mode is built as the Trainer builds it and run on random batches of the config's shapes,
-its step counter past every schedule start so that the whole method runs; nothing reads data or weights.
-``--target`` (``h100``, ``h200``, ``a100``: ``gpu_targets/*.txtpb``, or a target file) builds it on the host CPU and
-compiles it with XLA's CUDA compiler through JAX's topology API: XLA's memory analysis, the program's kernels and
-bytes moved, and the step-time floor and MFU ceiling they imply (hlo.py says how). Convolutions are not autotuned
-without the device, so their workspaces are not in those figures. BENCHMARKS.md says what each figure means and
-holds the ones measured.
+The step of the config's mode and compute dtype (``model.dtype``) is built as the Trainer builds it and run on
+random batches of the config's shapes, its step counter past every schedule start so that the whole method runs;
+nothing reads data or weights.
+``--target`` (``h100``, ``h200``, ``a100``: ``gpu_targets/*.txtpb``, or a target file) builds it on the host CPU,
+compiles it with XLA's CUDA compiler through JAX's topology API and reports XLA's memory analysis of that program
+(convolutions are not autotuned without the device, so their workspaces are not in it). BENCHMARKS.md says what
+each figure means and holds the ones measured.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,28 +28,27 @@ if __name__ == "__main__" and any(a.startswith("--target") for a in sys.argv):
     os.environ["JAX_PLATFORMS"] = "cpu"  # the state is built on the host CPU; the GPU is only a compilation target
 
 import hlo
-from common import (TINY_NETWORK, arg_parser, finish, load_config, log, names_of, num_classes_of, report_header,
-                    run_cli, write_json)
+from common import (TINY_NETWORK, arg_parser, finish, load_config, log, num_classes_of, report_header, run_cli,
+                    write_json)
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stpg_jax import losses, sharding
+from stpg_jax.build import build as build_parts
 from stpg_jax.host_matching import assignment_arrays  # the step's third argument, as the training loop passes it
+from stpg_jax.train_step import train_step
 
 # The tiny network at crop 64, batch 2 + 2: the step in under a minute on a CPU (the CI smoke test).
 GIB = 2**30
 TINY_OVERRIDES = (f"{TINY_NETWORK},data.crop_size=64,data.batch_labeled=2,data.batch_unlabeled=2,"
                   "stpg.bank_capacity=32,stpg.bank_k=4")
 
-# Dense peak TFLOP/s (no sparsity) by jax's device_kind: (bfloat16, float32 compute as tf32). Datasheet figures.
-PEAK_TFLOPS = {kind: peaks for kinds, peaks in (
-    (("NVIDIA H100 80GB HBM3", "NVIDIA H100", "NVIDIA H200"), (989.4, 494.7)),  # SXM
-    (("NVIDIA H100 NVL", "NVIDIA H200 NVL"), (835.0, 417.5)),
-    (("NVIDIA H100 PCIe",), (756.0, 378.0)),
-    (("NVIDIA A100-SXM4-80GB", "NVIDIA A100-SXM4-40GB", "NVIDIA A100 80GB PCIe", "NVIDIA A100-PCIE-40GB"),
-     (312.0, 156.0)),
-) for kind in kinds}
+# Dense peak TFLOP/s (no sparsity) of the SXM parts by jax's device_kind: (bfloat16, float32 as tf32). Datasheet
+# figures; other parts (PCIe, NVL) get no MFU.
+PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": (989.4, 494.7), "NVIDIA H200": (989.4, 494.7),
+               "NVIDIA A100-SXM4-80GB": (312.0, 156.0), "NVIDIA A100-SXM4-40GB": (312.0, 156.0)}
 
 
 def peak_tflops(device_kind: str, dtype: str):
@@ -82,24 +78,22 @@ def time_synchronised(fn, args_of, steps: int, warmup: int):
 
 
 def flops_of(compiled_or_lowered):
-    """Total 'flops' of XLA's cost analysis (a dict in newer JAX, a list of per-module dicts in older)."""
+    """The 'flops' of XLA's cost analysis (a dict; in JAX before 0.4.36 a list of one); None where there is none."""
     try:
         analysis = compiled_or_lowered.cost_analysis()
+        return float((analysis[0] if isinstance(analysis, list) else analysis)["flops"]) or None
     except Exception:  # noqa: BLE001 - some backends do not implement it
         return None
-    analysis = [analysis] if isinstance(analysis, dict) else analysis or []
-    total = sum(float(a.get("flops", 0.0)) for a in analysis if a)
-    return total if total > 0 else None
 
 
-def model_flops_per_step(step_fn, state, batch):
+def model_flops_per_step(recipe, state, batch):
     """FLOPs of one step from the cost analysis of the step lowered for the host CPU from abstract shapes: the
     GPU's compiled analysis leaves out the cuDNN convolutions (custom calls), nearly all of the work."""
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
                                       (state, batch, assignment_arrays(state)))
     try:
-        return flops_of(jax.jit(step_fn).lower(*abstract))
+        return flops_of(jax.jit(train_step, static_argnums=0).lower(recipe, *abstract))
     except Exception:  # noqa: BLE001 - report n/a rather than fail the benchmark
         return None
 
@@ -137,96 +131,85 @@ def memory_stat(devices, key: str):
 # The real step
 
 
-def build(config, num_classes: int, num_devices: int, batch_groups: int = 0):
-    """The run's parts as the Trainer builds them (``stpg_jax.build``) and an initial state past every schedule
-    start with a full, matched bank, so the whole method runs.
-
-    ``batch_groups``: the devices the step's batch is laid out for (``Recipe.batch_groups``); by default the mesh's.
-    """
-    import dataclasses
-    import functools
-
-    from stpg_jax import losses, sharding
-    from stpg_jax.build import build as build_parts
-    from stpg_jax.train_step import train_step
-
-    devices = jax.devices()[:num_devices] if num_devices else jax.devices()
-    mesh = sharding.make_mesh(devices)
+def build(config, num_classes: int, mesh):
+    """The run's parts as the Trainer builds them (``stpg_jax.build``; steps_per_epoch only places the schedule's
+    starts, no data is read), and the step counter at which every part of the method runs."""
     sharding.check_divisible(config, mesh)
-    c = config
-    # steps_per_epoch only places the schedule's starts; no data is read.
-    parts = build_parts(c, num_classes, c.schedule.steps_per_epoch or 100, mesh)
-    if batch_groups:
-        parts.recipe = dataclasses.replace(parts.recipe, batch_groups=batch_groups)
-    dim = parts.recipe.feature_dim
-    # Random unit anchors: the same shape as the optimised ones, without the 10k-step optimisation.
-    anchors = losses.init_prototypes(jax.random.PRNGKey(1), num_classes, dim) if c.mode == "stpg" else None
-    state = parts.init_state(anchors)
+    parts = build_parts(config, num_classes, config.schedule.steps_per_epoch or 100, mesh)
     phases = parts.recipe.phases
-    start = max(phases.bank_start, phases.contrastive_start, phases.proximity_start)
-    replicated = parts.replicated
-    state = state.replace(step=jax.device_put(jnp.asarray(start, jnp.int32), replicated))
-    if state.contrast is not None:  # a full, matched bank: the contrastive terms see every row
-        key = jax.random.PRNGKey(2)
+    return parts, max(phases.bank_start, phases.contrastive_start, phases.proximity_start)
+
+
+def running_state(parts, start: int):
+    """An initial state at step ``start`` with a full, matched bank, so the contrastive terms see every row; random
+    unit anchors of the optimised ones' shape, without their 10k-step optimisation."""
+    recipe = parts.recipe
+    stpg = parts.config.mode == "stpg"
+    state = parts.init_state(losses.init_prototypes(jax.random.PRNGKey(1), recipe.num_classes, recipe.feature_dim)
+                             if stpg else None)
+    state = state.replace(step=jax.device_put(jnp.asarray(start, jnp.int32), parts.replicated))
+    if state.contrast is not None:
         bank = state.contrast.bank
-        bank = bank._replace(features=jax.random.normal(key, bank.features.shape, bank.features.dtype),
+        bank = bank._replace(features=jax.random.normal(jax.random.PRNGKey(2), bank.features.shape,
+                                                        bank.features.dtype),
                              count=jnp.full_like(bank.count, bank.features.shape[1]))
         contrast = state.contrast.replace(bank=bank, matched=jnp.asarray(True))
-        state = state.replace(contrast=jax.device_put(contrast, replicated))
-    return dict(model=parts.model, recipe=parts.recipe, mesh=mesh, devices=devices, state=state,
-                jitted=parts.jitted_step(), step_fn=functools.partial(train_step, parts.recipe),
-                batch_sharding=parts.batch_sharding, replicated=replicated, start_step=start,
-                speculates=parts.speculates, same_step=parts.same_step)
+        state = state.replace(contrast=jax.device_put(contrast, parts.replicated))
+    return state
+
+
+def batch_shapes(config) -> dict:
+    """{name: (shape, dtype)} of the step's batch, as the training loader delivers it."""
+    s, bl, bu = config.data.crop_size, config.data.batch_labeled, config.data.batch_unlabeled
+    shapes = {"image": ((bl, s, s, 3), np.uint8), "label": ((bl, s, s), np.int32)}
+    if config.mode != "supervised":
+        shapes.update(unlabeled0=((bu, s, s, 3), np.uint8), unlabeled1=((bu, s, s, 3), np.uint8))
+    return shapes
 
 
 def random_batches(config, num_classes: int, batch_sharding, count: int = 2, seed: int = 0):
     rng = np.random.default_rng(seed)
-    s, bl, bu = config.data.crop_size, config.data.batch_labeled, config.data.batch_unlabeled
     batches = []
     for _ in range(count):
-        label = rng.integers(0, num_classes, (bl, s, s), dtype=np.int32)
-        label[rng.random((bl, s, s)) < 0.05] = config.data.ignore_index
-        batch = {"image": rng.integers(0, 256, (bl, s, s, 3), dtype=np.uint8), "label": label}
-        if config.mode != "supervised":
-            batch["unlabeled0"] = rng.integers(0, 256, (bu, s, s, 3), dtype=np.uint8)
-            batch["unlabeled1"] = rng.integers(0, 256, (bu, s, s, 3), dtype=np.uint8)
+        batch = {k: rng.integers(0, num_classes if k == "label" else 256, shape, dtype)
+                 for k, (shape, dtype) in batch_shapes(config).items()}
+        batch["label"][rng.random(batch["label"].shape) < 0.05] = config.data.ignore_index
         batches.append({k: jax.device_put(v, batch_sharding) for k, v in batch.items()})
     return batches
 
 
-# One dtype
+# One measurement
 
 
-def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
-    c = load_config(args.config, (f"{TINY_OVERRIDES}," if args.tiny else "") + f"model.dtype={dtype}")
+def measure(args, save=lambda result: None) -> dict:
+    c = load_config(args.config, TINY_OVERRIDES if args.tiny else "")
+    dtype = c.model.dtype
     num_classes = num_classes_of(c, args.num_classes)
-    log(f"[{dtype}] config {args.config} mode={c.mode} dataset={c.data.dataset} classes={num_classes} "
+    log(f"config {args.config} mode={c.mode} dataset={c.data.dataset} classes={num_classes} "
         f"crop={c.data.crop_size} batch={c.data.batch_labeled}+{c.data.batch_unlabeled}")
+    if args.target:
+        return compile_for_target(args, c, num_classes)
     t0 = time.perf_counter()
-    if args.target:  # built for one host CPU, the batch laid out for the target's devices
-        b = build(c, num_classes, 1, batch_groups=args.num_devices)
-        log(f"[{dtype}] state built on the CPU in {time.perf_counter() - t0:.1f}s")
-        return compile_for_target(args, dtype, c, num_classes, b)
-    b = build(c, num_classes, args.num_devices)
-    devices = b["devices"]
-    log(f"[{dtype}] state initialised in {time.perf_counter() - t0:.1f}s on {len(devices)} device(s) "
-        f"({devices[0].device_kind}); step counter set to {b['start_step']} (past every schedule start)")
-    batches = random_batches(c, num_classes, b["batch_sharding"])
-    state = b["state"]
+    devices = jax.devices()[:args.num_devices] if args.num_devices else jax.devices()
+    parts, start = build(c, num_classes, sharding.make_mesh(devices))
+    state = running_state(parts, start)
+    log(f"state initialised in {time.perf_counter() - t0:.1f}s on {len(devices)} device(s) "
+        f"({devices[0].device_kind}); step counter set to {start} (past every schedule start)")
+    batches = random_batches(c, num_classes, parts.batch_sharding)
     peak_after_init = memory_stat(devices, "peak_bytes_in_use")
 
-    log(f"[{dtype}] compiling the step (lower, then compile)...")
+    log("compiling the step (lower, then compile)...")
     t0 = time.perf_counter()
-    lowered = b["jitted"].lower(b["recipe"], state, batches[0], assignment_arrays(state))
+    lowered = parts.jitted_step().lower(parts.recipe, state, batches[0], assignment_arrays(state))
     lower_s, t0 = time.perf_counter() - t0, time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    log(f"[{dtype}] lower {lower_s:.1f}s, compile {compile_s:.1f}s")
+    log(f"lower {lower_s:.1f}s, compile {compile_s:.1f}s")
     peak_after_compile = memory_stat(devices, "peak_bytes_in_use")  # XLA's GPU autotuning allocates while compiling
-    flops_compiled, flops_hlo = flops_of(compiled), model_flops_per_step(b["step_fn"], state, batches[0])
+    flops_compiled, flops_hlo = flops_of(compiled), model_flops_per_step(parts.recipe, state, batches[0])
     flops = flops_hlo or flops_compiled
 
-    log(f"[{dtype}] timing {args.warmup} warm-up + {args.steps} synchronised steps...")
+    log(f"timing {args.warmup} warm-up + {args.steps} synchronised steps...")
     holder = {"state": state}
 
     def one_step(batch):
@@ -234,7 +217,7 @@ def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
         return holder["state"], metrics
 
     stats = percentiles(time_synchronised(one_step, lambda i: (batches[i % 2],), args.steps, args.warmup))
-    log(f"[{dtype}] median {stats['median_ms']:.2f} ms (p10 {stats['p10_ms']:.2f}, p90 {stats['p90_ms']:.2f}); "
+    log(f"median {stats['median_ms']:.2f} ms (p10 {stats['p10_ms']:.2f}, p90 {stats['p90_ms']:.2f}); "
         f"timing {args.steps} back-to-back steps (one synchronisation at the end)...")
     t0 = time.perf_counter()
     for i in range(args.steps):
@@ -266,62 +249,41 @@ def run_dtype(args, dtype: str, save=lambda result: None) -> dict:
     save(result)  # a later phase that runs out of time leaves these figures behind
 
     if args.profile:  # before the optional phases: a run stopped by its timeout still has the trace
-        trace_dir = os.path.join(args.profile, dtype)
-        log(f"[{dtype}] profiling {args.profile_steps} steps into {trace_dir} ...")
-        with jax.profiler.trace(trace_dir):
+        log(f"profiling {args.profile_steps} steps into {args.profile} ...")
+        with jax.profiler.trace(args.profile):
             for i in range(args.profile_steps):
                 with jax.profiler.StepTraceAnnotation("train_step", step_num=i):
                     jax.block_until_ready(one_step(batches[i % 2]))
         hlo_text = compiled.as_text()
-        Path(trace_dir, "step_hlo.txt").write_text(hlo_text)
+        Path(args.profile, "step_hlo.txt").write_text(hlo_text)
         try:
-            result["profile"] = hlo.summarize_profile(trace_dir, hlo_text, steps=args.profile_steps)
-            log(f"[{dtype}] trace in {trace_dir}\n" + hlo.format_profile(result["profile"]))
+            result["profile"] = hlo.summarize_profile(args.profile, hlo_text, steps=args.profile_steps)
+            log(f"trace in {args.profile}\n" + hlo.format_profile(result["profile"]))
         except (OSError, ValueError, KeyError) as e:  # a trace the profiler could not write must not lose the timings
-            log(f"[{dtype}] no profile summary: {e}")
+            log(f"no profile summary: {e}")
         save(result)
 
     return result
 
 
-def compile_for_target(args, dtype: str, c, num_classes: int, b: dict) -> dict:
-    """The step compiled for ``args.num_devices`` GPUs of ``args.target``: memory, kernels, bytes, floor."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from stpg_jax import sharding
-
+def compile_for_target(args, c, num_classes: int) -> dict:
+    """The step compiled for ``args.num_devices`` GPUs of ``args.target`` from the state's and batch's shapes:
+    XLA's memory analysis."""
     target_text, target = args.target_spec
-    mesh = hlo.gpu_mesh(target_text, args.num_devices)
-    sharding.check_divisible(c, mesh)
-    batch = random_batches(c, num_classes, b["batch_sharding"], count=1)[0]
-    flops = model_flops_per_step(b["step_fn"], b["state"], batch)
-    replicated, batch_sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-
-    def abstract(tree, where):
-        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), tree)
-
-    state, batch = abstract(b.pop("state"), replicated), abstract(batch, batch_sharded)
-    keeps_input = b["speculates"] or b["same_step"]  # as the Trainer compiles it
-    jitted = jax.jit(b["step_fn"], in_shardings=(replicated, batch_sharded, replicated),
-                     out_shardings=(replicated, replicated), donate_argnums=() if keeps_input else 0)
+    parts, _ = build(c, num_classes, hlo.gpu_mesh(target_text, args.num_devices))
+    state = parts.abstract_state()
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=parts.batch_sharding)
+             for k, (shape, dtype) in batch_shapes(c).items()}
     t0 = time.perf_counter()
-    lowered = jitted.lower(state, batch, assignment_arrays(state))
+    lowered = parts.jitted_step().lower(parts.recipe, state, batch, assignment_arrays(state))
     lower_s, t0 = time.perf_counter() - t0, time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    log(f"[{dtype}] lowered in {lower_s:.1f}s, compiled for {args.num_devices} x {target['device_kind']} in "
-        f"{compile_s:.1f}s")
-    text = compiled.as_text()
-    if args.hlo_dir:
-        os.makedirs(args.hlo_dir, exist_ok=True)
-        Path(args.hlo_dir, f"step_{dtype}.hlo.txt").write_text(text)
-    peak = peak_tflops(target["device_kind"], dtype)
-    tflop = flops / 1e12 / args.num_devices if flops else None  # per device: the step's FLOPs split evenly
-    return {"dtype": dtype, "mode": c.mode, "num_classes": num_classes, "crop_size": c.data.crop_size,
+    log(f"lowered in {lower_s:.1f}s, compiled for {args.num_devices} x {target['device_kind']} in {compile_s:.1f}s")
+    return {"dtype": c.model.dtype, "mode": c.mode, "num_classes": num_classes, "crop_size": c.data.crop_size,
             "batch_labeled": c.data.batch_labeled, "batch_unlabeled": c.data.batch_unlabeled,
-            "donated": not keeps_input, "lower_s": lower_s, "compile_s": compile_s,
-            "memory": memory_analysis_of(compiled), "flops_per_step": flops, "peak_tflops": peak,
-            "traffic": hlo.traffic(hlo.kernels(text), target["memory_bandwidth"] / 1e12, tflop, peak)}
+            "donated": parts.donates_state, "lower_s": lower_s, "compile_s": compile_s,
+            "memory": memory_analysis_of(compiled), "flops_per_step": model_flops_per_step(parts.recipe, state, batch)}
 
 
 # Report
@@ -333,41 +295,32 @@ def _fmt(value, spec=".2f", scale=1.0, suffix=""):
     return f"{value * scale:{spec}}{suffix}"
 
 
-def markdown_tables(report: dict) -> str:
-    rows = ["| dtype | lower s | compile s | median ms | p10 ms | p90 ms | back-to-back ms | images/s | peak mem GiB "
-            "| XLA mem GiB | GFLOP/step | TFLOP/s | MFU |", "|---|" + "---:|" * 12]
-    for r in report["results"].values():
-        rows.append(
+def markdown_table(r: dict) -> str:
+    return ("| dtype | lower s | compile s | median ms | p10 ms | p90 ms | back-to-back ms | images/s | peak mem GiB "
+            "| XLA mem GiB | GFLOP/step | TFLOP/s | MFU |\n|---|" + "---:|" * 12 + "\n"
             f"| {r['dtype']} | {_fmt(r['lower_s'], '.1f')} | {_fmt(r['compile_s'], '.1f')} "
             f"| {_fmt(r['step']['median_ms'])} | {_fmt(r['step']['p10_ms'])} | {_fmt(r['step']['p90_ms'])} "
             f"| {_fmt(r['pipelined_mean_ms'])} | {_fmt(r['images_per_s'], '.1f')} "
-            f"| {_fmt(r['peak_memory_bytes'], '.2f', 2**-30)} "
-            f"| {_fmt((r['memory_analysis'] or {}).get('total_bytes'), '.2f', 2**-30)} "
+            f"| {_fmt(r['peak_memory_bytes'], '.2f', 1 / GIB)} "
+            f"| {_fmt((r['memory_analysis'] or {}).get('total_bytes'), '.2f', 1 / GIB)} "
             f"| {_fmt(r['flops_per_step'], '.1f', 1e-9)} | {_fmt(r['achieved_tflops'], '.1f')} "
             f"| {_fmt(r['mfu'], '.1f', 100, '%')} |")
-    return "\n".join(rows)
 
 
-def target_tables(report: dict) -> str:
-    lines = [f"{report['config']} compiled for {report['num_devices']} x {report['target']['device_kind']} without "
-             "a GPU; per device:", "",
-             "| dtype | state donated | arguments GiB | outputs GiB | aliased GiB | temporaries GiB | total GiB "
-             "| kernels | GB moved | step floor ms | MFU ceiling |", "|---|---|" + "---:|" * 9]
-    for r in report["results"].values():
-        m, t = r["memory"] or {}, r["traffic"]
-        gib = [f"{m.get(f'{k}_bytes', float('nan')) / GIB:.2f}" for k in ("argument_size_in", "output_size_in",
-                                                                           "alias_size_in", "temp_size_in", "total")]
-        bound = t.get("bounds", {})
-        lines.append(f"| {r['dtype']} | {'yes' if r['donated'] else 'no'} | " + " | ".join(gib)
-                     + f" | {t['kernels']} | {t['bytes'] / 1e9:.1f} | {_fmt(bound.get('step_floor_ms'))} "
-                     f"| {_fmt(bound.get('mfu_ceiling'), '.1f', 100, ' %')} |")
-    for r in report["results"].values():
-        lines += ["", f"{r['dtype']}: kernels and bytes of the compiled step", "", hlo.format_traffic(r["traffic"])]
-    return "\n".join(lines)
+def target_table(report: dict) -> str:
+    r, m = report["result"], report["result"]["memory"] or {}
+    gib = [_fmt(m.get(f"{k}_bytes"), ".2f", 1 / GIB) for k in ("argument_size_in", "output_size_in", "alias_size_in",
+                                                                  "temp_size_in", "total")]
+    return (f"{report['config']} compiled for {report['num_devices']} x {report['target']['device_kind']} without "
+            "a GPU; XLA's memory analysis per device:\n\n| dtype | state donated | arguments GiB | outputs GiB "
+            "| aliased GiB | temporaries GiB | total GiB | GFLOP/step |\n|---|---|" + "---:|" * 6 + "\n"
+            f"| {r['dtype']} | {'yes' if r['donated'] else 'no'} | " + " | ".join(gib)
+            + f" | {_fmt(r['flops_per_step'], '.1f', 1e-9)} |")
 
 
 def parse_args(argv=None):
-    p = arg_parser(__doc__, "configs/voc_blender.py:1_4", dtypes="float32,bfloat16")
+    p = arg_parser(__doc__, "configs/voc_blender.py:1_4")
+    p.add_argument("--num_classes", type=int, default=0, help="for 'folder' datasets (others know theirs)")
     p.add_argument("--steps", type=int, default=30, help="timed steps (after the warm-up)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps after compilation")
     p.add_argument("--profile", default="", help="write a jax.profiler trace of a few steps into this folder")
@@ -376,9 +329,7 @@ def parse_args(argv=None):
     p.add_argument("--num_devices", type=int, default=0,
                    help="use the first N devices (0 = all); with --target the GPUs compiled for (0 = 1)")
     p.add_argument("--target", default="", help="compile for h100, h200, a100 or an XLA GPU target description file")
-    p.add_argument("--hlo_dir", default="", help="--target: write each dtype's optimised HLO here")
     args = p.parse_args(argv)
-    args.dtype_list = names_of(p, "--dtypes", args.dtypes, ("float32", "bfloat16"))
     if args.steps < 1 or args.warmup < 0 or args.num_devices < 0:
         p.error("--steps must be >= 1, --warmup and --num_devices >= 0")
     if args.target:
@@ -391,40 +342,23 @@ def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     jax.config.update("jax_enable_compilation_cache", False)  # honest compile times
-    load_config(args.config, TINY_OVERRIDES if args.tiny else "")  # a bad --config fails here, once
+    load_config(args.config, TINY_OVERRIDES if args.tiny else "")  # a bad --config fails here
     report = {**report_header("step_time.py", argv), "jax_version": jax.__version__,
-              "config": args.config + (f" + tiny ({TINY_OVERRIDES})" if args.tiny else ""), "results": {}}
+              "config": args.config + (f" + tiny ({TINY_OVERRIDES})" if args.tiny else ""), "result": None}
     if args.target:
-        report.update(target=args.target_spec[1], num_devices=args.num_devices)
-        for dtype in args.dtype_list:
-            report["results"][dtype] = run_dtype(args, dtype)
-            if args.out:
-                write_json(args.out, report)
-        return finish(report, target_tables(report), "", f" | jax {report['jax_version']}")
-    if len(args.dtype_list) > 1:  # each dtype in its own process, so that their peak memories do not mix
-        with tempfile.TemporaryDirectory() as tmp:
-            for dtype in args.dtype_list:
-                out = os.path.join(tmp, f"{dtype}.json")
-                # The last --dtypes and --out win (argparse): the child measures one dtype into its own file.
-                cmd = [sys.executable, os.path.abspath(__file__), *argv, "--dtypes", dtype, "--out", out]
-                log(f"[{dtype}] running in its own process: {' '.join(cmd[1:])}")
-                if subprocess.run(cmd).returncode != 0:
-                    raise SystemExit(f"the {dtype} run failed")
-                child = json.loads(Path(out).read_text())
-                report["results"].update(child["results"])
-                report["device"] = child["device"]
-    else:
-        devices = jax.devices()[:args.num_devices] if args.num_devices else jax.devices()
-        report["device"] = {"kind": devices[0].device_kind, "platform": devices[0].platform, "count": len(devices)}
-        for dtype in args.dtype_list:
-            def save(result, dtype=dtype):
-                report["results"][dtype] = result
-                if args.out:
-                    write_json(args.out, report)
+        report.update(target=args.target_spec[1], num_devices=args.num_devices, result=measure(args))
+        return finish(report, target_table(report), args.out, f" | jax {report['jax_version']}")
+    devices = jax.devices()[:args.num_devices] if args.num_devices else jax.devices()
+    report["device"] = {"kind": devices[0].device_kind, "platform": devices[0].platform, "count": len(devices)}
 
-            save(run_dtype(args, dtype, save))
+    def save(result):  # after each phase: a run stopped by its timeout keeps what it measured
+        report["result"] = result
+        if args.out:
+            write_json(args.out, report)
+
+    save(measure(args, save))
     d = report["device"]
-    return finish(report, markdown_tables(report), args.out,
+    return finish(report, markdown_table(report["result"]), args.out,
                   f" | jax {report['jax_version']} | {d['count']} x {d['kind']} ({d['platform']})")
 
 

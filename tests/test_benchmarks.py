@@ -1,5 +1,5 @@
-"""benchmarks/ on the CPU: step_time.py in tiny mode end to end, its profile summary on hand-made GPU traces, the
-kernel and byte counts of hlo.py (step_time.py --target) on hand-made and CPU-compiled HLO, and the other scripts."""
+"""benchmarks/ on the CPU: step_time.py in tiny mode end to end, its profile summary on hand-made GPU traces, hlo.py's
+reading of hand-made and CPU-compiled HLO and of the GPU targets (step_time.py --target), and the other scripts."""
 
 import gzip
 import importlib.util
@@ -35,7 +35,7 @@ st, hlo_lib, common = _load("step_time"), _load("hlo"), _load("common")
 def test_step_time_tiny_end_to_end(tmp_path):
     out = tmp_path / "step_time.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "step_time.py"), "--config=configs/voc_blender.py:1_4",
-           "--tiny", "--steps", "2", "--warmup", "1", "--dtypes", "float32", "--num_devices", "1", "--out", str(out),
+           "--tiny", "--steps", "2", "--warmup", "1", "--num_devices", "1", "--out", str(out),
            "--profile", str(tmp_path / "trace"), "--profile_steps", "1"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -47,8 +47,8 @@ def test_step_time_tiny_end_to_end(tmp_path):
     report = json.loads(out.read_text())
     assert report["device"]["platform"] == "cpu" and report["device"]["count"] == 1
     assert report["commit"] and report["date"] and report["command"].startswith("python benchmarks/step_time.py")
-    r = report["results"]["float32"]
-    assert r["mode"] == "stpg" and r["images_per_step"] == 2 + 2 * 2
+    r = report["result"]
+    assert r["mode"] == "stpg" and r["dtype"] == "float32" and r["images_per_step"] == 2 + 2 * 2
     for key in ("lower_s", "compile_s", "pipelined_mean_ms", "steps_per_s", "images_per_s", "flops_per_step",
                 "achieved_tflops"):
         assert _positive(r[key]), (key, r[key])
@@ -66,7 +66,7 @@ def test_step_time_tiny_end_to_end(tmp_path):
     assert prof["categories"]["convolution"]["ms_per_step"] > 0
     assert sum(c["share"] for c in prof["categories"].values()) == pytest.approx(1.0)
     assert 0 < prof["busy_ms_per_step"] <= prof["kernel_ms_per_step"] * 1.0001
-    assert (tmp_path / "trace" / "float32" / "step_hlo.txt").stat().st_size > 10_000
+    assert (tmp_path / "trace" / "step_hlo.txt").stat().st_size > 10_000
 
 
 def test_git_commit_marks_uncommitted_changes(tmp_path, monkeypatch):
@@ -112,24 +112,20 @@ def test_step_time_helpers():
         def cost_analysis(self):
             return self.analysis
 
-    assert st.flops_of(Fake({"flops": 3.0})) == 3.0
-    assert st.flops_of(Fake([{"flops": 2.0}, {"flops": 5.0}])) == 7.0
-    assert st.flops_of(Fake(None)) is None and st.flops_of(Fake([{}])) is None
+    assert st.flops_of(Fake({"flops": 3.0})) == 3.0 and st.flops_of(Fake([{"flops": 2.0}])) == 2.0
+    assert st.flops_of(Fake(None)) is None and st.flops_of(Fake({})) is None and st.flops_of(Fake({"flops": 0})) is None
     assert st.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == pytest.approx(989.4)
     assert st.peak_tflops("NVIDIA H200", "float32") == pytest.approx(494.7)
     assert st.peak_tflops("NVIDIA A100-SXM4-80GB", "bfloat16") == pytest.approx(312.0)
     assert st.peak_tflops("cpu", "bfloat16") is None
-    argv = ["--config=configs/voc_blender.py:1_4", "--dtypes", "float32,bfloat16", "--out=x.json", "--steps", "4"]
-    child = st.parse_args(argv + ["--dtypes", "bfloat16", "--out", "/t/b.json"])  # a child process's arguments
-    assert (child.dtype_list, child.out, child.steps) == (["bfloat16"], "/t/b.json", 4)
+    assert st.peak_tflops("NVIDIA H100 PCIe", "bfloat16") is None  # not an SXM part: no peak assumed
     assert st._fmt(None) == "n/a" and st._fmt(0.4123, ".1f", 100, "%") == "41.2%"
     with pytest.raises(SystemExit):
-        st.parse_args(["--dtypes", "float16"])
+        st.parse_args(["--steps", "0"])
 
 
-# The shape of XLA's optimised GPU HLO: fusions name their computation, cuDNN convolutions are custom calls with a u8
-# scratch buffer, a tuple element and a bitcast launch no kernel, a conditional has a light and a heavy branch, a
-# while loop a known trip count.
+# The shape of XLA's optimised GPU HLO: fusions name their computation, cuDNN convolutions are custom calls with a
+# tuple result (a u8 scratch buffer), a conditional and a while loop name theirs.
 HLO = """HloModule jit_step, is_scheduled=true, entry_computation_layout={(f32[1024]{0}, pred[])->f32[1024]{0}}
 
 %fused_add (param_0: f32[1024]) -> f32[1024] {
@@ -225,66 +221,25 @@ def test_hlo_instructions_and_their_categories():
         hlo_lib.Hlo("not HLO at all\n")
 
 
-def test_kernels_count_operands_and_results_once_per_execution():
-    rows = {r["name"]: r for r in hlo_lib.kernels(HLO)}
-    assert set(rows) == {"loop_fusion.1", "cudnn-conv.4", "copy.3", "negate.2", "loop_fusion.7"}  # heavy branch
-    assert rows["loop_fusion.1"]["bytes"] == 4096 + 4096 and rows["loop_fusion.1"]["category"] == "elementwise fusion"
-    conv = rows["cudnn-conv.4"]
-    assert (conv["bytes_read"], conv["bytes_written"], conv["category"]) == (4096, 512, "convolution")  # no scratch
-    assert rows["copy.3"]["bytes"] == 8192 and rows["negate.2"]["bytes"] == 8192
-    assert rows["loop_fusion.7"]["repeat"] == 3 and rows["loop_fusion.7"]["bytes"] == 3 * 8192
-
-
-def test_step_floor_and_mfu_ceiling():
-    s = hlo_lib.traffic(hlo_lib.kernels(HLO), bandwidth_tbs=1e-6, tflop=2e-9, peak_tflops=1e-6)  # 1 MB/s, 1 MFLOP/s
-    assert s["kernels"] == 7 and s["bytes"] == 8192 + 4608 + 16384 + 3 * 8192
-    assert s["categories"]["convolution"] == {"kernels": 1, "bytes": 4608}
-    b = s["bounds"]
-    assert b["memory_bound_ms"] == pytest.approx((s["bytes"] - 4608) / 1e6 * 1e3)
-    assert b["compute_at_peak_ms"] == pytest.approx(2.0)  # 2000 FLOP at 1 MFLOP/s
-    assert b["compute_ms"] == pytest.approx(4.608)  # the convolution's own 4608 bytes at 1 MB/s take longer
-    assert b["step_floor_ms"] == pytest.approx(b["memory_bound_ms"] + b["compute_ms"])
-    assert b["mfu_ceiling"] == pytest.approx(b["compute_at_peak_ms"] / b["step_floor_ms"])
-    table = hlo_lib.format_traffic(s)
-    assert "| convolution | 1 | 0.00 |" in table and f"step >= {b['step_floor_ms']:.2f} ms" in table
-    assert "| collective |" not in table  # none: no table
-    assert "bounds" not in hlo_lib.traffic(hlo_lib.kernels(HLO))
-
-
-def test_collectives_by_kind():
-    hlo = """ENTRY %main (x: f32[1024]) -> f32[1024] {
-  %x = f32[1024]{0} parameter(0)
-  %all-reduce-start.1 = f32[1024]{0} all-reduce-start(%x), replica_groups={{0,1}}, to_apply=%add
-  %all-reduce-done.1 = f32[1024]{0} all-reduce-done(%all-reduce-start.1)
-  %all-reduce-start.2 = f32[1024]{0} all-reduce-start(%all-reduce-done.1), replica_groups={{0,1}}, to_apply=%add
-  %all-reduce-done.2 = f32[1024]{0} all-reduce-done(%all-reduce-start.2)
-  %collective-permute-start = (f32[1024]{0}, f32[1024]{0}) collective-permute-start(%all-reduce-done.2), source_target_pairs={{0,1},{1,0}}
-  ROOT %collective-permute-done = f32[1024]{0} collective-permute-done(%collective-permute-start)
-}
-"""
-    s = hlo_lib.traffic(hlo_lib.kernels(hlo))
-    assert list(s["categories"]) == ["collective"] and list(s["collectives"]) == ["all-reduce", "collective-permute"]
-    assert s["collectives"]["all-reduce"] == {"ops": 2, "bytes": 4 * (4096 + 4096)}  # a pair issued once
-    assert s["collectives"]["collective-permute"] == {"ops": 1, "bytes": 2 * (4096 + 8192)}
-    assert "| all-reduce | 2 | 0.00 |" in hlo_lib.format_traffic(s)
-
-
 def test_a_cpu_compiled_program_parses():
     x = jnp.ones((256, 256), jnp.float32)
-    rows = hlo_lib.kernels(jax.jit(lambda a: jnp.tanh(a @ a).sum(axis=0)).lower(x).compile().as_text())
-    assert sum(r["bytes"] for r in rows) >= 256 * 256 * 4 + 256 * 4  # the input is read, the result written
-    assert any(r["category"] == "matmul" for r in rows)
+    hlo = hlo_lib.Hlo(jax.jit(lambda a: jnp.tanh(a @ a).sum(axis=0)).lower(x).compile().as_text())
+    entry = hlo.computations[hlo.entry]
+    assert entry and "parameter" in {i["op"] for i in entry}
+    assert "matmul" in {hlo_lib.categorize(name, "", hlo) for name in hlo.instructions}
 
 
-def test_gpu_targets_and_the_missing_plugin_message(monkeypatch):
-    for name, kind, bandwidth, l2, peak in (("h100", "NVIDIA H100 80GB HBM3", 3.35232e12, 50, 989.4),
-                                            ("h200", "NVIDIA H200", 4.8e12, 50, 989.4),
-                                            ("a100", "NVIDIA A100-SXM4-80GB", 2.039e12, 40, 312.0)):
+def test_gpu_targets_and_the_missing_plugin_message(tmp_path, monkeypatch):
+    for name, kind, peak in (("h100", "NVIDIA H100 80GB HBM3", 989.4), ("h200", "NVIDIA H200", 989.4),
+                             ("a100", "NVIDIA A100-SXM4-80GB", 312.0)):
         text, info = hlo_lib.read_target(name)
-        assert (info["device_kind"], info["memory_bandwidth"], info["l2_cache_size"]) == (kind, bandwidth, l2 * 2**20)
-        assert "cuda_compute_capability" in text and st.peak_tflops(kind, "bfloat16") == peak
+        assert info["device_kind"] == kind and "cuda_compute_capability" in text
+        assert st.peak_tflops(kind, "bfloat16") == peak  # the device kinds jax reports are the keys of the peaks
     with pytest.raises(hlo_lib.TargetError, match="expected h100, h200, a100 or the path"):
         hlo_lib.read_target("h300")
+    (tmp_path / "t.txtpb").write_text("gpu_device_info { }\n")
+    with pytest.raises(hlo_lib.TargetError, match="device_description_str"):
+        hlo_lib.read_target(str(tmp_path / "t.txtpb"))
     from jax.experimental import topologies
 
     def no_plugin(*args, **kwargs):
@@ -360,7 +315,7 @@ def test_profile_counts_a_convolutions_memset_apart_from_its_kernel(tmp_path):
     assert s["categories"]["memcpy / memset"]["ms_per_step"] == pytest.approx(0.006)
     (op,) = s["top_ops"]
     assert op["category"] == "convolution" and op["kernel"] == "sm90_xmma_wgrad_implicit_gemm"
-    assert op["ms_per_step"] == pytest.approx(0.036) and op["memset_ms_per_step"] == pytest.approx(0.006)
+    assert op["ms_per_step"] == pytest.approx(0.036) and op["kernels_per_step"] == 2
 
 
 def test_profile_without_device_lines_uses_host_thunks(tmp_path):
@@ -421,7 +376,7 @@ def test_eval_speed_on_the_demo_val_set_and_on_random_images(tmp_path, capsys):
     ("eval_speed.py", ["--config=configs/demo.py:data.nokey=1"]),
     ("loader_throughput.py", ["--config=configs/demo.py:data.nokey=1", "--workers", "0"]),
     ("checkpoint_save.py", ["--config=configs/demo.py:data.nokey=1"]),
-    ("experiment.py", ["--config=configs/no_such.py:1_8", "--dry_run"]),
+    ("experiment.py", ["--config=configs/no_such.py:1_8", "--no-plot"]),
 ])
 def test_benchmark_scripts_say_a_bad_config_in_one_line(script, args):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO, capture_output=True,
