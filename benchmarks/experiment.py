@@ -13,8 +13,8 @@ directory (the ceiling: split ``full``, mode ``supervised``); the run of the con
 added is ``--config=CONFIG`` itself: for configs/demo.py, the README's demo command. A run's result is its last
 ``eval_<step>.json``. ``--steps`` shortens every run, keeping an epoch-based schedule in proportion, and evaluates
 once at the end. A dataset to prepare is prepared once, before the runs. ``--parallel`` starts each seed's runs
-together on the one device, each preallocating its share of the device's memory, so that their start-up and
-compilation overlap (their wall times are then not solo times). ``--out`` gets ``<config>_table.{json,md,png}``
+together on the one device, so that their start-up and compilation overlap (their wall times are then not solo
+times), each preallocating its share of the device's memory ($XLA_PYTHON_CLIENT_MEM_FRACTION, else 0.9 / runs). ``--out`` gets ``<config>_table.{json,md,png}``
 (default benchmarks/results, for runs of the config's own schedule only); ``--write_readme`` puts the demo's text
 between the README's markers, and tests/test_experiment.py checks that the README says what the JSON holds.
 """
@@ -23,20 +23,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
 import shutil
 import signal
+import statistics
 import sys
 import textwrap
 import time
 from importlib import metadata
 from pathlib import Path
 
-import compare
-from common import REPO, TINY_NETWORK, git_commit, load_config, names_of, run_cli, signal_group, start, utc_now, \
-    write_json
+from common import (REPO, TINY_NETWORK, git_commit, ints_of, last_eval, load_config, names_of, run_cli, signal_group,
+                    split_digest, start, utc_now, write_json)
 
 from stpg_jax import plots
 from stpg_jax.data.palettes import rare_classes
@@ -74,18 +75,14 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="delete run work directories that already exist")
     p.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=False,
                    help="start each seed's runs at once on the one device (default: one after another)")
-    p.add_argument("--mem_fraction", type=float, default=0.0,
-                   help=f"--parallel: {MEM_FRACTION_ENV} of each run (default {TOTAL_MEM_FRACTION} / number of "
-                        f"runs; ${MEM_FRACTION_ENV} set in the environment wins)")
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
                    help="write the per-class comparison PNG (needs matplotlib: pip install 'stpg_jax[plots]')")
-    p.add_argument("--dry_run", action="store_true", help="print the commands and stop")
     p.add_argument("--from_json", action="store_true", help="train nothing: use the results recorded in --out")
     p.add_argument("--write_readme", action="store_true", help="write README.md's demo section from the results")
     p.add_argument("--print_default", action="store_true",
                    help="print the config's own run's recorded IoU table (as it prints it) and stop")
     args = p.parse_args(argv)
-    args.seed_list = compare.seeds_of(p, args.seeds)
+    args.seed_list = ints_of(p, "--seeds", args.seeds)
     args.method_list = names_of(p, "--methods", args.methods, METHODS)
     if "mode=" in args.config or "mode=" in args.overrides.replace("model.", ""):
         p.error("the mode is set per method by --methods; leave mode= out of --config and --overrides")
@@ -97,9 +94,6 @@ def parse_args(argv=None):
     if (args.steps or args.overrides) and not args.out and not (args.from_json or args.print_default):
         p.error(f"--steps, --smoke and --overrides need --out: such runs must not replace the recorded results in "
                 f"{RESULTS}")
-    args.mem_fraction = args.mem_fraction or TOTAL_MEM_FRACTION / len(args.method_list)
-    if not 0 < args.mem_fraction * len(args.method_list) <= 1:
-        p.error(f"--mem_fraction: {len(args.method_list)} runs of {args.mem_fraction} exceed the device")
     args.stem = Path(args.config.partition(":")[0]).stem
     args.name = f"{args.stem}_table"
     args.out = args.out or str(RESULTS)
@@ -180,7 +174,7 @@ def _interrupt(signum, _frame):
 
 def run_methods(jobs: list[tuple[str, int, list[str], str, dict | None]], parallel: bool) -> tuple[list, str | None]:
     """Runs ``jobs`` = [(method, seed, argv, workdir, env)], all at once or one after another (output in each
-    workdir's train.log); returns ([the record (compare.record) of each run started], the signal that stopped them
+    workdir's train.log); returns ([the record (record) of each run started], the signal that stopped them
     or None). A failed run leaves the others going; SIGINT or SIGTERM stops them all (SIGTERM, then SIGKILL after
     STOP_GRACE_S)."""
     procs, t0, wall, stopped_by = {}, {}, {}, None
@@ -212,7 +206,7 @@ def run_methods(jobs: list[tuple[str, int, list[str], str, dict | None]], parall
             deadline = time.time() + grace
             while not poll() and time.time() < deadline:
                 time.sleep(0.1)
-    runs = [{**compare.record(m, s, shlex.join(argv), os.path.join(REPO, workdir), wall.get((m, s)),
+    runs = [{**record(m, s, shlex.join(argv), os.path.join(REPO, workdir), wall.get((m, s)),
                               procs[m, s].returncode), "workdir": workdir}
             for m, s, argv, workdir, _ in jobs if (m, s) in procs]
     return runs, stopped_by
@@ -221,7 +215,7 @@ def run_methods(jobs: list[tuple[str, int, list[str], str, dict | None]], parall
 def check_runs(runs: list[dict]) -> None:
     """Every run of one data split trained on the same labelled images, every seed of a method as many steps."""
     by_split, steps = {}, {}
-    for r in compare.finished(runs):
+    for r in finished(runs):
         by_split.setdefault(r["method"] == "ceiling", set()).add(r["split_labeled_sha256_16"])
         steps.setdefault(r["method"], set()).add(r.get("step"))
     for ceiling, digests in by_split.items():
@@ -236,7 +230,7 @@ def check_runs(runs: list[dict]) -> None:
 def data_sizes(runs: list[dict]) -> dict:
     """Labelled and unlabelled training images (the runs' split files) and val images (their evaluations)."""
     sizes = {}
-    for r in compare.finished(runs):
+    for r in finished(runs):
         for key, name in (("ceiling_labeled", "labeled"),) if r["method"] == "ceiling" else (
                 ("labeled", "labeled"), ("unlabeled", "unlabeled")):
             split = Path(REPO, r["workdir"], f"split_{name}.txt")
@@ -282,7 +276,7 @@ def measure(args, jobs, prepare) -> dict:
             raise
         report["prepare_s"] = round(time.time() - t0, 1)
     if args.parallel and MEM_FRACTION_ENV not in os.environ:  # one set in the environment wins
-        env[MEM_FRACTION_ENV] = f"{args.mem_fraction:.3f}"
+        env[MEM_FRACTION_ENV] = f"{TOTAL_MEM_FRACTION / len(args.method_list):.3f}"
     groups = ([[j for j in jobs if j[1] == seed] for seed in args.seed_list] if args.parallel
               else [[j] for j in jobs])
     for group in groups:
@@ -294,6 +288,142 @@ def measure(args, jobs, prepare) -> dict:
         if report["stopped_by"]:
             break
     return report
+
+
+# The statistics: per method and class the mean and sample standard deviation over the seeds, the rare
+# classes' mean IoU, and seed-paired mIoU differences with a 95 % Student-t interval
+
+
+def record(method: str, seed: int, command: str, workdir: str, wall_s, returncode) -> dict:
+    """A run's record; its evaluation fields are None when it wrote none."""
+    r = {"method": method, "seed": seed, "command": command, "workdir": workdir,
+         "wall_s": None if wall_s is None else round(wall_s, 1), "returncode": returncode,
+         "step": None, "miou": None, "pixel_accuracy": None, "iou": None, "val_images": None,
+         "split_labeled_sha256_16": None}
+    try:
+        result = last_eval(workdir)
+    except FileNotFoundError:
+        return r
+    r.update(step=result["step"], miou=result["miou"], pixel_accuracy=result.get("pixel_accuracy"),
+             iou=result["iou"], val_images=result.get("images"),
+             split_labeled_sha256_16=split_digest(workdir) if os.path.isfile(os.path.join(workdir, "split_labeled.txt"))
+             else None)
+    return r
+
+
+def finished(runs: list[dict]) -> list[dict]:
+    return [r for r in runs if r["miou"] is not None]
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), min and max."""
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _spread_of_known(values: list[float]) -> dict | None:
+    """The spread of the values that are not NaN; None if none is."""
+    known = [v for v in values if not math.isnan(v)]
+    return spread(known) if known else None
+
+
+def rare_mean(run: dict, rare) -> float:
+    """Mean IoU of the rare classes the val set holds (a class absent from it has no IoU)."""
+    values = [run["iou"][c] for c in rare if run["iou"].get(c) is not None]
+    return statistics.fmean(values) if values else math.nan
+
+
+def summarize(runs: list[dict], methods, rare=()) -> dict:
+    """{method: {'seeds', 'iou': {class: spread or None}, 'miou', 'rare', 'wall_s'}} of the methods (in the order
+    of ``methods``) with finished runs; a class without an IoU in some seed has None."""
+    out = {}
+    for method in methods:
+        mine = sorted((r for r in finished(runs) if r["method"] == method), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        out[method] = {
+            "seeds": [r["seed"] for r in mine],
+            "iou": {c: spread([r["iou"][c] for r in mine]) if all(r["iou"][c] is not None for r in mine) else None
+                    for c in mine[0]["iou"]},
+            "miou": spread([r["miou"] for r in mine]),
+            "rare": _spread_of_known([rare_mean(r, rare) for r in mine]) if rare else None,
+            "wall_s": _spread_of_known([r["wall_s"] for r in mine if r["wall_s"] is not None]),
+        }
+    return out
+
+
+def paired(runs: list[dict], a: str, b: str, key=lambda r: r["miou"]) -> list[float]:
+    """key(run of a) − key(run of b) for each seed both finished, in seed order."""
+    by = {(r["method"], r["seed"]): r for r in finished(runs)}
+    seeds = sorted(s for m, s in by if m == a and (b, s) in by)
+    return [key(by[a, s]) - key(by[b, s]) for s in seeds]
+
+
+def paired_text(runs: list[dict], a: str, b: str, headings: dict, rare=()) -> str | None:
+    """One sentence: a − b in mIoU points, paired by seed (each seed, the mean, the 95 % interval of the mean from
+    two seeds on, how often a is ahead), and in the rare classes' mean IoU. None without a common seed."""
+    d = paired(runs, a, b)
+    if not d:
+        return None
+    mean = statistics.fmean(d)
+    text = (f"{headings[a]} − {headings[b]}, paired by seed: mIoU {100 * mean:+.2f} points (per seed "
+            f"{', '.join(f'{100 * x:+.2f}' for x in d)}")
+    if len(d) > 1:
+        from scipy import stats
+
+        half = float(stats.t.ppf(0.975, len(d) - 1)) * statistics.stdev(d) / math.sqrt(len(d))
+        text += f"; 95 % interval of the mean {100 * (mean - half):+.2f} to {100 * (mean + half):+.2f}"
+    text += f"; {headings[a]} ahead in {sum(x > 0 for x in d)} of {len(d)})"
+    d_rare = [x for x in paired(runs, a, b, lambda r: rare_mean(r, rare)) if not math.isnan(x)] if rare else []
+    if d_rare:
+        text += f", rare classes {100 * statistics.fmean(d_rare):+.2f} points"
+    return text + "."
+
+
+def pct(s: dict | None) -> str:
+    if s is None:
+        return "n/a"
+    return f"{100 * s['mean']:.2f} ± {100 * s['sd']:.2f}" if s["n"] > 1 else f"{100 * s['mean']:.2f}"
+
+
+def duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
+
+
+def markdown_table(runs: list[dict], headings: dict, rare=(), wall_label="wall time per run (whole command)") -> str:
+    """Rows: each class, mIoU, the rare classes' mean and the mean wall time; a column per method of ``headings``
+    ({method: column heading}) with finished runs. Cells: IoU %, mean ± sample sd over the seeds."""
+    summary = summarize(runs, headings, rare)
+    if not summary:
+        return "(no run finished)"
+    methods = list(summary)
+    lines = ["| class | " + " | ".join(headings[m] for m in methods) + " |", "| --- |" + " ---: |" * len(methods)]
+    for c in summary[methods[0]]["iou"]:
+        lines.append(f"| {c} | " + " | ".join(pct(summary[m]["iou"].get(c)) for m in methods) + " |")
+    lines.append("| **mIoU** | " + " | ".join(pct(summary[m]["miou"]) for m in methods) + " |")
+    if rare:
+        lines.append(f"| rare classes ({', '.join(rare)}) | " + " | ".join(pct(summary[m]["rare"]) for m in methods)
+                     + " |")
+    lines.append(f"| {wall_label} | " + " | ".join(
+        duration(summary[m]["wall_s"]["mean"]) if summary[m]["wall_s"] else "n/a" for m in methods) + " |")
+    return "\n".join(lines)
+
+
+def write_figure(runs: list[dict], headings: dict, path: str, title: str, rare=()) -> str:
+    """Per class a bar per method at its mean over the seeds, min-max whiskers, a dot per seed, the rare classes
+    marked (stpg_jax.plots); '' when no run finished. Needs matplotlib."""
+    from stpg_jax import plots
+
+    done = finished(runs)
+    if not done:
+        return ""
+    classes = list(done[0]["iou"]) + ["mIoU"]
+    per_method = {headings[m]: [{**{c: None if v is None else 100 * v for c, v in r["iou"].items()},
+                                 "mIoU": 100 * r["miou"]}
+                                for r in sorted((r for r in done if r["method"] == m), key=lambda r: r["seed"])]
+                  for m in headings if any(r["method"] == m for r in done)}
+    return plots.method_comparison_png(per_method, classes, str(path), rare=rare, title=title)
 
 
 # The results
@@ -319,8 +449,8 @@ def markdown(report: dict) -> str:
              f"split), {alone}. Gen-Student IoU %, mean ± sample standard deviation over the seeds:")
     rare = rare_classes(load_config(report["config"]).data.dataset)
     label = "wall time per run (whole command" + (", concurrent)" if report.get("parallel") else ")")
-    lines = [textwrap.fill(intro, WIDTH, break_on_hyphens=False), "", compare.markdown_table(runs, METHODS, rare, label)]
-    texts = [compare.paired_text(runs, a, b, METHODS, rare) for a, b in PAIRS]
+    lines = [textwrap.fill(intro, WIDTH, break_on_hyphens=False), "", markdown_table(runs, METHODS, rare, label)]
+    texts = [paired_text(runs, a, b, METHODS, rare) for a, b in PAIRS]
     if report.get("stopped_by"):
         texts.append(f"Stopped by {report['stopped_by']}: a run without a result did not finish.")
     default = default_run(report)
@@ -337,7 +467,7 @@ def markdown(report: dict) -> str:
 def default_run(report: dict) -> dict | None:
     """The finished run of the config itself (its own mode, seed and schedule), if the report has it."""
     own = f"--config={report['config']}"
-    return next((r for r in compare.finished(report["runs"]) if own in shlex.split(r["command"])), None)
+    return next((r for r in finished(report["runs"]) if own in shlex.split(r["command"])), None)
 
 
 def default_table(report: dict) -> str:
@@ -385,7 +515,7 @@ def load(out: str, name: str) -> dict:
 
 def readme_problem(report: dict) -> str | None:
     """Why these results cannot be the README's demo table, or None."""
-    summary = compare.summarize(report["runs"], METHODS)
+    summary = summarize(report["runs"], METHODS)
     short = [m for m in METHODS if m not in summary or summary[m]["miou"]["n"] < 3]
     if report["config"] == DEMO and not (report["steps"] or report.get("overrides") or short):
         return None
@@ -400,7 +530,7 @@ def main(argv=None) -> int:
     if args.print_default:
         print(default_table(load(args.out, args.name)))
         return 0
-    if args.plot and not args.dry_run:
+    if args.plot:
         plots.require_matplotlib("the comparison PNG (--no-plot leaves it out)")  # before any training
     if args.from_json:
         report = load(args.out, args.name)
@@ -409,8 +539,6 @@ def main(argv=None) -> int:
         jobs = build_jobs(args)
         print("commands (run from the repository root):\n" + "".join(f"  {shlex.join(j[2])}\n" for j in jobs))
         prepare = prepare_command(jobs[0][2][2].removeprefix("--config="))  # every run reads the same data
-        if args.dry_run:
-            return 0
         previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             report = measure(args, jobs, prepare)
@@ -419,12 +547,12 @@ def main(argv=None) -> int:
                 signal.signal(sig, handler)
     print("\n" + markdown(report), flush=True)
     if args.plot:
-        path = compare.write_figure(report["runs"], METHODS, os.path.join(args.out, f"{args.name}.png"),
+        path = write_figure(report["runs"], METHODS, os.path.join(args.out, f"{args.name}.png"),
                                     f"{report['config']}: IoU % per class, by method over the seeds",
                                     rare_classes(load_config(report["config"]).data.dataset))
         print(f"figure: {path}" if path else "no figure: no run finished", flush=True)
     failed = [f"{m} seed {s}" for m in report["methods"] for s in report["seeds"]
-              if not any(r["method"] == m and r["seed"] == s for r in compare.finished(report["runs"]))]
+              if not any(r["method"] == m and r["seed"] == s for r in finished(report["runs"]))]
     if failed:
         print(f"error: failed or not run: {', '.join(failed)} (see their train.log)", file=sys.stderr)
         return 128 + signal.Signals[report["stopped_by"]] if report.get("stopped_by") else 1

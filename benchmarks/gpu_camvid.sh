@@ -65,7 +65,7 @@ OVERRIDES+=",model.dtype=${DTYPE:-bfloat16}"  # bfloat16 compute (float32 parame
 OVERRIDES+=",${EXTRA_OVERRIDES:-log_every_steps=50}"
 MODE_ARGS=(--parallel)
 [ "${PARALLEL:-1}" = 1 ] || MODE_ARGS=(--no-parallel)
-[ -n "${MEM_FRACTION:-}" ] && MODE_ARGS+=(--mem_fraction "$MEM_FRACTION")
+[ -n "${MEM_FRACTION:-}" ] && export XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION  # each run's share
 # SIGTERM at TIMEOUT_S: the script stops its runs (SIGTERM, SIGKILL 5 s later) and writes the results within the 10 s.
 timeout -k 10 "${TIMEOUT_S:-480}" python3 benchmarks/experiment.py --config=configs/camvid.py:1_8 "${MODE_ARGS[@]}" \
   --methods "${METHODS:-supervised,mean_teacher,stpg}" --seeds "${SEEDS:-0}" --steps "$STEPS" --no-plot \

@@ -12,7 +12,7 @@ import os
 import statistics
 import time
 
-from common import arg_parser, finish, load_config, report_header, run_cli
+from common import arg_parser, finish, ints_of, load_config, report_header, run_cli
 
 from stpg_jax.data import DataError, build_data, make_train_loader
 from stpg_jax.host import tune_malloc
@@ -24,12 +24,7 @@ def parse_args(argv=None):
     p.add_argument("--batches", type=int, default=40, help="timed batches per worker count")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first (worker start-up)")
     args = p.parse_args(argv)
-    try:
-        args.worker_list = [int(w) for w in args.workers.split(",") if w.strip()]
-    except ValueError:
-        p.error(f"--workers must be comma-separated integers, got {args.workers!r}")
-    if not args.worker_list or min(args.worker_list) < 0:
-        p.error(f"--workers must list counts >= 0, got {args.workers!r}")
+    args.worker_list = ints_of(p, "--workers", args.workers)
     if args.batches < 1 or args.warmup < 1:
         p.error("--batches and --warmup must be >= 1")
     return args

@@ -20,14 +20,14 @@ CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign_symbol",
 
 
 def _load(name):
-    sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import common.py and compare.py
+    sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import common.py
     spec = importlib.util.spec_from_file_location(f"_bench_{name}", REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-ex, compare = _load("experiment"), _load("compare")
+ex = _load("experiment")
 
 
 def table_cells(section: str) -> dict:
@@ -115,7 +115,7 @@ def fake_report(steps=None):
 
 def test_summary_and_markdown_of_known_runs():
     report = fake_report()
-    summary = compare.summarize(report["runs"], ex.METHODS, ex.rare_classes("synthetic"))
+    summary = ex.summarize(report["runs"], ex.METHODS, ex.rare_classes("synthetic"))
     assert list(summary) == ["supervised", "stpg"]
     sky = summary["supervised"]["iou"]["sky"]
     assert sky["mean"] == pytest.approx(0.41) and sky["sd"] == pytest.approx(0.01) and sky["n"] == 3
@@ -201,14 +201,14 @@ def test_runs_of_one_split_must_share_the_labelled_images():
 
 def test_arguments(tmp_path, monkeypatch):
     for bad in (["--steps", "4"], ["--smoke"],  # would replace the recorded table
-                ["--methods", "fixmatch"], ["--seeds", "0,0"], ["--seeds", "x"], ["--mem_fraction", "0.6"],
+                ["--methods", "fixmatch"], ["--seeds", "0,0"], ["--seeds", "x"], ["--seeds", "-1"],
                 ["--overrides", "mode=stpg", "--out", "o"], ["--overrides", "seed=3", "--out", "o"],
                 ["--config=configs/camvid.py:1_8,seed=1"]):
         with pytest.raises(SystemExit):
             ex.parse_args(bad)
     args = ex.parse_args(["--smoke", "--seeds", "3,1", "--out", "x"])
     assert args.seed_list == [3, 1] and args.method_list == list(ex.METHODS) and args.steps == 4
-    assert args.mem_fraction == pytest.approx(0.225) and args.name == "demo_table"
+    assert args.name == "demo_table"
     monkeypatch.chdir(tmp_path)  # work directories as the runs see them from the repository root
     assert ex.repo_path(str(ex.REPO / "runs" / "x")) == "runs/x"
     assert ex.repo_path("elsewhere") == str(tmp_path / "elsewhere")
@@ -227,7 +227,7 @@ def test_camvid_commands(tmp_path):
     assert ex.prepare_command(cmd[2][len("--config="):])[1:] == ["-m", "stpg_jax.data.prepare", "--dataset", "camvid",
                                                                  "--manual_dir", "/d", "--data_dir",
                                                                  str(tmp_path / "prepared")]
-    assert args.mem_fraction == pytest.approx(0.45) and args.name == "camvid_table"
+    assert args.name == "camvid_table"
 
 
 def _eval_json(workdir: Path, miou: float, iou: dict, step: int = 4):
@@ -242,14 +242,14 @@ def _record(method, seed, miou, iou, wall_s=1.0):
 
 def test_a_runs_record_and_the_methods_compared_over_seeds(tmp_path):
     # A run's record holds its last evaluation; without one its result fields are None.
-    assert compare.record("stpg", 2, "c", str(tmp_path / "stpg"), 1.0, 1)["miou"] is None
+    assert ex.record("stpg", 2, "c", str(tmp_path / "stpg"), 1.0, 1)["miou"] is None
     _eval_json(tmp_path / "stpg", 0.4525, {"sky": 0.905, "sign_symbol": None})
     (tmp_path / "stpg" / "split_labeled.txt").write_text("a\nb\n")
-    r = compare.record("stpg", 2, "c", str(tmp_path / "stpg"), 60.04, 0)
+    r = ex.record("stpg", 2, "c", str(tmp_path / "stpg"), 60.04, 0)
     assert (r["step"], r["miou"], r["iou"], r["wall_s"], r["val_images"]) == (
         4, 0.4525, {"sky": 0.905, "sign_symbol": None}, 60.0, 7)
     assert len(r["split_labeled_sha256_16"]) == 16
-    text = compare.markdown_table([{**r, "method": "supervised"}, {**r, "wall_s": 120.0}], ex.METHODS, ("sign_symbol",))
+    text = ex.markdown_table([{**r, "method": "supervised"}, {**r, "wall_s": 120.0}], ex.METHODS, ("sign_symbol",))
     assert "| sky | 90.50 | 90.50 |" in text and "| **mIoU** | 45.25 | 45.25 |" in text
     assert "| sign_symbol | n/a | n/a |" in text and "| wall time per run (whole command) | 1 min 00 s | 2 min 00 s |" in text
 
@@ -257,21 +257,21 @@ def test_a_runs_record_and_the_methods_compared_over_seeds(tmp_path):
     runs = [_record(m, seed, v, {"sky": v, "pole": v / 2})
             for seed, values in enumerate(((0.40, 0.41, 0.43), (0.42, 0.42, 0.43), (0.41, 0.43, 0.42)))
             for m, v in zip(("supervised", "mean_teacher", "stpg"), values)]
-    text = compare.paired_text(runs, "mean_teacher", "supervised", ex.METHODS, ("pole",))
+    text = ex.paired_text(runs, "mean_teacher", "supervised", ex.METHODS, ("pole",))
     assert text == ("mean teacher − supervised, paired by seed: mIoU +1.00 points (per seed +1.00, +0.00, +2.00; "
                     "95 % interval of the mean -1.48 to +3.48; mean teacher ahead in 2 of 3), rare classes +0.50 points.")
     assert "(per seed +3.00, +1.00, +1.00; 95 % interval of the mean -1.20 to +4.54; STPG ahead in 3 of 3)" in (
-        compare.paired_text(runs, "stpg", "supervised", ex.METHODS))
-    assert compare.paired_text(runs, "stpg", "fixmatch", {**ex.METHODS, "fixmatch": "f"}) is None
-    summary = compare.summarize(runs, ex.METHODS, ("pole",))
+        ex.paired_text(runs, "stpg", "supervised", ex.METHODS))
+    assert ex.paired_text(runs, "stpg", "fixmatch", {**ex.METHODS, "fixmatch": "f"}) is None
+    summary = ex.summarize(runs, ex.METHODS, ("pole",))
     assert summary["stpg"]["miou"]["mean"] == pytest.approx(0.4267, abs=1e-4) and summary["stpg"]["miou"]["n"] == 3
     assert summary["supervised"]["rare"]["mean"] == pytest.approx(0.205)
     # A class absent in one seed has no mean; a run that did not finish is left out.
     runs[0]["iou"]["pole"] = None
     unfinished = {**_record("stpg", 3, None, None), "returncode": 1}
-    summary = compare.summarize(runs + [unfinished], ex.METHODS)
+    summary = ex.summarize(runs + [unfinished], ex.METHODS)
     assert summary["supervised"]["iou"]["pole"] is None and summary["stpg"]["seeds"] == [0, 1, 2]
-    assert "| pole | n/a | " in compare.markdown_table(runs, ex.METHODS)
+    assert "| pole | n/a | " in ex.markdown_table(runs, ex.METHODS)
 
 
 def test_without_matplotlib_it_stops_before_training_in_one_line(tmp_path, monkeypatch, capsys):
@@ -377,8 +377,8 @@ def test_runs_at_once_fail_apart_and_stop_together(tmp_path, monkeypatch):
 def test_figure_of_known_runs(tmp_path):
     from PIL import Image
 
-    path = compare.write_figure(fake_report()["runs"], ex.METHODS, str(tmp_path / "demo_table.png"), "t")
+    path = ex.write_figure(fake_report()["runs"], ex.METHODS, str(tmp_path / "demo_table.png"), "t")
     assert path == str(tmp_path / "demo_table.png")
     with Image.open(path) as image:
         assert image.format == "PNG" and image.width > 400 and image.height > 200
-    assert compare.write_figure([], ex.METHODS, str(tmp_path / "none.png"), "t") == ""
+    assert ex.write_figure([], ex.METHODS, str(tmp_path / "none.png"), "t") == ""
