@@ -9,6 +9,7 @@ The first ``--warmup`` images (compilation) are timed apart; the rest give image
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 
@@ -37,20 +38,18 @@ def window_counts(sizes, window: int, stride_rate: float) -> list[int]:
             for h, w in sizes]
 
 
-def parse_size(text: str):
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise SystemExit(f"--size must be HEIGHTxWIDTH, e.g. 375x500, got {text!r}") from None
-    if h < 1 or w < 1:
-        raise SystemExit(f"--size must be positive, got {text!r}")
-    return h, w
+def image_size(text: str) -> tuple[int, int]:
+    """``HEIGHTxWIDTH`` as (height, width), for argparse."""
+    h, _, w = text.lower().partition("x")
+    if not (h.isdigit() and w.isdigit() and int(h) > 0 and int(w) > 0):
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH of positive integers, e.g. 375x500, got {text!r}")
+    return int(h), int(w)
 
 
 def parse_args(argv=None):
     p = arg_parser(__doc__, "configs/voc_blender.py:1_4")
     p.add_argument("--overrides", default="", help="extra comma-separated key=value overrides")
-    p.add_argument("--size", default="", help="HEIGHTxWIDTH of random images (default: the config's val set)")
+    p.add_argument("--size", type=image_size, help="HEIGHTxWIDTH of random images (default: the config's val set)")
     p.add_argument("--images", type=int, default=64, help="images to evaluate, warm-up included")
     p.add_argument("--warmup", type=int, default=4, help="first images timed apart (compilation)")
     args = p.parse_args(argv)
@@ -71,7 +70,7 @@ def main(argv=None) -> dict:
     config = load_config(args.config, args.overrides)
     c = config
     if args.size:
-        h, w = parse_size(args.size)
+        h, w = args.size
         num_classes = num_classes_of(c)
         source, what = random_images(args.images, h, w, num_classes), f"random {h}x{w} images"
     else:

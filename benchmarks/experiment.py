@@ -3,7 +3,6 @@ supervised training with every label (the ceiling).
 
     python benchmarks/experiment.py --write_readme                 # the README's demo table: 3 seeds x 4 methods
     python benchmarks/experiment.py --from_json --write_readme     # README.md's section from the recorded JSON
-    python benchmarks/experiment.py --print_default                # what the README's demo command prints
     python benchmarks/experiment.py --config=configs/camvid.py:1_8 --methods supervised,mean_teacher,stpg \
         --steps 300 --seeds 0,1,2 --out runs/camvid [--parallel]  # CamVid 1/8
     python benchmarks/experiment.py --config=configs/camvid.py:1_8 --smoke --out /tmp/camvid_smoke  # a CPU check
@@ -79,8 +78,6 @@ def parse_args(argv=None):
                    help="write the per-class comparison PNG (needs matplotlib: pip install 'stpg_jax[plots]')")
     p.add_argument("--from_json", action="store_true", help="train nothing: use the results recorded in --out")
     p.add_argument("--write_readme", action="store_true", help="write README.md's demo section from the results")
-    p.add_argument("--print_default", action="store_true",
-                   help="print the config's own run's recorded IoU table (as it prints it) and stop")
     args = p.parse_args(argv)
     args.seed_list = ints_of(p, "--seeds", args.seeds)
     args.method_list = names_of(p, "--methods", args.methods, METHODS)
@@ -91,7 +88,7 @@ def parse_args(argv=None):
     if args.steps < 0:
         p.error("--steps must be >= 1 (or 0: the config's schedule)")
     args.steps = args.steps or (4 if args.smoke else 0)
-    if (args.steps or args.overrides) and not args.out and not (args.from_json or args.print_default):
+    if (args.steps or args.overrides) and not args.out and not args.from_json:
         p.error(f"--steps, --smoke and --overrides need --out: such runs must not replace the recorded results in "
                 f"{RESULTS}")
     args.stem = Path(args.config.partition(":")[0]).stem
@@ -457,8 +454,7 @@ def markdown(report: dict) -> str:
     if default:
         per_class = ", ".join(f"{c} {100 * x:.2f}" for c, x in default["iou"].items() if x is not None)
         texts.append(f"The command `{report['default_command']}` is the {METHODS[default['method']]} run with seed "
-                     f"{default['seed']}: it prints mIoU **{100 * default['miou']:.2f}** ({per_class}); `python "
-                     f"benchmarks/experiment.py --print_default` prints its whole table as the command does.")
+                     f"{default['seed']}: it prints mIoU **{100 * default['miou']:.2f}** ({per_class}).")
     for text in filter(None, texts):
         lines += ["", textwrap.fill(text, WIDTH, break_on_hyphens=False)]
     return "\n".join(lines)
@@ -468,20 +464,6 @@ def default_run(report: dict) -> dict | None:
     """The finished run of the config itself (its own mode, seed and schedule), if the report has it."""
     own = f"--config={report['config']}"
     return next((r for r in finished(report["runs"]) if own in shlex.split(r["command"])), None)
-
-
-def default_table(report: dict) -> str:
-    """The default run's IoU table as the training command prints it (stpg_jax.evaluate.format_iou_table)."""
-    import numpy as np
-
-    from stpg_jax.evaluate import format_iou_table
-
-    run = default_run(report)
-    if run is None:
-        raise LookupError(f"the results have no run of {report['config']} itself (its own mode, seed and schedule)")
-    names = list(run["iou"])
-    iou = [np.nan if run["iou"][n] is None else run["iou"][n] for n in names]
-    return format_iou_table({"iou": iou, "miou": run["miou"]}, names)
 
 
 def write_readme(text: str, readme: Path = README) -> None:
@@ -527,9 +509,6 @@ def readme_problem(report: dict) -> str | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.print_default:
-        print(default_table(load(args.out, args.name)))
-        return 0
     if args.plot:
         plots.require_matplotlib("the comparison PNG (--no-plot leaves it out)")  # before any training
     if args.from_json:
@@ -567,4 +546,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main, FileExistsError, LookupError, RuntimeError, ValueError, plots.PlotsUnavailable)
+    run_cli(main, FileExistsError, RuntimeError, ValueError, plots.PlotsUnavailable)

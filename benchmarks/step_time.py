@@ -116,16 +116,10 @@ def memory_analysis_of(compiled):
 
 def memory_stat(devices, key: str):
     """The largest ``device.memory_stats()[key]`` over ``devices``; None where a backend has no such figure."""
-    values = []
-    for d in devices:
-        try:
-            stats = d.memory_stats()
-        except Exception:  # noqa: BLE001  (backends without memory stats)
-            stats = None
-        if not stats or key not in stats:
-            return None
-        values.append(int(stats[key]))
-    return max(values) if values else None
+    try:
+        return max(int(d.memory_stats()[key]) for d in devices)
+    except Exception:  # noqa: BLE001  (no stats: None, or no such key)
+        return None
 
 
 # The real step

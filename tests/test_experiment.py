@@ -146,20 +146,7 @@ def test_a_shortened_run_has_no_default_figure():
     assert ex.default_run(report) is None
     text = " ".join(ex.markdown(report).split())
     assert "The command" not in text and "4 steps per run (shortened)" in text
-    with pytest.raises(LookupError):
-        ex.default_table(report)
     assert "steps=4" in ex.readme_problem(report)
-
-
-def test_print_default_is_the_commands_own_table():
-    from stpg_jax.evaluate import format_iou_table
-
-    report = fake_report()
-    run = ex.default_run(report)
-    expected = format_iou_table({"iou": np.array([run["iou"][c] for c in CLASSES], float), "miou": run["miou"]},
-                                CLASSES)
-    assert ex.default_table(report) == expected
-    assert expected.splitlines()[-1].split() == ["mIoU", "42.00"]
 
 
 def test_write_readme_replaces_only_the_marked_section(tmp_path):
@@ -183,8 +170,6 @@ def test_from_json_writes_the_readme_only_from_a_complete_table(tmp_path, capsys
     # Mean teacher and the ceiling are missing: the README is not written.
     assert ex.main(["--from_json", "--write_readme", "--out", str(out), "--no-plot"]) == 2
     assert "fewer than 3 seeds of mean_teacher, ceiling" in capsys.readouterr().err
-    assert ex.main(["--print_default", "--out", str(out)]) == 0
-    assert capsys.readouterr().out.splitlines()[-1].split() == ["mIoU", "42.00"]
     with pytest.raises(FileNotFoundError, match="no .*camvid_table.json"):
         ex.main(["--config=configs/camvid.py:1_8", "--from_json", "--out", str(out)])
 
