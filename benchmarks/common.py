@@ -47,11 +47,12 @@ def num_classes_of(config, override: int = 0) -> int:
         return override
     if len(config.data.class_names):
         return len(config.data.class_names)
-    if config.data.dataset in ("voc", "cityscapes", "camvid", "synthetic"):
-        from stpg_jax.data.palettes import palette_for
+    from stpg_jax.data.palettes import palette_for
 
+    try:  # a named dataset's palette has a colour per class
         return len(palette_for(config.data.dataset))
-    raise ValueError(f"dataset {config.data.dataset!r}: pass --num_classes")
+    except ValueError:
+        raise ValueError(f"dataset {config.data.dataset!r}: pass --num_classes") from None
 
 
 def git_commit(repo: Path = REPO, full: bool = False) -> str:

@@ -13,8 +13,9 @@ added is ``--config=CONFIG`` itself: for configs/demo.py, the README's demo comm
 ``eval_<step>.json``. ``--steps`` shortens every run, keeping an epoch-based schedule in proportion, and evaluates
 once at the end. A dataset to prepare is prepared once, before the runs. ``--parallel`` starts each seed's runs
 together on the one device, so that their start-up and compilation overlap (their wall times are then not solo
-times), each preallocating its share of the device's memory ($XLA_PYTHON_CLIENT_MEM_FRACTION, else 0.9 / runs). ``--out`` gets ``<config>_table.{json,md,png}``
-(default benchmarks/results, for runs of the config's own schedule only); ``--write_readme`` puts the demo's text
+times), each preallocating its share of the device's memory ($XLA_PYTHON_CLIENT_MEM_FRACTION, else 0.9 / runs).
+``--out`` gets ``<config>_table.{json,md,png}`` (default benchmarks/results, for runs of the config's own schedule
+only); ``--write_readme`` puts the demo's text
 between the README's markers, and tests/test_experiment.py checks that the README says what the JSON holds.
 """
 
@@ -171,8 +172,8 @@ def _interrupt(signum, _frame):
 
 def run_methods(jobs: list[tuple[str, int, list[str], str, dict | None]], parallel: bool) -> tuple[list, str | None]:
     """Runs ``jobs`` = [(method, seed, argv, workdir, env)], all at once or one after another (output in each
-    workdir's train.log); returns ([the record (record) of each run started], the signal that stopped them
-    or None). A failed run leaves the others going; SIGINT or SIGTERM stops them all (SIGTERM, then SIGKILL after
+    workdir's train.log); returns ([the record of each run started], the signal that stopped them or
+    None). A failed run leaves the others going; SIGINT or SIGTERM stops them all (SIGTERM, then SIGKILL after
     STOP_GRACE_S)."""
     procs, t0, wall, stopped_by = {}, {}, {}, None
 
@@ -203,8 +204,8 @@ def run_methods(jobs: list[tuple[str, int, list[str], str, dict | None]], parall
             deadline = time.time() + grace
             while not poll() and time.time() < deadline:
                 time.sleep(0.1)
-    runs = [{**record(m, s, shlex.join(argv), os.path.join(REPO, workdir), wall.get((m, s)),
-                              procs[m, s].returncode), "workdir": workdir}
+    runs = [{**record(m, s, shlex.join(argv), os.path.join(REPO, workdir), wall.get((m, s)), procs[m, s].returncode),
+             "workdir": workdir}
             for m, s, argv, workdir, _ in jobs if (m, s) in procs]
     return runs, stopped_by
 
@@ -527,8 +528,8 @@ def main(argv=None) -> int:
     print("\n" + markdown(report), flush=True)
     if args.plot:
         path = write_figure(report["runs"], METHODS, os.path.join(args.out, f"{args.name}.png"),
-                                    f"{report['config']}: IoU % per class, by method over the seeds",
-                                    rare_classes(load_config(report["config"]).data.dataset))
+                            f"{report['config']}: IoU % per class, by method over the seeds",
+                            rare_classes(load_config(report["config"]).data.dataset))
         print(f"figure: {path}" if path else "no figure: no run finished", flush=True)
     failed = [f"{m} seed {s}" for m in report["methods"] for s in report["seeds"]
               if not any(r["method"] == m and r["seed"] == s for r in finished(report["runs"]))]

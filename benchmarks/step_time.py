@@ -172,12 +172,26 @@ def random_batches(config, num_classes: int, batch_sharding, count: int = 2, see
     return batches
 
 
+def compile_step(parts, state, batch):
+    """The run's jitted step lowered and compiled for (state, batch): (compiled, lower seconds, compile seconds)."""
+    t0 = time.perf_counter()
+    lowered = parts.jitted_step().lower(parts.recipe, state, batch, assignment_arrays(state))
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, t1 - t0, time.perf_counter() - t1
+
+
+def described(c, num_classes: int) -> dict:
+    """What a result measured: the config's dtype, mode, classes, crop and batch."""
+    return {"dtype": c.model.dtype, "mode": c.mode, "num_classes": num_classes, "crop_size": c.data.crop_size,
+            "batch_labeled": c.data.batch_labeled, "batch_unlabeled": c.data.batch_unlabeled}
+
+
 # One measurement
 
 
 def measure(args, save=lambda result: None) -> dict:
     c = load_config(args.config, TINY_OVERRIDES if args.tiny else "")
-    dtype = c.model.dtype
     num_classes = num_classes_of(c, args.num_classes)
     log(f"config {args.config} mode={c.mode} dataset={c.data.dataset} classes={num_classes} "
         f"crop={c.data.crop_size} batch={c.data.batch_labeled}+{c.data.batch_unlabeled}")
@@ -193,11 +207,7 @@ def measure(args, save=lambda result: None) -> dict:
     peak_after_init = memory_stat(devices, "peak_bytes_in_use")
 
     log("compiling the step (lower, then compile)...")
-    t0 = time.perf_counter()
-    lowered = parts.jitted_step().lower(parts.recipe, state, batches[0], assignment_arrays(state))
-    lower_s, t0 = time.perf_counter() - t0, time.perf_counter()
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
+    compiled, lower_s, compile_s = compile_step(parts, state, batches[0])
     log(f"lower {lower_s:.1f}s, compile {compile_s:.1f}s")
     peak_after_compile = memory_stat(devices, "peak_bytes_in_use")  # XLA's GPU autotuning allocates while compiling
     flops_compiled, flops_hlo = flops_of(compiled), model_flops_per_step(parts.recipe, state, batches[0])
@@ -221,11 +231,10 @@ def measure(args, save=lambda result: None) -> dict:
 
     images = c.data.batch_labeled + (2 * c.data.batch_unlabeled if c.mode != "supervised" else 0)
     median_s = stats["median_ms"] / 1e3
-    peak_tf = peak_tflops(devices[0].device_kind, dtype) if devices[0].platform == "gpu" else None
+    peak_tf = peak_tflops(devices[0].device_kind, c.model.dtype) if devices[0].platform == "gpu" else None
     achieved = flops / median_s / 1e12 if flops else None
     result = {
-        "dtype": dtype, "mode": c.mode, "num_classes": num_classes, "crop_size": c.data.crop_size,
-        "batch_labeled": c.data.batch_labeled, "batch_unlabeled": c.data.batch_unlabeled, "images_per_step": images,
+        **described(c, num_classes), "images_per_step": images,
         "lower_s": lower_s, "compile_s": compile_s, "step": stats, "pipelined_mean_ms": pipelined_ms,
         "steps_per_s": 1.0 / median_s, "images_per_s": images / median_s,
         # peak_bytes_in_use only grows: the readings after initialisation and compilation say which phase set it.
@@ -268,15 +277,9 @@ def compile_for_target(args, c, num_classes: int) -> dict:
     state = parts.abstract_state()
     batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=parts.batch_sharding)
              for k, (shape, dtype) in batch_shapes(c).items()}
-    t0 = time.perf_counter()
-    lowered = parts.jitted_step().lower(parts.recipe, state, batch, assignment_arrays(state))
-    lower_s, t0 = time.perf_counter() - t0, time.perf_counter()
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
+    compiled, lower_s, compile_s = compile_step(parts, state, batch)
     log(f"lowered in {lower_s:.1f}s, compiled for {args.num_devices} x {target['device_kind']} in {compile_s:.1f}s")
-    return {"dtype": c.model.dtype, "mode": c.mode, "num_classes": num_classes, "crop_size": c.data.crop_size,
-            "batch_labeled": c.data.batch_labeled, "batch_unlabeled": c.data.batch_unlabeled,
-            "donated": parts.donates_state, "lower_s": lower_s, "compile_s": compile_s,
+    return {**described(c, num_classes), "donated": parts.donates_state, "lower_s": lower_s, "compile_s": compile_s,
             "memory": memory_analysis_of(compiled), "flops_per_step": model_flops_per_step(parts.recipe, state, batch)}
 
 
