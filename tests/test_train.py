@@ -125,23 +125,23 @@ def test_a_run_in_the_same_process_reuses_the_compiled_step_only_for_the_same_st
     stpg_step = train_step.MODE_STEPS["stpg"]
     monkeypatch.setitem(train_step.MODE_STEPS, "stpg", lambda *args: traced.append(1) or stpg_step(*args))
 
-    def lower(**overrides):
-        """Lowers the run's step for its shapes (a trace only where jit's cache has none)."""
+    def trace(**overrides):
+        """Traces the run's step for its shapes (where jit's cache has no trace of them), without lowering it."""
         t = train.Trainer(loop_config(**overrides), str(tmp_path / "run"))
         batch = next(train.make_train_loader(t.bundle, t.config.data, 0, 0, 1))
         batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=t.parts.batch_sharding)
                  for k, v in batch.items()}
         assignment = {"assignment": jax.ShapeDtypeStruct((11,), np.int32, sharding=t.parts.replicated),
                       "matched": jax.ShapeDtypeStruct((), bool, sharding=t.parts.replicated)}
-        t.parts.jitted_step().lower(t.parts.recipe, t.parts.abstract_state(), batch, assignment)
+        t.parts.jitted_step().trace(t.parts.recipe, t.parts.abstract_state(), batch, assignment)
         return len(traced)
 
-    first = lower()
-    assert lower(checkpoint_every_steps=1, **{"eval.max_images": 1}, log_every_steps=2) == first
+    first = trace()
+    assert trace(checkpoint_every_steps=1, **{"eval.max_images": 1}, log_every_steps=2) == first
     for overrides in ({"optim.lr": 0.5}, {"schedule.total_steps": 5}, {"loss.contrastive_weight": 0.5},
                       {"model.proj_dropout": 0.0}):
         before = len(traced)
-        assert lower(**overrides) == before + 1, overrides
+        assert trace(**overrides) == before + 1, overrides
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

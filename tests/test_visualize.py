@@ -1,6 +1,7 @@
 """TensorBoard panels, per-class scalars and PNG charts (issue 29), from one short training run with images on."""
 
 import io
+import os
 import struct
 import sys
 
@@ -241,3 +242,18 @@ def test_a_run_with_pictures_gets_the_same_jitted_step_as_one_without(tmp_path):
         return train.Trainer(loop_config(log_images_every_steps=every), str(tmp_path / f"run{every}")).parts.recipe
 
     assert recipe_of(0) == recipe_of(2) and hash(recipe_of(0)) == hash(recipe_of(2))
+
+
+def test_the_event_writer_leaves_pytorch_unimported_and_importable(tmp_path):
+    # tensorboardX imports PyTorch (installed with the test extra) at its own import, only for type hints: every
+    # launch.py start paid for it. train.summary_writer keeps it out; PyTorch itself still imports afterwards.
+    import subprocess
+
+    code = ("import sys\nfrom stpg_jax import train\nw = train.summary_writer(sys.argv[1])\n"
+            "w.add_scalar('train/loss', 1.5, 3)\nw.close()\nprint('torch' in sys.modules)\n"
+            "import torch\nprint(torch.ones(2).sum().item())\n")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["False", "2.0"]
+    assert summaries(read_events(tmp_path))["train/loss"][3].simple_value == 1.5
