@@ -24,6 +24,8 @@ from stpg_jax.models.resnet import STAGE_BLOCKS
 # enter its trace, so changing them compiles nothing again.
 STEP_SECTIONS = ("mode", "model", "loss", "optim", "stpg")
 STEP_DATA_FIELDS = ("ignore_index", "batch_labeled", "crop_size")
+# Fields of those sections that only the host loop reads (when it dispatches a step, not what the step computes).
+HOST_ONLY_FIELDS = {"stpg": ("speculative_matching",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +63,8 @@ class Recipe:
     @classmethod
     def of(cls, config, num_classes: int, steps_per_epoch: int, total_steps: int, batch_groups: int = 1) -> "Recipe":
         sections = {name: config[name] for name in STEP_SECTIONS}
+        for name, fields in HOST_ONLY_FIELDS.items():
+            sections[name] = {k: v for k, v in sections[name].items() if k not in fields}
         sections["data"] = {name: config.data[name] for name in STEP_DATA_FIELDS}
         return cls(ml_collections.FrozenConfigDict(sections), num_classes, total_steps,
                    Phases.of(config.stpg, steps_per_epoch), batch_groups)

@@ -137,11 +137,14 @@ def test_a_run_in_the_same_process_reuses_the_compiled_step_only_for_the_same_st
         return len(traced)
 
     first = trace()
-    assert trace(checkpoint_every_steps=1, **{"eval.max_images": 1}, log_every_steps=2) == first
-    for overrides in ({"optim.lr": 0.5}, {"schedule.total_steps": 5}, {"loss.contrastive_weight": 0.5},
-                      {"model.proj_dropout": 0.0}):
-        before = len(traced)
-        assert trace(**overrides) == before + 1, overrides
+    assert trace(checkpoint_every_steps=1, **{"eval.max_images": 1, "stpg.speculative_matching": False},
+                 log_every_steps=2) == first
+    assert trace(**{"loss.contrastive_weight": 0.5}) == first + 1
+    # Any other field the step reads makes another recipe, which jit traces anew (as the loss weight above).
+    recipe = train.Trainer(loop_config(), str(tmp_path / "run")).parts.recipe
+    for overrides in ({"optim.lr": 0.5}, {"schedule.total_steps": 5}, {"model.proj_dropout": 0.0},
+                      {"stpg.ema_decay": 0.9}, {"data.crop_size": 48}):
+        assert train.Trainer(loop_config(**overrides), str(tmp_path / "run")).parts.recipe != recipe, overrides
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
