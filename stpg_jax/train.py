@@ -33,8 +33,9 @@ from stpg_jax.state import TrainState
 def summary_writer(logdir: str):
     """tensorboardX's SummaryWriter for ``logdir``. tensorboardX imports PyTorch, where it is installed, only for its
     type hints, which cost every ``launch.py`` start about 3 s on a 2-core CPU machine (a run refused at its data
-    check: 9.4 s, 5.8 s without). PyTorch is hidden from that first import (``import torch`` then raises ImportError, which tensorboardX expects); a PyTorch already imported
-    (a .pth backbone read in this process) stays as it is."""
+    check: 9.4 s, 5.8 s without). PyTorch is hidden from that first import (``import torch`` then raises
+    ImportError, which tensorboardX expects); a PyTorch already imported (a .pth backbone read in this process)
+    stays as it is."""
     if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
         sys.modules["torch"] = None
         try:
