@@ -24,8 +24,9 @@ from stpg_jax.models.resnet import STAGE_BLOCKS
 # enter its trace, so changing them compiles nothing again.
 STEP_SECTIONS = ("mode", "model", "loss", "optim", "stpg")
 STEP_DATA_FIELDS = ("ignore_index", "batch_labeled", "crop_size")
-# Fields of those sections that only the host loop reads (when it dispatches a step, not what the step computes).
-HOST_ONLY_FIELDS = {"stpg": ("speculative_matching",)}
+# Fields of those sections that only the host reads: when it dispatches a step, and the backbone weights' file, which
+# the state's initialiser takes as an argument (its arrays, not its path).
+HOST_ONLY_FIELDS = {"stpg": ("speculative_matching",), "model": ("pretrained",)}
 
 
 @dataclasses.dataclass(frozen=True)
