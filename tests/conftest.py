@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 # Must happen before jax initialises its backends. The test programs are tiny: without LLVM's optimisations XLA
 # compiles them in about half the time (a network initialiser 8 s -> 2 s), and they run in milliseconds either way.
 # The benchmarks and training runs the tests start as subprocesses inherit this.
@@ -22,3 +24,28 @@ _CACHE = os.environ.get(
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# pytest-xdist's loadgroup: each test file whole on one worker (its module fixtures built once), as loadfile does,
+# except that files which run the same training programs share a worker, and with it jit's in-process cache: the
+# pictures' run is test_train.py's loop run with images on (the same compiled step).
+SAME_WORKER = {"test_visualize.py": "test_train.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(SAME_WORKER.get(item.path.name, item.path.name)))
+
+
+@pytest.fixture(scope="module")
+def one_device_runs():
+    """Training runs built with the default mesh use one device (their sharded forms are tests/test_train_step.py's
+    and the two-process test's): one compiled step, which the loop's tests share, and speculative matching as on a
+    single GPU."""
+    from stpg_jax import sharding
+
+    make_mesh = sharding.make_mesh
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sharding, "make_mesh", lambda devices=None: make_mesh(jax.devices()[:1] if devices is None
+                                                                            else devices))
+        yield

@@ -11,13 +11,17 @@ import pytest
 from stpg_jax import checkpoint, train
 from stpg_jax.config import base_config
 
+pytestmark = pytest.mark.usefixtures("one_device_runs")  # tests/conftest.py: the loop's runs on one device
+
 
 def loop_config(**overrides):
     c = base_config()
     c.data.synthetic.update(num_labeled=8, num_unlabeled=16, num_val=3, height=40, width=48)
     c.data.update(crop_size=32, batch_labeled=4, batch_unlabeled=4, workers=0)
+    # No dropout: each image's mask depends on how the batch is laid out over the devices, and the two-process run
+    # (4 devices) is compared with the one-device run.
     c.model.update(stage_blocks=(1, 1, 1, 1), width=8, aspp_channels=16, decoder_channels=16, low_level_channels=8,
-                   proj_dim=16)
+                   proj_dim=16, proj_dropout=0.0)
     c.schedule.total_steps = 4
     c.stpg.update(anchor_steps=100, bank_k=2, bank_start_epoch=0, contrastive_start_epoch=0,
                   proximity_start_epoch=1, matching_freeze_epoch=1)
@@ -76,16 +80,10 @@ def test_interrupted_run_resumes_the_same_trajectory(uninterrupted, tmp_path):
 
 
 def test_speculative_matching_follows_the_plain_loop_bit_for_bit(tmp_path, monkeypatch):
-    # One device: on several CPU devices the trainer does not speculate. Each of the 4 steps uses the matching of its
-    # own prototypes (the release's same-step timing): the first always runs again (its guess is the unmatched
-    # state); a step is dispatched ahead of the previous step's check unless that one changed the assignment. Logging
-    # only at the end: a log step reads the step's final metrics, so the next one waits for its check.
-    import jax
-
-    from stpg_jax import sharding
-
-    make_mesh = sharding.make_mesh
-    monkeypatch.setattr(sharding, "make_mesh", lambda devices=None: make_mesh(jax.devices()[:1]))
+    # One device, as every run here. Each of the 4 steps uses the matching of its own prototypes (the release's
+    # same-step timing): the first always runs again (its guess is the unmatched state); a step is dispatched ahead of
+    # the previous step's check unless that one changed the assignment. Logging only at the end: a log step reads the
+    # step's final metrics, so the next one waits for its check.
     ahead = train.train_and_evaluate(loop_config(log_every_steps=4), str(tmp_path / "ahead"))
     m = ahead["matching"]
     assert m["reruns"] == m["changes"] >= 1
@@ -104,10 +102,18 @@ def test_speculative_matching_follows_the_plain_loop_bit_for_bit(tmp_path, monke
         np.testing.assert_array_equal(a, b)
 
 
-def test_several_cpu_devices_match_plainly(uninterrupted):
-    _, result = uninterrupted
-    m = result["matching"]
-    assert m["runs"] == 4 and m["ahead"] == 0 and m["reruns"] == m["changes"] >= 1
+def test_steps_start_ahead_of_the_matching_on_one_device_only(uninterrupted):
+    # A run on one device may start steps ahead (test_speculative_matching_...); on several CPU devices two steps in
+    # flight can hang in XLA's CPU collectives, so a run there matches plainly (as the two-process test's runs do).
+    import jax
+
+    from stpg_jax import build, sharding
+
+    m = uninterrupted[1]["matching"]  # logging every step: each step waits for the previous one's check
+    assert m["runs"] == 4 and m["reruns"] == m["changes"] >= 1
+    for devices, speculates in ((jax.devices()[:1], True), (jax.devices(), False)):
+        parts = build.build(loop_config(), 11, steps_per_epoch=0, mesh=sharding.make_mesh(devices))
+        assert (parts.speculates, parts.donates_state) == (speculates, False), len(devices)
 
 
 def test_resume_refuses_another_config(uninterrupted):
@@ -142,9 +148,13 @@ def test_a_run_in_the_same_process_reuses_the_compiled_step_only_for_the_same_st
     assert trace(**{"loss.contrastive_weight": 0.5}) == first + 1
     # Any other field the step reads makes another recipe, which jit traces anew (as the loss weight above).
     recipe = train.Trainer(loop_config(), str(tmp_path / "run")).parts.recipe
-    for overrides in ({"optim.lr": 0.5}, {"schedule.total_steps": 5}, {"model.proj_dropout": 0.0},
+    for overrides in ({"optim.lr": 0.5}, {"schedule.total_steps": 5}, {"model.proj_dropout": 0.1},
                       {"stpg.ema_decay": 0.9}, {"data.crop_size": 48}):
         assert train.Trainer(loop_config(**overrides), str(tmp_path / "run")).parts.recipe != recipe, overrides
+    # The backbone weights enter the initial state as arrays, not the step through their file's path.
+    from stpg_jax.build import build
+
+    assert build(loop_config(**{"model.pretrained": "w.npz"}), 11, 0).recipe == build(loop_config(), 11, 0).recipe
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -327,7 +337,7 @@ def _two_processes(workdir, *args):
 
 
 def test_two_processes_stop_together_and_resume_on_one(tmp_path, capsys):
-    # jax.distributed on the CPU: 2 processes x 2 devices, the same global batch as the 4-device run. Process 1
+    # jax.distributed on the CPU: 2 processes x 2 devices, the same global batch as the one-device run. Process 1
     # alone receives SIGTERM while drawing the batch of step 2; saving is collective, so both must stop after step
     # 2 (after the evaluation every 2 steps, also collective). Process 0 then exports alone.
     results, outputs = _two_processes(tmp_path / "two", "2")
@@ -337,11 +347,11 @@ def test_two_processes_stop_together_and_resume_on_one(tmp_path, capsys):
     assert "step 1/4" in outputs[0] and "step 1/4" not in outputs[1]  # progress from process 0 only
     assert json.loads((tmp_path / "two" / "eval_2.json").read_text())["step"] == 2
     assert (tmp_path / "two" / "export_by_process_0" / "model.json").exists()
-    # The two processes' state after step 2 is the 4-device run's, up to the order of the cross-process sums.
+    # The two processes' state after step 2 is the one-device run's, up to the order of the cross-device sums.
     assert train.train_and_evaluate(loop_config(), str(tmp_path / "one"), max_steps=2) == {"stopped_at": 2}
     for a, b in zip(flat(gen_params(tmp_path / "one")), flat(gen_params(tmp_path / "two"))):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
-    # The two-process checkpoint resumes here (one process, 4 devices) and continues the 4-device run's trajectory:
+    # The two-process checkpoint resumes here (one process, one device) and continues the one-device run's trajectory:
     # the same printed loss at step 3. (Later steps may part by more than rounding: the selection, the bank's
     # candidates and the matching are decisions, which a last-bit difference can flip for a pixel or a class.)
     def step3_line(workdir):

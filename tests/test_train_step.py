@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from stpg_jax import checkpoint, losses, sharding
-from stpg_jax import state as state_lib
 from stpg_jax.build import build
 from stpg_jax.config import base_config
 from stpg_jax.recipe import Phases
@@ -59,9 +58,9 @@ class Setup:
         self.step = self.parts.jitted_step(donate=True)
         self.mode = mode
 
-    def init(self, seed=0):
-        init = jax.jit(state_lib.init_state, static_argnums=0, out_shardings=self.rep)
-        return init(self.recipe, jax.random.PRNGKey(seed), self.anchors if self.mode == "stpg" else None, None)
+    def init(self):
+        """The run's initial state (the phases do not enter it): the program a run on this mesh compiles."""
+        return self.parts.init_state(self.anchors if self.mode == "stpg" else None)
 
     def run(self, state, batch):
         return self.step(self.recipe, state, sharding.shard_batch(batch, self.bat), None)
@@ -242,9 +241,9 @@ def test_initial_state_is_compiled_onto_the_mesh_with_each_students_own_init(set
     assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(parts.abstract_state())
     # Each student is what the network's own initialiser gives for its key (one vmapped initialiser for both).
     k_gen, k_pro = jax.random.split(jax.random.PRNGKey(parts.config.seed), 5)[:2]
+    alone = jax.jit(lambda k: setup.model.init({"params": k, "dropout": k}, jnp.zeros((1, S, S, 3), jnp.uint8)))
     for net, k in ((state.gen_student, k_gen), (state.pro_student, k_pro)):
-        alone = jax.jit(lambda k: setup.model.init({"params": k, "dropout": k}, jnp.zeros((1, S, S, 3), jnp.uint8)))(k)
-        assert max_abs_diff(host(net.variables), host(alone)) < 1e-6
+        assert max_abs_diff(host(net.variables), host(alone(k))) < 1e-6
     assert max_abs_diff(host(state.gen_student.params), host(state.pro_student.params)) > 1e-2
     np.testing.assert_array_equal(np.asarray(state.contrast.anchors), setup.anchors)
     # Teachers equal their students but own their buffers (a donated step may overwrite either).

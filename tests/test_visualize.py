@@ -15,6 +15,8 @@ from stpg_jax.config import ConfigError, base_config, validate
 from stpg_jax.data import build_data
 from test_train import loop_config  # tests/ is on sys.path under pytest
 
+pytestmark = pytest.mark.usefixtures("one_device_runs")  # as test_train.py, whose compiled step the run reuses
+
 COUNT, EVERY, STEPS, CROP = 2, 2, 4, 32
 
 
@@ -42,13 +44,26 @@ def summaries(events):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    # ema_decay 0: each teacher is a copy of its student after every step, so the Pro-Student's argmax equals the
-    # Pro-Teacher's labels and the selection panel must follow from the two teachers' label panels alone.
-    config = loop_config(**{"log_images_every_steps": EVERY, "log_images_count": COUNT, "stpg.ema_decay": 0.0,
+    # test_train.py's loop run with pictures on: the pictures do not enter the step, so this run reuses that file's
+    # compiled step (tests/conftest.py keeps both files on one worker).
+    config = loop_config(**{"log_images_every_steps": EVERY, "log_images_count": COUNT,
                             "schedule.total_steps": STEPS})
     workdir = tmp_path_factory.mktemp("images")
     result = train.train_and_evaluate(config, str(workdir))
     return workdir, config, result, summaries(read_events(workdir / "tensorboard"))
+
+
+def trained_networks(workdir, mode):
+    """The networks of ``mode`` from the run's last checkpoint, as the panel function takes them."""
+    from stpg_jax import checkpoint
+    from stpg_jax.config import MODE_NETWORKS
+    from stpg_jax.state import Network
+
+    networks = {}
+    for name in MODE_NETWORKS[mode]:
+        _, variables, _, _ = checkpoint.load_network(str(workdir), name)
+        networks[name] = Network(variables["params"], variables["batch_stats"])
+    return networks
 
 
 def strip_panels(value, columns):
@@ -112,22 +127,24 @@ def test_label_panels_hold_only_palette_colours_and_the_image_panels_the_fixed_i
 
 
 def test_selection_panel_follows_the_mismatch_scores_of_the_panel_batch(run):
-    # With teachers equal to their students, pi = the Pro-Teacher's labels: over the images of one set at one step,
-    # consistent where the teachers agree, highly mismatched where m[gen label] > m[pro label], low otherwise.
-    _, config, _, tags = run
-    palette = build_data(config.data).info.palette
+    # The trained run's networks with the Pro-Student replaced by its teacher: then pi is the Pro-Teacher's labels,
+    # and over the panel batch a pixel is consistent where the teachers agree, highly mismatched where
+    # m[gen label] > m[pro label], low otherwise.
+    from stpg_jax.recipe import model_from_config
+
+    workdir, config, _, _ = run
+    networks = trained_networks(workdir, "stpg")
+    networks["pro_student"] = networks["pro_teacher"]
+    panels = visualize.make_panel_fn(model_from_config(config.model, 11), "stpg", 11)
     saw_mismatch = False
-    for split in ("unlabeled", "val"):
-        columns = visualize.panel_columns("stpg", split == "val")
-        for step in range(EVERY, STEPS + 1, EVERY):
-            strips = [strip_panels(tags[f"images/{split}/{i}"][step], columns) for i in range(COUNT)]
-            gen = np.stack([ids_from_colours(s["gen_teacher_labels"], palette) for s in strips])
-            pro = np.stack([ids_from_colours(s["pro_teacher_labels"], palette) for s in strips])
-            shown = np.stack([ids_from_colours(s["selection"], visualize.SELECTION_COLORS) for s in strips])
-            scores = np.asarray(losses.mismatch_scores(losses.confusion_matrix(gen, pro, 11)))
-            expected = np.where(gen == pro, 0, np.where(scores[gen] > scores[pro], 1, 2))
-            np.testing.assert_array_equal(shown, expected)
-            saw_mismatch |= bool(np.any(expected > 0))
+    for source in ("unlabeled", "val"):
+        images, _ = visualize.fixed_images(getattr(build_data(config.data), source), COUNT, CROP, False)
+        maps = {k: np.asarray(v) for k, v in panels(networks, images, np.zeros(2, np.uint32)).items()}
+        gen, pro = maps["gen_teacher_labels"], maps["pro_teacher_labels"]
+        scores = np.asarray(losses.mismatch_scores(losses.confusion_matrix(gen, pro, 11)))
+        expected = np.where(gen == pro, 0, np.where(scores[gen] > scores[pro], 1, 2))
+        np.testing.assert_array_equal(maps["selection"], expected)
+        saw_mismatch |= bool(np.any(expected > 0))
     assert saw_mismatch  # otherwise the check above would hold for an all-consistent panel too
 
 
@@ -192,16 +209,10 @@ def test_without_matplotlib_a_png_fails_in_one_line_and_training_only_notes_it(t
 @pytest.mark.parametrize("mode", ["mean_teacher", "supervised"])
 def test_modes_without_some_networks_show_the_panels_they_have(run, mode):
     # The trained run's networks, handed to the panel function of a mode that has only some of them.
-    from stpg_jax import checkpoint
-    from stpg_jax.config import MODE_NETWORKS
     from stpg_jax.recipe import model_from_config
-    from stpg_jax.state import Network
 
     workdir, config, _, _ = run
-    networks = {}
-    for name in MODE_NETWORKS[mode]:
-        _, variables, _, _ = checkpoint.load_network(str(workdir), name)
-        networks[name] = Network(variables["params"], variables["batch_stats"])
+    networks = trained_networks(workdir, mode)
     bundle = build_data(config.data)
     images, labels = visualize.fixed_images(bundle.val, COUNT, CROP, with_label=True)
     maps = visualize.make_panel_fn(model_from_config(config.model, 11), mode, 11)(networks, images,
