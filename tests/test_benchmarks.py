@@ -375,7 +375,6 @@ def test_eval_speed_on_the_demo_val_set_and_on_random_images(tmp_path, capsys):
     ("step_time.py", ["--config=configs/demo.py:data.nokey=1", "--target", "h100"]),
     ("eval_speed.py", ["--config=configs/demo.py:data.nokey=1"]),
     ("loader_throughput.py", ["--config=configs/demo.py:data.nokey=1", "--workers", "0"]),
-    ("checkpoint_save.py", ["--config=configs/demo.py:data.nokey=1"]),
     ("experiment.py", ["--config=configs/no_such.py:1_8", "--no-plot"]),
 ])
 def test_benchmark_scripts_say_a_bad_config_in_one_line(script, args):
