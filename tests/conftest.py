@@ -26,15 +26,23 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-# pytest-xdist's loadgroup: each test file whole on one worker (its module fixtures built once), as loadfile does,
-# except that files which run the same training programs share a worker, and with it jit's in-process cache: the
-# pictures' run is test_train.py's loop run with images on (the same compiled step).
-SAME_WORKER = {"test_visualize.py": "test_train.py"}
+# pytest-xdist: each test file whole on one worker (its module fixtures built once), as --dist loadfile does, except
+# that files which run the same training programs share a worker, and with it jit's in-process cache: the pictures'
+# run is test_train.py's loop run with images on (the same compiled step). xdist's loadgroup marks would say this, but
+# with pytest 9 they no longer reach its scheduler (it rewrites a node id attribute pytest 9 does not read); its
+# scheduler hook, with the file scheduler's scope function mapped, does.
+SAME_WORKER = {"tests/test_visualize.py": "tests/test_train.py"}
 
 
-def pytest_collection_modifyitems(items):
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(SAME_WORKER.get(item.path.name, item.path.name)))
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            scope = super()._split_scope(nodeid)
+            return SAME_WORKER.get(scope, scope)
+
+    return FilesTogether(config, log)
 
 
 @pytest.fixture(scope="module")
