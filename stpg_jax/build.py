@@ -18,6 +18,7 @@ import numpy as np
 from stpg_jax import checkpoint, losses, sharding, state as state_lib
 from stpg_jax.config import ConfigError
 from stpg_jax.host_matching import HostMatching, SameStepMatching
+from stpg_jax.models.pretrained import load_backbone_weights_for, reading_weights
 from stpg_jax.recipe import Recipe
 from stpg_jax.train_step import train_step
 
@@ -120,7 +121,6 @@ def load_pretrained(model_config):
             f"config.model.pretrained = {model_config.pretrained!r}: no such file. Point it at ImageNet backbone "
             "weights (.npz, .pth or a converted file; see docs/weights.md), or set it to '' for a random init."
         )
-    from stpg_jax.models.pretrained import load_backbone_weights_for, reading_weights
 
     with reading_weights(model_config.pretrained, "config.model.pretrained"):
         return load_backbone_weights_for(model_config)

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from stpg_jax.config import FIELDS_ADDED_LATER, MODE_NETWORKS, ConfigError
+from stpg_jax.errors import InputError
 
 # Fields that may change between a run and its resumption: they do not alter the state or the trajectory.
 RESUME_SAFE_PREFIXES = (
@@ -286,8 +287,6 @@ def load_network(workdir: str, network: str = "gen_student", step: int | None = 
     latest checkpoint, or ``step``. Errors name the steps and networks the work directory holds. A damaged latest
     checkpoint is passed over for the newest intact one (``on_damaged`` hears of each passed over); a damaged
     ``step`` asked for by number is an error. Reads only: nothing in the work directory changes."""
-    from stpg_jax.errors import InputError
-
     if network not in NETWORKS:
         raise InputError(f"unknown network {network!r}, --network, network must be one of {NETWORKS}")
     config = load_config(workdir)
@@ -314,8 +313,6 @@ def load_network(workdir: str, network: str = "gen_student", step: int | None = 
 
 
 def _read_network(ckpt: Checkpointer, config, workdir: str, network: str, step: int):
-    from stpg_jax.errors import InputError
-
     with reading(ckpt.directory, step):
         # One network alone, as host NumPy arrays: no target shardings, so a checkpoint written on any number of
         # devices or processes loads on this machine's.

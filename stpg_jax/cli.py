@@ -59,6 +59,8 @@ def _diverged_errors() -> tuple:
 
 def expected_errors() -> tuple:
     """The exception types that mean bad input or a damaged file, not a bug."""
+    # Imported when an error is caught, not with this module: the commands import it before JAX, to answer a
+    # mistyped flag at once.
     from stpg_jax.checkpoint import CheckpointError
     from stpg_jax.config import ConfigError
     from stpg_jax.data.errors import DataError

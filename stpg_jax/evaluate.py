@@ -111,6 +111,8 @@ def format_iou_columns(results: dict, class_names: Sequence[str]) -> str:
 
 
 def main(argv) -> None:
+    # The command's own imports: the evaluation above, which the training loop imports, needs none of them (the
+    # data package loads tensorflow_datasets).
     from absl import flags, logging
 
     from stpg_jax import checkpoint, cli, export, plots

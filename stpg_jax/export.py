@@ -20,6 +20,9 @@ from typing import Any, Mapping, Sequence, Tuple
 import jax
 import numpy as np
 
+from stpg_jax.checkpoint import CheckpointError, _read_json, reading, this_process_options
+from stpg_jax.recipe import model_from_config
+
 FORMAT_VERSION = 1
 META_FILE = "model.json"
 VARIABLES_DIR = "variables"
@@ -90,8 +93,6 @@ def export_model(
     os.makedirs(out_dir, exist_ok=True)
     tree = {c: jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x), np.float32), _to_dict(variables[c]))
             for c in COLLECTIONS}
-    from stpg_jax.checkpoint import this_process_options
-
     # Written by the calling process alone: in a multi-process run only process 0 exports, and Orbax would otherwise
     # wait at a barrier for the others.
     checkpointer = ocp.StandardCheckpointer(multiprocessing_options=this_process_options())
@@ -107,8 +108,6 @@ def is_export(path: str) -> bool:
 
 
 def read_meta(path: str) -> dict:
-    from stpg_jax.checkpoint import CheckpointError, _read_json
-
     file = os.path.join(os.fspath(path), META_FILE)
     meta = _read_json(file, "the export's description")
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
@@ -131,8 +130,6 @@ def load_model(path: str) -> Tuple[Any, dict, dict]:
     target = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), _abstract_variables(model)
     )
-    from stpg_jax.checkpoint import reading
-
     with reading(path, VARIABLES_DIR):  # a truncated or missing file: one CheckpointError naming the export
         variables = ocp.StandardCheckpointer().restore(os.path.join(path, VARIABLES_DIR), target)
     return model, dict(variables), meta
@@ -140,8 +137,6 @@ def load_model(path: str) -> Tuple[Any, dict, dict]:
 
 def _build_model(meta: dict):
     import ml_collections
-
-    from stpg_jax.recipe import model_from_config
 
     return model_from_config(ml_collections.ConfigDict(meta["model"]), meta["num_classes"])
 

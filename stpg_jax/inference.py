@@ -21,8 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from stpg_jax import sharding
+from stpg_jax import export, sharding
+from stpg_jax.checkpoint import load_network
+from stpg_jax.errors import InputError
 from stpg_jax.models.inputs import MEAN_RGB_UINT8
+from stpg_jax.recipe import model_from_config
 
 
 def window_origins(size: int, window: int, stride: int) -> list[int]:
@@ -235,10 +238,6 @@ def load_predictor(checkpoint: str, config=None, windows_per_batch: Optional[int
     """A `Predictor` from an export directory or a training work directory; ``config`` overrides the protocol.
     ``network`` and ``step`` pick a network and a checkpoint of a work directory (default: the latest
     Gen-Student); an export holds its Gen-Student alone."""
-    from stpg_jax import export
-
-    from stpg_jax.errors import InputError
-
     if export.is_export(checkpoint):
         if network != "gen_student" or step is not None:
             raise InputError(f"{checkpoint} is an export, which holds its Gen-Student alone; a network or step "
@@ -247,9 +246,6 @@ def load_predictor(checkpoint: str, config=None, windows_per_batch: Optional[int
         p = Predictor(model, variables, meta["num_classes"], meta["dataset_name"], meta["eval_window"],
                       meta["eval_stride_rate"], flip=bool(meta.get("eval_flip", False)))
     elif os.path.isdir(checkpoint):
-        from stpg_jax.checkpoint import load_network
-        from stpg_jax.recipe import model_from_config
-
         train_config, variables, num_classes, step = load_network(checkpoint, network, step, on_damaged=warn_damaged)
         p = Predictor(model_from_config(train_config.model, num_classes), variables, num_classes,
                       train_config.data.dataset, train_config.eval.window, train_config.eval.stride_rate,

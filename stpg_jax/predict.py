@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageOps
 
+from stpg_jax.errors import InputError
 from stpg_jax.inference import Predictor, load_predictor  # noqa: F401  (load_predictor: part of this API)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -46,8 +47,6 @@ def list_images(pattern: str) -> List[str]:
     names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
-        from stpg_jax.errors import InputError
-
         raise InputError(f"several input images share the names {clashes}, --images={pattern}, expected one image "
                          "per name: their outputs would overwrite each other")
     return paths
@@ -80,6 +79,7 @@ def predict(predictor: Predictor, image_paths: Sequence[str], out_dir: str, prog
     read is passed over (a line on stderr names it) and the others go on; then `UnreadableImagesError` lists them."""
     from tqdm import tqdm
 
+    # Here, not above: the data package loads tensorflow_datasets, which predicting needs for nothing else.
     from stpg_jax.data.palettes import palette_for
 
     if predictor.num_classes > 256:

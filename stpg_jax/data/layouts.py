@@ -17,6 +17,7 @@ from PIL import Image
 
 from stpg_jax.data import palettes
 from stpg_jax.data.errors import DataError
+from stpg_jax.data.splits import check_known, read_id_list
 
 IGNORE = 255
 _IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -199,8 +200,6 @@ class VocLayout(Layout):
             self.sbd_labels()
 
     def split_examples(self):
-        from stpg_jax.data.splits import read_id_list
-
         vd = self.voc_dir()
         ids = {s: read_id_list(os.path.join(vd, 'ImageSets', 'Segmentation', s + '.txt')) for s in ('train', 'val')}
 
@@ -473,8 +472,6 @@ class FolderLayout(Layout):
             self._read_classes()
 
     def split_examples(self):
-        from stpg_jax.data.splits import check_known, read_id_list
-
         images = {_stem(p): p for p in _images_in(os.path.join(self.root, 'images'))}
         if not images:
             raise DataError(f'directory {os.path.join(self.root, "images")} holds no images')
