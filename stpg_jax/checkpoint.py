@@ -65,7 +65,7 @@ def check_workdir(workdir: str) -> None:
     os.remove(probe)
 
 
-def _read_json(path: str, what: str):
+def read_json(path: str, what: str):
     try:
         with open(path) as f:
             return json.load(f)
@@ -80,7 +80,7 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     path = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json())
     if os.path.exists(path):
-        saved = _read_json(path, "the run's config")
+        saved = read_json(path, "the run's config")
         a = {**FIELDS_ADDED_LATER, **traverse_util.flatten_dict(saved, sep=".")}
         b = traverse_util.flatten_dict(current, sep=".")
         diffs = [
@@ -275,7 +275,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.isfile(path):
         what = "no such directory" if not os.path.isdir(workdir) else f"not a work directory (no {path})"
         raise FileNotFoundError(f"{what}, {workdir}, expected a training work directory (or an export directory)")
-    return ml_collections.ConfigDict(_read_json(path, "the run's config"))
+    return ml_collections.ConfigDict(read_json(path, "the run's config"))
 
 
 NETWORKS = MODE_NETWORKS["stpg"]  # every network a train state can hold

@@ -18,9 +18,10 @@ import shutil
 from typing import Any, Mapping, Sequence, Tuple
 
 import jax
+import ml_collections
 import numpy as np
 
-from stpg_jax.checkpoint import CheckpointError, _read_json, reading, this_process_options
+from stpg_jax.checkpoint import CheckpointError, read_json, reading, this_process_options
 from stpg_jax.recipe import model_from_config
 
 FORMAT_VERSION = 1
@@ -109,7 +110,7 @@ def is_export(path: str) -> bool:
 
 def read_meta(path: str) -> dict:
     file = os.path.join(os.fspath(path), META_FILE)
-    meta = _read_json(file, "the export's description")
+    meta = read_json(file, "the export's description")
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise CheckpointError(f"export format {version}, {file}, expected format {FORMAT_VERSION} (written by "
@@ -136,8 +137,6 @@ def load_model(path: str) -> Tuple[Any, dict, dict]:
 
 
 def _build_model(meta: dict):
-    import ml_collections
-
     return model_from_config(ml_collections.ConfigDict(meta["model"]), meta["num_classes"])
 
 
